@@ -1,0 +1,134 @@
+"""Command types and their typed parameters (docs/PROTOCOL.md §5.3).
+
+A verified token carries ``cmd = {"type": ..., "params": {...}}``. :func:`parse_command` turns it
+into one of the frozen dataclasses below or raises :class:`~agent.errors.CommandRejected` with
+``unknown_command_type`` or ``invalid_params``. Parameters are strict: unknown keys, wrong types
+and out-of-range values are refused, never coerced.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Final
+
+from agent.errors import CommandRejected
+
+MAX_REPLICAS: Final = 1000
+VERSION_PATTERN: Final = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}")
+TARGET_PATTERN: Final = re.compile(r"[a-z][a-z0-9_]{0,31}")
+DEFAULT_METRICS_TARGETS: Final = ("workload", "host")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Bring the workload to ``replicas`` healthy replicas."""
+
+    type: ClassVar[str] = "scale"
+    mutating: ClassVar[bool] = True
+    replicas: int
+
+    def params(self) -> dict[str, object]:
+        return {"replicas": self.replicas}
+
+
+@dataclass(frozen=True)
+class Upgrade:
+    """Move every replica to ``version``, rolling back if it is unhealthy."""
+
+    type: ClassVar[str] = "upgrade"
+    mutating: ClassVar[bool] = True
+    version: str
+
+    def params(self) -> dict[str, object]:
+        return {"version": self.version}
+
+
+@dataclass(frozen=True)
+class CollectMetrics:
+    """Scrape the named targets and return structured samples."""
+
+    type: ClassVar[str] = "collect_metrics"
+    mutating: ClassVar[bool] = False
+    targets: tuple[str, ...]
+
+    def params(self) -> dict[str, object]:
+        return {"targets": list(self.targets)}
+
+
+Command = Scale | Upgrade | CollectMetrics
+COMMAND_TYPES: Final = (Scale.type, Upgrade.type, CollectMetrics.type)
+
+
+def _only_keys(params: Mapping[str, object], allowed: set[str], kind: str) -> None:
+    extra = sorted(set(params) - allowed)
+    if extra:
+        raise CommandRejected("invalid_params", f"{kind}: unknown parameter(s) {extra}")
+
+
+def _int(value: object, name: str, kind: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CommandRejected("invalid_params", f"{kind}: {name} must be an integer")
+    return value
+
+
+def _parse_scale(params: Mapping[str, object]) -> Scale:
+    _only_keys(params, {"replicas"}, "scale")
+    if "replicas" not in params:
+        raise CommandRejected("invalid_params", "scale: missing parameter 'replicas'")
+    replicas = _int(params["replicas"], "replicas", "scale")
+    if not 0 <= replicas <= MAX_REPLICAS:
+        raise CommandRejected("invalid_params", f"scale: replicas must be in 0..{MAX_REPLICAS}")
+    return Scale(replicas=replicas)
+
+
+def _parse_upgrade(params: Mapping[str, object]) -> Upgrade:
+    _only_keys(params, {"version"}, "upgrade")
+    version = params.get("version")
+    if not isinstance(version, str) or not VERSION_PATTERN.fullmatch(version):
+        raise CommandRejected(
+            "invalid_params",
+            f"upgrade: version must be a string matching {VERSION_PATTERN.pattern}",
+        )
+    return Upgrade(version=version)
+
+
+def _parse_collect_metrics(params: Mapping[str, object]) -> CollectMetrics:
+    _only_keys(params, {"targets"}, "collect_metrics")
+    raw = params.get("targets", list(DEFAULT_METRICS_TARGETS))
+    if not isinstance(raw, list) or not 1 <= len(raw) <= 8:
+        raise CommandRejected("invalid_params", "collect_metrics: targets must be a list of 1..8")
+    targets: list[str] = []
+    for item in raw:
+        if not isinstance(item, str) or not TARGET_PATTERN.fullmatch(item):
+            raise CommandRejected(
+                "invalid_params", f"collect_metrics: target must match {TARGET_PATTERN.pattern}"
+            )
+        if item in targets:
+            raise CommandRejected("invalid_params", f"collect_metrics: duplicate target {item!r}")
+        targets.append(item)
+    return CollectMetrics(targets=tuple(targets))
+
+
+_PARSERS: Final[dict[str, Callable[[Mapping[str, object]], Command]]] = {
+    Scale.type: _parse_scale,
+    Upgrade.type: _parse_upgrade,
+    CollectMetrics.type: _parse_collect_metrics,
+}
+
+
+def parse_command(cmd: object) -> Command:
+    """Parse the ``cmd`` claim of a verified token into a typed command."""
+    if not isinstance(cmd, Mapping):
+        raise CommandRejected("invalid_params", "claim 'cmd' must be an object")
+    kind = cmd.get("type")
+    params = cmd.get("params", {})
+    if not isinstance(kind, str):
+        raise CommandRejected("invalid_params", "cmd.type must be a string")
+    parser = _PARSERS.get(kind)
+    if parser is None:
+        raise CommandRejected("unknown_command_type", f"unknown command type {kind[:64]!r}")
+    if not isinstance(params, Mapping):
+        raise CommandRejected("invalid_params", "cmd.params must be an object")
+    return parser(params)

@@ -1,0 +1,232 @@
+"""The agent's configuration file (TOML), parsed into frozen dataclasses.
+
+Relative paths are resolved against the directory of the configuration file. The reference,
+with every key and its default, is ``systemd/agent.toml`` and README.md ("Configuration").
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+from urllib.parse import urlsplit
+
+from agent.backoff import BackoffSettings
+from agent.errors import ConfigError
+from agent.session import HeartbeatSettings
+from agent.toml_tables import Table
+
+DEFAULT_CONFIG_PATH: Final = Path("/etc/byoc-agent/agent.toml")
+AGENT_ID_PATTERN: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ControlPlaneConfig:
+    url: str
+    host: str
+    port: int
+    ca_bundle: Path
+    client_cert: Path
+    client_key: Path
+    server_name: str | None = None
+    """Verify the server certificate (and send SNI) for this name instead of the URL's host."""
+    connect_timeout: float = 10.0
+
+    @property
+    def verify_name(self) -> str:
+        return self.server_name or self.host
+
+
+@dataclass(frozen=True, kw_only=True)
+class TunnelConfig:
+    heartbeat: HeartbeatSettings = field(default_factory=HeartbeatSettings)
+    backoff: BackoffSettings = field(default_factory=BackoffSettings)
+    send_timeout: float = 10.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommandsConfig:
+    trusted_keys: tuple[Path, ...]
+    issuers: frozenset[str]
+    max_lifetime: float = 900.0
+    clock_skew: float = 60.0
+    max_pending: int = 64
+    """Commands accepted but not finished (queued, awaiting approval, running) at any time."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    source: Path
+    agent_id: str | None
+    state_dir: Path
+    audit_log: Path
+    policy: Path
+    control_socket: Path
+    shutdown_grace: float
+    log_level: str
+    control_plane: ControlPlaneConfig
+    tunnel: TunnelConfig
+    commands: CommandsConfig
+    driver_kind: str
+    driver_settings: Mapping[str, object]
+
+
+def _path(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path)
+
+
+def _control_plane(t: Table, base: Path) -> ControlPlaneConfig:
+    url = t.string("url")
+    parts = urlsplit(url)
+    if parts.scheme != "wss":
+        raise ConfigError("control_plane.url must start with wss:// (TLS is not optional)")
+    if not parts.hostname:
+        raise ConfigError("control_plane.url has no host")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ConfigError("control_plane.url must not carry credentials, a query or a fragment")
+    try:
+        port = parts.port or 443
+    except ValueError as exc:
+        raise ConfigError(f"control_plane.url: {exc}") from exc
+    return ControlPlaneConfig(
+        url=url,
+        host=parts.hostname,
+        port=port,
+        ca_bundle=_path(base, t.string("ca_bundle")),
+        client_cert=_path(base, t.string("client_cert")),
+        client_key=_path(base, t.string("client_key")),
+        server_name=t.optional_string("server_name"),
+        connect_timeout=t.number("connect_timeout", 10.0, low=0.1, high=300.0),
+    )
+
+
+def _tunnel(t: Table) -> TunnelConfig:
+    try:
+        heartbeat = HeartbeatSettings(
+            interval=t.number("heartbeat_interval", 15.0, low=0.05, high=3600.0),
+            timeout=t.number("heartbeat_timeout", 45.0, low=0.1, high=7200.0),
+            handshake_timeout=t.number("handshake_timeout", 10.0, low=0.1, high=300.0),
+        )
+        backoff = BackoffSettings(
+            base=t.number("backoff_base", 1.0, low=0.01, high=600.0),
+            cap=t.number("backoff_cap", 60.0, low=0.01, high=3600.0),
+            tls_rejected=t.number("tls_rejected_retry", 300.0, low=0.01, high=86400.0),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"[tunnel]: {exc}") from exc
+    return TunnelConfig(
+        heartbeat=heartbeat,
+        backoff=backoff,
+        send_timeout=t.number("send_timeout", 10.0, low=0.1, high=600.0),
+    )
+
+
+def _commands(t: Table, base: Path) -> CommandsConfig:
+    keys = tuple(_path(base, p) for p in t.strings("trusted_keys"))
+    if not keys:
+        raise ConfigError("commands.trusted_keys must name at least one public key file")
+    issuers = frozenset(t.strings("issuers"))
+    if not issuers:
+        raise ConfigError("commands.issuers must name at least one accepted issuer")
+    return CommandsConfig(
+        trusted_keys=keys,
+        issuers=issuers,
+        max_lifetime=t.number("max_lifetime", 900.0, low=1.0, high=86400.0),
+        clock_skew=t.number("clock_skew", 60.0, low=0.0, high=600.0),
+        max_pending=t.integer("max_pending", 64, low=1, high=10_000),
+    )
+
+
+def parse_config(data: bytes, *, source: Path) -> AgentConfig:
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    root = Table(
+        "config", doc, {"agent", "control_plane", "tunnel", "commands", "driver"}, ConfigError
+    )
+    base = source.parent
+    agent = Table(
+        "agent",
+        doc.get("agent", {}),
+        {"id", "state_dir", "audit_log", "policy", "control_socket", "shutdown_grace", "log_level"},
+        ConfigError,
+    )
+    agent_id = agent.optional_string("id")
+    if agent_id is not None and not AGENT_ID_PATTERN.fullmatch(agent_id):
+        raise ConfigError(f"agent.id must match {AGENT_ID_PATTERN.pattern}")
+    log_level = agent.string("log_level", "info")
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"agent.log_level must be one of {LOG_LEVELS}")
+    if not root.has("control_plane"):
+        raise ConfigError("[control_plane] is required")
+    if not root.has("commands"):
+        raise ConfigError("[commands] is required")
+    control_plane = Table(
+        "control_plane",
+        doc["control_plane"],
+        {"url", "ca_bundle", "client_cert", "client_key", "server_name", "connect_timeout"},
+        ConfigError,
+    )
+    tunnel = Table(
+        "tunnel",
+        doc.get("tunnel", {}),
+        {
+            "heartbeat_interval",
+            "heartbeat_timeout",
+            "handshake_timeout",
+            "backoff_base",
+            "backoff_cap",
+            "tls_rejected_retry",
+            "send_timeout",
+        },
+        ConfigError,
+    )
+    commands = Table(
+        "commands",
+        doc["commands"],
+        {"trusted_keys", "issuers", "max_lifetime", "clock_skew", "max_pending"},
+        ConfigError,
+    )
+    driver_table = doc.get("driver", {"kind": "process"})
+    if not isinstance(driver_table, dict):
+        raise ConfigError("[driver] must be a table")
+    driver_kind = driver_table.get("kind", "process")
+    if not isinstance(driver_kind, str):
+        raise ConfigError("driver.kind must be a string")
+    unknown = sorted(set(driver_table) - {"kind", driver_kind})
+    if unknown:
+        raise ConfigError(
+            f"[driver]: unknown key(s) {unknown} (settings go in [driver.{driver_kind}])"
+        )
+    driver_settings = driver_table.get(driver_kind, {})
+    if not isinstance(driver_settings, dict):
+        raise ConfigError(f"[driver.{driver_kind}] must be a table")
+    return AgentConfig(
+        source=source,
+        agent_id=agent_id,
+        state_dir=_path(base, agent.string("state_dir", "/var/lib/byoc-agent")),
+        audit_log=_path(base, agent.string("audit_log", "/var/log/byoc-agent/audit.jsonl")),
+        policy=_path(base, agent.string("policy", "/etc/byoc-agent/policy.toml")),
+        control_socket=_path(base, agent.string("control_socket", "/run/byoc-agent/control.sock")),
+        shutdown_grace=agent.number("shutdown_grace", 30.0, low=0.0, high=3600.0),
+        log_level=log_level,
+        control_plane=_control_plane(control_plane, base),
+        tunnel=_tunnel(tunnel),
+        commands=_commands(commands, base),
+        driver_kind=driver_kind,
+        driver_settings=driver_settings,
+    )
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from exc
+    return parse_config(data, source=path.resolve())

@@ -1,0 +1,261 @@
+"""The customer's policy: which commands may run here, within which bounds, and which need a
+person on the host to approve them.
+
+The policy is a TOML file owned by the customer. Anything it does not allow is refused, however
+validly signed. Sans-I/O: :meth:`Policy.from_toml` takes the file's bytes, :meth:`Policy.decide`
+takes a typed command and returns a :class:`Decision`.
+
+Example (the full reference is in README.md, "Policy")::
+
+    version = 1
+
+    [scale]
+    allow = true
+    min_replicas = 1
+    max_replicas = 6
+    approval_above = 4          # scaling to more than 4 replicas needs local approval
+
+    [upgrade]
+    allow = true
+    versions = ["1.0.0", "2.0.0"]
+    require_approval = false
+
+    [collect_metrics]
+    allow = true
+    targets = ["workload", "host"]
+
+A command type without a section is not allowed. Unknown sections and keys are errors, so a typo
+cannot silently widen or narrow the policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+from agent.commands import (
+    MAX_REPLICAS,
+    TARGET_PATTERN,
+    VERSION_PATTERN,
+    CollectMetrics,
+    Command,
+    Scale,
+    Upgrade,
+)
+from agent.errors import PolicyError
+from agent.toml_tables import Table
+
+POLICY_FORMAT_VERSION: Final = 1
+
+
+class Verdict(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+    REQUIRE_APPROVAL = "require_approval"
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    rule: str
+    """The policy key that decided, e.g. ``scale.max_replicas``."""
+    reason: str
+    """A sentence for the audit log and the control plane."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScaleRules:
+    allow: bool = True
+    min_replicas: int = 0
+    max_replicas: int = 1
+    approval_above: int | None = None
+    require_approval: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpgradeRules:
+    allow: bool = True
+    versions: frozenset[str] = frozenset()
+    require_approval: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollectMetricsRules:
+    allow: bool = True
+    targets: frozenset[str] = frozenset()
+    require_approval: bool = False
+
+
+_COMMON = {"allow", "require_approval"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policy:
+    scale: ScaleRules | None = None
+    upgrade: UpgradeRules | None = None
+    collect_metrics: CollectMetricsRules | None = None
+    sha256: str = ""
+    """SHA-256 of the file's bytes: audit records name the policy that decided."""
+
+    @classmethod
+    def from_toml(cls, data: bytes) -> Policy:
+        try:
+            doc = tomllib.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise PolicyError(f"not valid TOML: {exc}") from exc
+        unknown = sorted(set(doc) - {"version", "scale", "upgrade", "collect_metrics"})
+        if unknown:
+            raise PolicyError(f"unknown top-level key(s) {unknown}")
+        if doc.get("version") != POLICY_FORMAT_VERSION:
+            raise PolicyError(f"version must be {POLICY_FORMAT_VERSION}")
+        return cls(
+            scale=_scale_rules(doc["scale"]) if "scale" in doc else None,
+            upgrade=_upgrade_rules(doc["upgrade"]) if "upgrade" in doc else None,
+            collect_metrics=(
+                _metrics_rules(doc["collect_metrics"]) if "collect_metrics" in doc else None
+            ),
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
+
+    def decide(self, command: Command) -> Decision:
+        match command:
+            case Scale():
+                return _decide_scale(self.scale, command)
+            case Upgrade():
+                return _decide_upgrade(self.upgrade, command)
+            case CollectMetrics():
+                return _decide_metrics(self.collect_metrics, command)
+
+    def summary(self) -> Mapping[str, object]:
+        """What is allowed, for ``byoc-agent policy check`` and the audit log."""
+        out: dict[str, object] = {}
+        if self.scale is not None:
+            out["scale"] = {
+                "allow": self.scale.allow,
+                "replicas": [self.scale.min_replicas, self.scale.max_replicas],
+                "approval_above": self.scale.approval_above,
+                "require_approval": self.scale.require_approval,
+            }
+        if self.upgrade is not None:
+            out["upgrade"] = {
+                "allow": self.upgrade.allow,
+                "versions": sorted(self.upgrade.versions),
+                "require_approval": self.upgrade.require_approval,
+            }
+        if self.collect_metrics is not None:
+            out["collect_metrics"] = {
+                "allow": self.collect_metrics.allow,
+                "targets": sorted(self.collect_metrics.targets),
+                "require_approval": self.collect_metrics.require_approval,
+            }
+        return out
+
+
+def _section(name: str, table: object, extra: set[str]) -> Table:
+    return Table(name, table, _COMMON | extra, PolicyError)
+
+
+def _replicas(s: Table, key: str) -> int | None:
+    return s.optional_integer(key, low=0, high=MAX_REPLICAS)
+
+
+def _scale_rules(table: object) -> ScaleRules:
+    s = _section("scale", table, {"min_replicas", "max_replicas", "approval_above"})
+    if not s.has("max_replicas"):
+        raise PolicyError("scale.max_replicas is required")
+    rules = ScaleRules(
+        allow=s.boolean("allow", True),
+        min_replicas=_replicas(s, "min_replicas") or 0,
+        max_replicas=s.integer("max_replicas", 0, low=0, high=MAX_REPLICAS),
+        approval_above=_replicas(s, "approval_above"),
+        require_approval=s.boolean("require_approval", False),
+    )
+    if rules.min_replicas > rules.max_replicas:
+        raise PolicyError("scale.min_replicas must not exceed scale.max_replicas")
+    return rules
+
+
+def _upgrade_rules(table: object) -> UpgradeRules:
+    s = _section("upgrade", table, {"versions"})
+    return UpgradeRules(
+        allow=s.boolean("allow", True),
+        versions=frozenset(s.strings("versions", pattern=VERSION_PATTERN)),
+        require_approval=s.boolean("require_approval", False),
+    )
+
+
+def _metrics_rules(table: object) -> CollectMetricsRules:
+    s = _section("collect_metrics", table, {"targets"})
+    return CollectMetricsRules(
+        allow=s.boolean("allow", True),
+        targets=frozenset(s.strings("targets", pattern=TARGET_PATTERN)),
+        require_approval=s.boolean("require_approval", False),
+    )
+
+
+def _disabled(kind: str, rules: object | None) -> Decision:
+    if rules is None:
+        return Decision(Verdict.DENY, kind, f"the policy has no [{kind}] section")
+    return Decision(Verdict.DENY, f"{kind}.allow", f"{kind} is disabled by the policy")
+
+
+def _approval(kind: str, require: bool) -> Decision:
+    if require:
+        return Decision(
+            Verdict.REQUIRE_APPROVAL, f"{kind}.require_approval", f"{kind} needs local approval"
+        )
+    return Decision(Verdict.ALLOW, kind, f"{kind} is within the policy")
+
+
+def _decide_scale(rules: ScaleRules | None, command: Scale) -> Decision:
+    if rules is None or not rules.allow:
+        return _disabled("scale", rules)
+    n = command.replicas
+    if n < rules.min_replicas:
+        return Decision(
+            Verdict.DENY,
+            "scale.min_replicas",
+            f"{n} replicas is below the policy minimum of {rules.min_replicas}",
+        )
+    if n > rules.max_replicas:
+        return Decision(
+            Verdict.DENY,
+            "scale.max_replicas",
+            f"{n} replicas is above the policy maximum of {rules.max_replicas}",
+        )
+    if rules.approval_above is not None and n > rules.approval_above:
+        return Decision(
+            Verdict.REQUIRE_APPROVAL,
+            "scale.approval_above",
+            f"scaling to {n} replicas (more than {rules.approval_above}) needs local approval",
+        )
+    return _approval("scale", rules.require_approval)
+
+
+def _decide_upgrade(rules: UpgradeRules | None, command: Upgrade) -> Decision:
+    if rules is None or not rules.allow:
+        return _disabled("upgrade", rules)
+    if command.version not in rules.versions:
+        return Decision(
+            Verdict.DENY,
+            "upgrade.versions",
+            f"version {command.version!r} is not in the policy's allowed versions",
+        )
+    return _approval("upgrade", rules.require_approval)
+
+
+def _decide_metrics(rules: CollectMetricsRules | None, command: CollectMetrics) -> Decision:
+    if rules is None or not rules.allow:
+        return _disabled("collect_metrics", rules)
+    refused = [t for t in command.targets if t not in rules.targets]
+    if refused:
+        return Decision(
+            Verdict.DENY,
+            "collect_metrics.targets",
+            f"metrics target(s) {refused} not allowed by the policy",
+        )
+    return _approval("collect_metrics", rules.require_approval)

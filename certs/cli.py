@@ -1,0 +1,141 @@
+"""``byoc-certs``: create and inspect a development PKI.
+
+    byoc-certs init DIR [--agent ID]... [--dns NAME]... [--ip ADDR]... [--force]
+    byoc-certs agent DIR ID [--days N]
+    byoc-certs show DIR
+
+Errors are reported as one ``byoc-certs: error: ...`` line on stderr with exit status 1.
+Private key material is never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
+
+from certs.errors import PKIError
+from certs.pki import PKIPaths, init_pki, issue_agent_cert, load_certificate, load_pki
+
+PROG = "byoc-certs"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    args = _parser().parse_args(argv)
+    root: Path = args.dir
+    try:
+        if args.command == "init":
+            return _init(root, args.agent, args.dns, args.ip, force=args.force)
+        if args.command == "agent":
+            return _agent(root, args.id, days=args.days)
+        return _show(root)
+    except PKIError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Development PKI for BYOC mTLS.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    init = sub.add_parser("init", help="create a PKI, or add missing agents to an existing one")
+    init.add_argument("dir", type=Path, metavar="DIR")
+    init.add_argument("--agent", action="append", metavar="ID", help='default: "agent-1"')
+    init.add_argument("--dns", action="append", metavar="NAME", help='default: "localhost"')
+    init.add_argument("--ip", action="append", metavar="ADDR", help="default: 127.0.0.1 and ::1")
+    init.add_argument("--force", action="store_true", help="replace an existing PKI")
+
+    agent = sub.add_parser("agent", help="issue or replace one agent certificate")
+    agent.add_argument("dir", type=Path, metavar="DIR")
+    agent.add_argument("id", metavar="ID")
+    agent.add_argument("--days", type=int, default=365, metavar="N", help="default: 365")
+
+    show = sub.add_parser("show", help="list the certificates of a PKI")
+    show.add_argument("dir", type=Path, metavar="DIR")
+    return parser
+
+
+def _init(
+    root: Path,
+    agents: list[str] | None,
+    dns: list[str] | None,
+    ips: list[str] | None,
+    *,
+    force: bool,
+) -> int:
+    agent_ids = agents or ["agent-1"]
+    planned = PKIPaths.at(root)
+    files = [*planned.core_files()]
+    for agent_id in agent_ids:
+        files += [planned.agent_cert(agent_id), planned.agent_key(agent_id)]
+    before = {f: _stamp(f) for f in files}
+    init_pki(
+        root,
+        agent_ids=agent_ids,
+        server_dns=dns or ["localhost"],
+        server_ips=ips or ["127.0.0.1", "::1"],
+        overwrite=force,
+    )
+    for f in files:
+        old = before[f]
+        status = "created" if old is None else "kept" if old == _stamp(f) else "replaced"
+        print(_describe(status, f))
+    return 0
+
+
+def _agent(root: Path, agent_id: str, *, days: int) -> int:
+    paths = load_pki(root)
+    for f in issue_agent_cert(paths, agent_id, valid_for=timedelta(days=days)):
+        print(_describe("issued", f))
+    return 0
+
+
+def _show(root: Path) -> int:
+    paths = load_pki(root)
+    certs = [paths.server_ca_cert, paths.agent_ca_cert, paths.server_cert]
+    certs += sorted(paths.agents_dir.glob("*.pem"))
+    for path in certs:
+        cert = load_certificate(path)
+        print(path)
+        print(f"  subject:   {cert.subject.rfc4514_string()}")
+        print(f"  issuer:    {cert.issuer.rfc4514_string()}")
+        print(f"  not after: {cert.not_valid_after_utc.isoformat()}")
+        print(f"  sha256:    {cert.fingerprint(hashes.SHA256()).hex()}")
+    return 0
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """Identity of the file at ``path`` (a replaced file gets a new inode), None if absent."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _describe(status: str, path: Path) -> str:
+    """One output line; certificates also show their CN and expiry date."""
+    line = f"{status:<8} {path}"
+    if path.suffix == ".pem":
+        cert = load_certificate(path)
+        line += f"  CN={_common_name(cert)}, expires {cert.not_valid_after_utc.date()}"
+    return line
+
+
+def _common_name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        return ""
+    value = names[0].value
+    return value if isinstance(value, str) else value.decode(errors="replace")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
