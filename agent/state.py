@@ -272,6 +272,16 @@ class AgentState:
             row = db.execute("SELECT * FROM commands WHERE jti = ?", (jti,)).fetchone()
         return _row_to_command(row)
 
+    def mark_approved(self, jti: str, operator: str, *, now: float) -> None:
+        """Record an approval. The state stays ``pending_approval`` until execution starts, so
+        an approval survives a restart without a status the protocol does not define."""
+        with self._tx() as db:
+            db.execute(
+                """UPDATE commands SET approved_by = ?, updated_at = ?
+                   WHERE jti = ? AND state = 'pending_approval'""",
+                (operator, now, jti),
+            )
+
     def get(self, jti: str) -> CommandRow | None:
         row = self._db.execute("SELECT * FROM commands WHERE jti = ?", (jti,)).fetchone()
         return _row_to_command(row) if row is not None else None

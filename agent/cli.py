@@ -1,0 +1,246 @@
+"""``byoc-agent``: run the daemon, approve or deny commands, inspect status, verify the audit log.
+
+    byoc-agent run [--config PATH]
+    byoc-agent status [--json]
+    byoc-agent pending [--json]
+    byoc-agent approve JTI [--note TEXT]
+    byoc-agent deny JTI [--note TEXT]
+    byoc-agent audit verify PATH
+    byoc-agent policy check PATH
+    byoc-agent keys kid PUBLIC_KEY_PEM
+
+The configuration path defaults to ``$BYOC_AGENT_CONFIG`` or /etc/byoc-agent/agent.toml; the
+local commands only need it to find the control socket (or take ``--socket``).
+Exit status: 0 success, 1 failure (e.g. a broken audit chain), 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from agent import __version__
+from agent.audit_log import verify_file
+from agent.config import DEFAULT_CONFIG_PATH, load_config
+from agent.control_socket import request
+from agent.daemon import Agent
+from agent.errors import AgentError, AuditIntegrityError, ConfigError, PolicyError
+from agent.logs import configure_logging
+from agent.policy_file import read_policy
+from agent.verifier import jwk_thumbprint
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    if args.config:
+        return Path(args.config)
+    return Path(os.environ.get("BYOC_AGENT_CONFIG", str(DEFAULT_CONFIG_PATH)))
+
+
+def _socket_path(args: argparse.Namespace) -> Path:
+    if getattr(args, "socket", None):
+        return Path(args.socket)
+    return load_config(_config_path(args)).control_socket
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+# -- subcommands ---------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(_config_path(args))
+    configure_logging(config.log_level)
+    agent = Agent(config)
+    asyncio.run(agent.run())
+    return 0
+
+
+def _control(args: argparse.Namespace, payload: dict[str, object]) -> dict[str, Any]:
+    answer = request(_socket_path(args), payload)
+    if not answer.get("ok"):
+        raise AgentError(f"{answer.get('error')}: {answer.get('message')}")
+    return answer
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _control(args, {"op": "status"})["status"]
+    if args.json:
+        _print_json(status)
+        return 0
+    connection = status.get("connection") or {}
+    print(f"agent:        {status['agent_id']} (version {status['version']})")
+    print(
+        f"control plane:{' connected' if status['connected'] else ' DISCONNECTED'} "
+        f"{status['control_plane']}"
+    )
+    if connection:
+        print(f"  peer cert:  sha256 {connection['peer_cert_sha256']}")
+        print(f"  tls:        {connection['tls_version']} {connection['cipher']}")
+    if status.get("last_error"):
+        print(f"  last error: {status['last_error']}")
+    print(f"certificate:  expires {status['client_certificate_expires']}")
+    print(
+        f"pending:      {status['pending_approvals']} awaiting approval, "
+        f"{status['running_commands']} running, {status['unsent_frames']} results unsent"
+    )
+    last = status.get("last_command")
+    print(f"last command: {last['type'] + ' ' + last['jti'] if last else '-'}")
+    head = status["audit_head"]
+    print(f"audit head:   seq {head['seq']} {head['hash']}")
+    print(f"workload:     {json.dumps(status['workload'], sort_keys=True)}")
+    return 0
+
+
+def cmd_pending(args: argparse.Namespace) -> int:
+    commands = _control(args, {"op": "pending"})["commands"]
+    if args.json:
+        _print_json(commands)
+        return 0
+    if not commands:
+        print("no commands awaiting approval")
+    for row in commands:
+        params = json.dumps(row["params"], sort_keys=True)
+        print(f"{row['jti']}  {row['type']} {params}  from {row['iss']}  {row.get('detail') or ''}")
+    return 0
+
+
+def cmd_decide(args: argparse.Namespace) -> int:
+    answer = _control(args, {"op": args.command, "jti": args.jti, "note": args.note})
+    command = answer["command"]
+    verb = "approved" if args.command == "approve" else "denied"
+    print(f"{verb} {command['jti']} ({command['type']}); state: {command['state']}")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    try:
+        summary = verify_file(path).summary
+    except AuditIntegrityError as exc:
+        print(f"{path}: FAILED at line {exc.line}: {exc.reason}", file=sys.stderr)
+        return EXIT_FAILURE
+    if summary.records == 0:
+        print(f"{path}: empty log (0 records)")
+        return 0
+    events = ", ".join(f"{name}={count}" for name, count in sorted(summary.events.items()))
+    print(
+        f"{path}: OK, {summary.records} records, seq 1..{summary.head.seq}, "
+        f"{summary.first_ts} .. {summary.last_ts}"
+    )
+    print(f"head: {summary.head.hash}")
+    print(f"events: {events}")
+    return 0
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    policy = read_policy(Path(args.path))
+    print(f"{args.path}: OK (sha256 {policy.sha256})")
+    _print_json(policy.summary())
+    return 0
+
+
+def cmd_keys_kid(args: argparse.Namespace) -> int:
+    try:
+        key = load_pem_public_key(Path(args.path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load {args.path}: {exc}") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"{args.path} is not an Ed25519 public key")
+    print(jwk_thumbprint(key))
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="byoc-agent", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"byoc-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser, *, socket: bool = False) -> None:
+        p.add_argument(
+            "--config",
+            help=f"agent configuration (default: $BYOC_AGENT_CONFIG or {DEFAULT_CONFIG_PATH})",
+        )
+        if socket:
+            p.add_argument("--socket", help="control socket path (overrides the configuration)")
+
+    p = sub.add_parser("run", help="run the agent daemon")
+    with_config(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="connection, certificate, pending approvals, audit head")
+    with_config(p, socket=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("pending", help="list commands awaiting local approval")
+    with_config(p, socket=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pending)
+
+    for name, text in (
+        ("approve", "approve a pending command"),
+        ("deny", "deny a pending command"),
+    ):
+        p = sub.add_parser(name, help=text)
+        with_config(p, socket=True)
+        p.add_argument("jti", help="the command's jti (see `byoc-agent pending`)")
+        p.add_argument("--note", help="a note for the audit record (ticket, reason)")
+        p.set_defaults(func=cmd_decide)
+
+    audit = sub.add_parser("audit", help="audit log tools").add_subparsers(
+        dest="audit_command", required=True, metavar="ACTION"
+    )
+    p = audit.add_parser("verify", help="verify the hash chain of an audit log")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_audit_verify)
+
+    policy = sub.add_parser("policy", help="policy tools").add_subparsers(
+        dest="policy_command", required=True, metavar="ACTION"
+    )
+    p = policy.add_parser("check", help="validate a policy file and show what it allows")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_policy_check)
+
+    keys = sub.add_parser("keys", help="key tools").add_subparsers(
+        dest="keys_command", required=True, metavar="ACTION"
+    )
+    p = keys.add_parser("kid", help="print the kid (RFC 7638 thumbprint) of an Ed25519 public key")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_keys_kid)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except (ConfigError, PolicyError) as exc:
+        print(f"byoc-agent: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except AgentError as exc:
+        print(f"byoc-agent: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,344 @@
+"""The agent daemon: builds every part from the configuration and runs them until told to stop.
+
+Start-up: audit log, state, policy, driver (adopts the existing workload), recovery of commands a
+previous run left behind, the local control socket, then the tunnel; READY=1 to systemd.
+
+Shutdown (SIGTERM/SIGINT): STOPPING=1; refuse new deliveries (``shutting_down``); let running
+commands finish within ``shutdown_grace`` (then cancel them: they are reported ``interrupted``);
+commands still waiting stay queued in SQLite for the next start; try to deliver every queued
+result; close the tunnel with 1001; close the driver, the control socket, the state and the
+audit log, whose last record is ``agent_stopped``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from cryptography.x509 import load_pem_x509_certificate
+
+from agent import __version__
+from agent.audit_log import AuditLog
+from agent.commands import COMMAND_TYPES
+from agent.config import AgentConfig
+from agent.control_socket import ControlSocketServer
+from agent.drivers import load_driver_factory
+from agent.drivers.base import Driver, DriverEnvironment
+from agent.errors import CommandRejected, ConfigError
+from agent.executor import CommandProcessor, Operator
+from agent.frames import MAX_FRAME_TO_AGENT, PROTOCOL_VERSION, Hello
+from agent.policy_file import PolicyFile
+from agent.sdnotify import SystemdNotifier, run_watchdog
+from agent.state import AgentState
+from agent.tls import certificate_common_name, client_context
+from agent.tunnel import Tunnel
+from agent.verifier import CommandVerifier, TrustedKeys, VerifierSettings
+
+PURGE_INTERVAL: Final = 60.0
+FLUSH_ON_STOP: Final = 5.0
+
+
+def load_trusted_keys(paths: tuple[Path, ...]) -> TrustedKeys:
+    keys: list[Ed25519PublicKey] = []
+    for path in paths:
+        try:
+            key = load_pem_public_key(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"commands.trusted_keys: cannot load {path}: {exc}") from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise ConfigError(f"commands.trusted_keys: {path} is not an Ed25519 public key")
+        keys.append(key)
+    return TrustedKeys.of(keys)
+
+
+def resolve_agent_id(config: AgentConfig) -> str:
+    """The agent's id is the CN of its client certificate; a configured id must agree."""
+    from_cert = certificate_common_name(config.control_plane.client_cert)
+    if config.agent_id is not None and config.agent_id != from_cert:
+        raise ConfigError(
+            f"agent.id is {config.agent_id!r} but the client certificate is for {from_cert!r}"
+        )
+    return from_cert
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        driver: Driver | None = None,
+        notifier: SystemdNotifier | None = None,
+    ) -> None:
+        self.config = config
+        self.log = structlog.get_logger("agent").bind(logger="agent")
+        self.agent_id = resolve_agent_id(config)
+        self._driver_override = driver
+        self._notifier = notifier or SystemdNotifier.from_environment()
+        self._stop = asyncio.Event()
+        self._stop_reason = "requested"
+        self.started = asyncio.Event()
+        self.audit = AuditLog(config.audit_log)
+        self._parts: _Parts | None = None
+
+    @property
+    def parts(self) -> _Parts:
+        """The running components; only valid once :attr:`started` is set."""
+        if self._parts is None:
+            raise RuntimeError("the agent is not running")
+        return self._parts
+
+    # -- control --------------------------------------------------------------------------
+
+    def request_stop(self, reason: str = "requested") -> None:
+        if not self._stop.is_set():
+            self._stop_reason = reason
+            self._stop.set()
+
+    def reload_policy(self) -> None:
+        if self._parts is not None:
+            self._parts.policy.reload("sighup")
+
+    # -- run ------------------------------------------------------------------------------
+
+    async def run(self, *, install_signal_handlers: bool = True) -> None:
+        config = self.config
+        self.audit.open()
+        state = AgentState(config.state_dir / "agent.db")
+        keys = load_trusted_keys(config.commands.trusted_keys)
+        self.audit.append(
+            "agent_started",
+            version=__version__,
+            agent_id=self.agent_id,
+            config=str(config.source),
+            trusted_kids=sorted(keys.by_kid),
+            driver=config.driver_kind,
+            control_plane=config.control_plane.url,
+        )
+        policy = PolicyFile(config.policy, self.audit, self.log)
+        driver = self._driver_override or self._build_driver()
+        await driver.start()
+        verifier = CommandVerifier(
+            keys,
+            VerifierSettings(
+                audience=self.agent_id,
+                issuers=config.commands.issuers,
+                max_lifetime=config.commands.max_lifetime,
+                clock_skew=config.commands.clock_skew,
+            ),
+        )
+        tunnel = Tunnel(
+            control_plane=config.control_plane,
+            settings=config.tunnel,
+            ssl_context=self._ssl_context,
+            hello=Hello(
+                protocol=PROTOCOL_VERSION,
+                agent_version=__version__,
+                capabilities={
+                    "commands": list(COMMAND_TYPES),
+                    "driver": config.driver_kind,
+                    "max_frame_bytes": MAX_FRAME_TO_AGENT,
+                },
+            ),
+            state=state,
+            audit=self.audit,
+            on_delivery=self._deliver,
+            log=self.log.bind(component="tunnel"),
+            agent_id=self.agent_id,
+            on_state=self._notifier.status,
+        )
+        processor = CommandProcessor(
+            verifier=verifier,
+            policy=lambda: policy.current,
+            state=state,
+            audit=self.audit,
+            driver=driver,
+            max_pending=config.commands.max_pending,
+            on_outbox=tunnel.notify_outbox,
+            log=self.log.bind(component="executor"),
+        )
+        processor.recover()
+        control = ControlSocketServer(
+            config.control_socket, self._control_request, self.log.bind(component="control")
+        )
+        await control.start()
+        self._parts = _Parts(
+            state=state,
+            policy=policy,
+            driver=driver,
+            tunnel=tunnel,
+            processor=processor,
+            control=control,
+        )
+        if install_signal_handlers:
+            self._install_signal_handlers()
+        tunnel_stop = asyncio.Event()
+        background = [
+            asyncio.create_task(tunnel.run(tunnel_stop), name="tunnel"),
+            asyncio.create_task(self._purge_loop(processor), name="purge"),
+            asyncio.create_task(run_watchdog(self._notifier, self._healthy), name="watchdog"),
+        ]
+        self._notifier.ready(f"agent {self.agent_id} started; connecting")
+        self.log.info("agent_started", agent_id=self.agent_id, version=__version__)
+        self.started.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await self._shutdown(self._parts, tunnel_stop, background)
+
+    def _build_driver(self) -> Driver:
+        factory = load_driver_factory(self.config.driver_kind)
+        driver_dir = self.config.state_dir / "driver"
+        driver_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        audit = self.audit
+
+        def driver_audit(event: str, /, **fields: object) -> None:
+            audit.append(event, source="driver", **fields)
+
+        return factory(
+            self.config.driver_settings,
+            DriverEnvironment(
+                state_dir=driver_dir,
+                audit=driver_audit,
+                log=self.log.bind(component=f"driver.{self.config.driver_kind}"),
+            ),
+        )
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        cp = self.config.control_plane
+        # Built for every connection attempt, so renewed certificate files are picked up.
+        return client_context(ca_bundle=cp.ca_bundle, cert=cp.client_cert, key=cp.client_key)
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
+
+    def _deliver(self, ref: str, token: str) -> None:
+        self.parts.processor.handle_delivery(ref, token)
+
+    def _healthy(self) -> bool:
+        return not self._stop.is_set()
+
+    async def _purge_loop(self, processor: CommandProcessor) -> None:
+        while True:
+            await asyncio.sleep(PURGE_INTERVAL)
+            purged = processor.purge()
+            if purged:
+                self.log.info("replay_cache_purged", commands=purged)
+
+    async def _shutdown(
+        self, parts: _Parts, tunnel_stop: asyncio.Event, background: list[asyncio.Task[None]]
+    ) -> None:
+        self._notifier.stopping()
+        parts.processor.stop_accepting()
+        self.audit.append("agent_stopping", reason=self._stop_reason, running=parts.processor.busy)
+        self.log.info("agent_stopping", reason=self._stop_reason)
+        await parts.processor.drain(self.config.shutdown_grace)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FLUSH_ON_STOP):
+                await parts.tunnel.wait_flushed()
+        tunnel_stop.set()
+        for task in background:
+            if task.get_name() != "tunnel":
+                task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await parts.driver.close()
+        await parts.control.close()
+        unsent = parts.state.outbox_size()
+        self.audit.append("agent_stopped", reason=self._stop_reason, unsent_frames=unsent)
+        parts.state.close()
+        self.audit.close()
+        self._notifier.close()
+        self.log.info("agent_stopped", unsent_frames=unsent)
+
+    # -- control socket -------------------------------------------------------------------
+
+    async def _control_request(
+        self, request: Mapping[str, Any], operator: Operator
+    ) -> dict[str, object]:
+        processor = self.parts.processor
+        op = request.get("op")
+        note = request.get("note")
+        note = note[:500] if isinstance(note, str) else None
+        try:
+            if op in ("approve", "deny"):
+                jti = request.get("jti")
+                if not isinstance(jti, str):
+                    return {"ok": False, "error": "bad_request", "message": "'jti' is required"}
+                action = processor.approve if op == "approve" else processor.deny
+                row = action(jti, operator, note)
+                self.log.info(f"command_{op}d", jti=jti, by=operator.user)
+                return {"ok": True, "command": row.to_json()}
+            if op == "pending":
+                return {
+                    "ok": True,
+                    "commands": [row.to_json() for row in processor.pending_approvals()],
+                }
+            if op == "status":
+                return {"ok": True, "status": self.status()}
+        except CommandRejected as exc:
+            return {"ok": False, "error": exc.code, "message": exc.detail}
+        return {"ok": False, "error": "bad_request", "message": f"unknown op {str(op)[:32]!r}"}
+
+    def status(self) -> dict[str, object]:
+        parts = self.parts
+        connection = parts.tunnel.connection
+        head = self.audit.head
+        return {
+            "agent_id": self.agent_id,
+            "version": __version__,
+            "control_plane": self.config.control_plane.url,
+            "connected": parts.tunnel.ready.is_set(),
+            "connection": None
+            if connection is None
+            else {
+                "peer_cert_sha256": connection.peer_sha256,
+                "tls_version": connection.tls_version,
+                "cipher": connection.cipher,
+                "since": connection.since,
+            },
+            "reconnects": parts.tunnel.reconnects,
+            "last_error": parts.tunnel.last_error,
+            "client_certificate_expires": _cert_expiry(self.config.control_plane.client_cert),
+            "pending_approvals": len(parts.processor.pending_approvals()),
+            "running_commands": parts.processor.busy,
+            "last_command": parts.processor.last_command,
+            "unsent_frames": parts.state.outbox_size(),
+            "audit_head": {"seq": head.seq, "hash": head.hash},
+            "policy_sha256": parts.policy.current.sha256,
+            "workload": parts.driver.describe(),
+            "time": time.time(),
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Parts:
+    state: AgentState
+    policy: PolicyFile
+    driver: Driver
+    tunnel: Tunnel
+    processor: CommandProcessor
+    control: ControlSocketServer
+
+
+def _cert_expiry(path: Path) -> str | None:
+    try:
+        cert = load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return cert.not_valid_after_utc.astimezone(UTC).isoformat()
+
+
+__all__ = ["Agent", "load_trusted_keys", "resolve_agent_id"]

@@ -1,0 +1,421 @@
+"""From a delivered token to a final result: verification, replay check, policy, approval,
+execution, and the audit record before every step.
+
+Life of a command (docs/PROTOCOL.md §6)::
+
+    delivery --verify--> (refused: delivery_rejected)
+             --claim jti--> received --parse+policy--> rejected
+                                     |--> pending_approval --approve--> running
+                                     |                     --deny/expire--> rejected
+                                     '--> running --> succeeded | failed
+                                   (agent stopped while running: interrupted)
+
+Mutating commands (scale, upgrade) run one at a time in arrival order; read-only ones
+(collect_metrics) run beside them. Each state change is committed to SQLite together with the
+status frame that reports it; each action is preceded by an fsync'd audit record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from agent.audit_log import AuditLog
+from agent.commands import CollectMetrics, Command, Scale, Upgrade, parse_command
+from agent.drivers.base import Driver, ExecContext
+from agent.errors import CommandRejected, DriverError, StateError
+from agent.policy import Decision, Policy, Verdict
+from agent.state import AgentState, CommandRow
+from agent.verifier import CommandVerifier, peek, token_sha256
+
+
+@dataclass(frozen=True, kw_only=True)
+class Operator:
+    """Who approved or denied a command, as the kernel reported it on the control socket."""
+
+    user: str
+    uid: int
+    pid: int
+    via: str
+
+    def audit_fields(self) -> dict[str, object]:
+        return {"by": self.user, "uid": self.uid, "pid": self.pid, "via": self.via}
+
+
+def _clean_fields(fields: Mapping[str, object]) -> dict[str, object]:
+    return {key: _clean(value) for key, value in fields.items()}
+
+
+def _clean(value: object) -> object:
+    """Make an untrusted JSON value safe for an audit record (floats become strings)."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else repr(value)
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+class CommandProcessor:
+    def __init__(
+        self,
+        *,
+        verifier: CommandVerifier,
+        policy: Callable[[], Policy],
+        state: AgentState,
+        audit: AuditLog,
+        driver: Driver,
+        max_pending: int,
+        on_outbox: Callable[[], None],
+        log: structlog.typing.FilteringBoundLogger,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._verifier = verifier
+        self._policy = policy
+        self._state = state
+        self._audit = audit
+        self._driver = driver
+        self._max_pending = max_pending
+        self._on_outbox = on_outbox
+        self._log = log
+        self._clock = clock
+        self._mutations = asyncio.Lock()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._expiry: dict[str, asyncio.TimerHandle] = {}
+        self._accepting = True
+        self.last_command: dict[str, object] | None = None
+
+    # -- intake ---------------------------------------------------------------------------
+
+    def handle_delivery(self, ref: str, token: str) -> None:
+        """Process one ``command`` frame. Never raises: every outcome is audited and reported."""
+        now = self._clock()
+        claimed = peek(token)
+        self._audit.append(
+            "command_received",
+            ref=ref,
+            token_sha256=token_sha256(token),
+            **_clean_fields(claimed.audit_fields()),
+        )
+        try:
+            row = self._verify_and_claim(ref, token, now)
+        except CommandRejected as exc:
+            self._audit.append(
+                "command_verification",
+                ref=ref,
+                jti=claimed.jti,
+                result="rejected",
+                reason=exc.code,
+                detail=exc.detail,
+            )
+            self._log.warning(
+                "delivery_rejected", ref=ref, jti=claimed.jti, reason=exc.code, detail=exc.detail
+            )
+            self._state.reject_delivery(
+                ref=ref, reason=exc.code, detail=exc.detail, jti=claimed.jti, now=now
+            )
+            self._on_outbox()
+            return
+        self._audit.append(
+            "command_verification",
+            ref=ref,
+            jti=row.jti,
+            result="verified",
+            iss=row.iss,
+            kid=row.kid,
+            exp=int(row.exp),
+        )
+        self._on_outbox()
+        self._log.info("command_accepted", jti=row.jti, ref=ref, type=row.type)
+        self.last_command = {"jti": row.jti, "type": row.type, "received_at": now}
+        self._decide(row)
+
+    def _verify_and_claim(self, ref: str, token: str, now: float) -> CommandRow:
+        if not self._accepting:
+            raise CommandRejected("shutting_down", "the agent is stopping; deliver again later")
+        verified = self._verifier.verify(token, now=now)
+        if len(self._tasks) + len(self._expiry) >= self._max_pending:
+            raise CommandRejected(
+                "busy", f"{self._max_pending} commands are already pending; deliver again later"
+            )
+        raw_params = verified.cmd.get("params", {})
+        row = self._state.claim(
+            verified,
+            ref=ref,
+            command_type=str(verified.cmd.get("type"))[:64],
+            params=raw_params if isinstance(raw_params, Mapping) else {},
+            now=now,
+        )
+        if row is not None:
+            return row
+        # The jti was claimed before: the claim in the database is the one arbiter of replays.
+        existing = self._state.get(verified.jti)
+        if existing is not None and (existing.ref, existing.token_sha256) == (
+            ref,
+            verified.token_sha256,
+        ):
+            raise CommandRejected(
+                "duplicate_delivery",
+                f"delivery {ref} was received before and is {existing.state}; not run again",
+            )
+        raise CommandRejected("replayed", f"jti {verified.jti} was already used")
+
+    def _decide(self, row: CommandRow) -> None:
+        """Parse and check a ``received`` command against the policy, then act on the verdict."""
+        try:
+            command = parse_command({"type": row.type, "params": row.params})
+        except CommandRejected as exc:
+            self._finish_rejected(row.jti, exc.code, exc.detail)
+            return
+        policy = self._policy()
+        decision = policy.decide(command)
+        self._audit_decision(row.jti, decision, policy)
+        if decision.verdict is Verdict.DENY:
+            self._finish_rejected(row.jti, "policy_denied", decision.reason)
+        elif decision.verdict is Verdict.REQUIRE_APPROVAL:
+            if row.state != "pending_approval":
+                self._transition(row.jti, "pending_approval", detail=decision.reason)
+            self._arm_expiry(row)
+        else:
+            self._schedule(row.jti, command, row.exp)
+
+    def _audit_decision(self, jti: str, decision: Decision, policy: Policy) -> None:
+        self._audit.append(
+            "policy_decision",
+            jti=jti,
+            verdict=decision.verdict.value,
+            rule=decision.rule,
+            reason=decision.reason,
+            policy_sha256=policy.sha256,
+        )
+
+    # -- approval -------------------------------------------------------------------------
+
+    def _arm_expiry(self, row: CommandRow) -> None:
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, row.exp - self._clock())
+        self._expiry[row.jti] = loop.call_later(delay, self._expire_approval, row.jti)
+
+    def _expire_approval(self, jti: str) -> None:
+        self._expiry.pop(jti, None)
+        row = self._state.get(jti)
+        if row is None or row.state != "pending_approval" or row.approved_by:
+            return
+        self._audit.append("approval_expired", jti=jti, exp=int(row.exp))
+        self._finish_rejected(
+            jti, "approval_expired", "nobody approved the command before it expired"
+        )
+
+    def pending_approvals(self) -> list[CommandRow]:
+        return [r for r in self._state.in_states("pending_approval") if not r.approved_by]
+
+    def approve(self, jti: str, operator: Operator, note: str | None = None) -> CommandRow:
+        row = self._pending_row(jti)
+        if self._clock() >= row.exp:
+            raise CommandRejected(
+                "approval_expired", f"command {jti} expired; it cannot be approved"
+            )
+        command = parse_command({"type": row.type, "params": row.params})
+        self._audit.append("approval_granted", jti=jti, note=note, **operator.audit_fields())
+        handle = self._expiry.pop(jti, None)
+        if handle is not None:
+            handle.cancel()
+        self._state.mark_approved(jti, operator.user, now=self._clock())
+        self._schedule(jti, command, row.exp)
+        return self._state.get(jti) or row
+
+    def deny(self, jti: str, operator: Operator, note: str | None = None) -> CommandRow:
+        self._pending_row(jti)
+        self._audit.append("approval_denied", jti=jti, note=note, **operator.audit_fields())
+        handle = self._expiry.pop(jti, None)
+        if handle is not None:
+            handle.cancel()
+        detail = f"denied on the host by {operator.user}" + (f": {note}" if note else "")
+        return self._finish_rejected(jti, "denied_by_operator", detail)
+
+    def _pending_row(self, jti: str) -> CommandRow:
+        row = self._state.get(jti)
+        if row is None:
+            raise CommandRejected("unknown_command", f"no command with jti {jti!r}")
+        if row.state != "pending_approval" or row.approved_by:
+            raise CommandRejected(
+                "not_pending", f"command {jti} is {row.state}, not pending approval"
+            )
+        return row
+
+    # -- execution ------------------------------------------------------------------------
+
+    def _schedule(self, jti: str, command: Command, exp: float) -> None:
+        task = asyncio.get_running_loop().create_task(self._execute(jti, command, exp))
+        self._tasks[jti] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(jti, None))
+
+    async def _execute(self, jti: str, command: Command, exp: float) -> None:
+        if command.mutating:
+            async with self._mutations:
+                await self._run(jti, command, exp)
+        else:
+            await self._run(jti, command, exp)
+
+    async def _run(self, jti: str, command: Command, exp: float) -> None:
+        now = self._clock()
+        skew = self._verifier.settings.clock_skew
+        if now - skew >= exp:
+            self._finish_rejected(
+                jti, "expired_before_start", "the command expired while waiting to run"
+            )
+            return
+        policy = self._policy()
+        decision = policy.decide(command)
+        if decision.verdict is Verdict.DENY:  # the customer tightened the policy meanwhile
+            self._audit_decision(jti, decision, policy)
+            self._finish_rejected(jti, "policy_denied", decision.reason)
+            return
+        self._transition(jti, "running")
+        self._audit.append(
+            "execution_started", jti=jti, command_type=command.type, params=command.params()
+        )
+        started = time.monotonic()
+
+        def audit(event: str, /, **fields: object) -> None:
+            self._audit.append(event, jti=jti, **fields)
+
+        ctx = ExecContext(jti=jti, audit=audit, log=self._log.bind(jti=jti))
+        try:
+            result = await self._call_driver(command, ctx)
+        except DriverError as exc:
+            self._finish_execution(
+                jti, started, "failed", reason=exc.code, detail=exc.detail, result=exc.result
+            )
+        except asyncio.CancelledError:
+            self._audit.append(
+                "execution_interrupted", jti=jti, detail="cancelled: the agent is stopping"
+            )
+            self._transition(
+                jti, "interrupted", reason="agent_stopped", detail="cancelled at shutdown"
+            )
+            raise
+        except Exception as exc:  # a driver bug must not take the agent down
+            self._log.exception("driver_crashed", jti=jti)
+            self._finish_execution(
+                jti,
+                started,
+                "failed",
+                reason="internal_error",
+                detail=f"{type(exc).__name__}: {exc}",
+                result={},
+            )
+        else:
+            self._finish_execution(
+                jti, started, "succeeded", reason=None, detail=None, result=result
+            )
+
+    async def _call_driver(self, command: Command, ctx: ExecContext) -> dict[str, object]:
+        match command:
+            case Scale(replicas=replicas):
+                return await self._driver.scale(replicas, ctx)
+            case Upgrade(version=version):
+                return await self._driver.upgrade(version, ctx)
+            case CollectMetrics(targets=targets):
+                return await self._driver.collect_metrics(targets, ctx)
+
+    def _finish_execution(
+        self,
+        jti: str,
+        started: float,
+        state: str,
+        *,
+        reason: str | None,
+        detail: str | None,
+        result: Mapping[str, Any],
+    ) -> None:
+        self._audit.append(
+            "execution_finished",
+            jti=jti,
+            outcome=state,
+            reason=reason,
+            detail=detail,
+            duration_ms=int((time.monotonic() - started) * 1000),
+        )
+        self._transition(jti, state, reason=reason, detail=detail, result=result)
+        self._log.info("command_finished", jti=jti, outcome=state, reason=reason)
+
+    # -- state changes --------------------------------------------------------------------
+
+    def _transition(self, jti: str, state: str, **fields: Any) -> CommandRow:
+        row = self._state.transition(jti, state, now=self._clock(), **fields)
+        self._on_outbox()
+        return row
+
+    def _finish_rejected(self, jti: str, reason: str, detail: str) -> CommandRow:
+        self._log.info("command_rejected", jti=jti, reason=reason, detail=detail)
+        self._audit.append("command_rejected", jti=jti, reason=reason, detail=detail)
+        return self._transition(jti, "rejected", reason=reason, detail=detail)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Pick up where a previous run stopped. Call once, before the tunnel starts."""
+        for row in self._state.in_states("running"):
+            self._audit.append(
+                "command_interrupted",
+                jti=row.jti,
+                detail="the agent stopped while the command was running; outcome unknown",
+            )
+            self._transition(
+                row.jti,
+                "interrupted",
+                reason="agent_restarted",
+                detail="the agent stopped while the command was running; its outcome is unknown",
+            )
+        for row in self._state.in_states("received", "pending_approval"):
+            self._audit.append("command_resumed", jti=row.jti, state=row.state)
+            if row.state == "pending_approval" and row.approved_by:
+                try:
+                    command = parse_command({"type": row.type, "params": row.params})
+                except CommandRejected as exc:  # pragma: no cover - parsed when it arrived
+                    self._finish_rejected(row.jti, exc.code, exc.detail)
+                    continue
+                self._schedule(row.jti, command, row.exp)
+            else:
+                self._decide(row)
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    @property
+    def busy(self) -> int:
+        return len(self._tasks)
+
+    async def drain(self, grace: float) -> None:
+        """Let running commands finish for up to ``grace`` seconds, then cancel them.
+
+        Commands still waiting for their turn stay ``received`` in the database and resume on
+        the next start; pending approvals stay pending.
+        """
+        for handle in self._expiry.values():
+            handle.cancel()
+        self._expiry.clear()
+        tasks = list(self._tasks.values())
+        if not tasks:
+            return
+        _, still_running = await asyncio.wait(tasks, timeout=grace)
+        for task in still_running:
+            task.cancel()
+        if still_running:
+            await asyncio.wait(still_running)
+
+    def purge(self) -> int:
+        try:
+            return self._state.purge(
+                now=self._clock(), clock_skew=self._verifier.settings.clock_skew
+            )
+        except StateError:
+            self._log.exception("purge_failed")
+            return 0

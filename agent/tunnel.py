@@ -1,0 +1,360 @@
+"""The outbound tunnel: one mutually authenticated WebSocket connection to the control plane,
+kept up for as long as the agent runs.
+
+This is the I/O shell around :class:`agent.session.AgentSession`. Per connection it runs three
+tasks: a reader (frames in, through the session), a ticker (heartbeats and timeouts, asked of the
+session) and an outbox pump (unacknowledged status frames out, from SQLite, oldest first; all of
+them again after every reconnect). Between connections it waits with capped exponential backoff
+and full jitter, or much longer after a certificate rejection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+import structlog
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.protocol import State
+
+from agent.audit_log import AuditLog
+from agent.backoff import Backoff
+from agent.config import ControlPlaneConfig, TunnelConfig
+from agent.errors import ConfigError, TLSRejected
+from agent.frames import FINAL_STATES, MAX_FRAME_TO_AGENT, Hello, Status, encode
+from agent.session import (
+    Acked,
+    AgentSession,
+    CloseCode,
+    CloseRequested,
+    CommandDelivered,
+    Event,
+    FrameRefused,
+    PeerReportedError,
+    Phase,
+    Welcomed,
+)
+from agent.state import AgentState, OutboxRow
+from agent.tls import PeerCertificate, classify_tls_failure
+
+# Hard cap enforced by the WebSocket layer while reading, so a hostile peer cannot make us buffer
+# more than this; frames between MAX_FRAME_TO_AGENT and this cap are refused by the codec with an
+# error frame and the connection stays up, frames over it close the connection (1009).
+WEBSOCKET_MAX_SIZE: Final = 16 * MAX_FRAME_TO_AGENT
+
+
+@dataclass
+class ConnectionInfo:
+    url: str
+    peer_sha256: str
+    peer_subject: str | None
+    tls_version: str | None
+    cipher: str | None
+    since: float
+    agent_id_seen: str | None = None
+
+
+class Tunnel:
+    def __init__(
+        self,
+        *,
+        control_plane: ControlPlaneConfig,
+        settings: TunnelConfig,
+        ssl_context: Callable[[], ssl.SSLContext],
+        hello: Hello,
+        state: AgentState,
+        audit: AuditLog,
+        on_delivery: Callable[[str, str], None],
+        log: structlog.typing.FilteringBoundLogger,
+        agent_id: str,
+        backoff: Backoff | None = None,
+        on_state: Callable[[str], object] | None = None,
+    ) -> None:
+        self._cp = control_plane
+        self._settings = settings
+        self._ssl_context = ssl_context
+        self._hello = hello
+        self._state = state
+        self._audit = audit
+        self._on_delivery = on_delivery
+        self._log = log
+        self._agent_id = agent_id
+        self._backoff = backoff or Backoff(settings.backoff)
+        self._on_state = on_state or (lambda _text: None)
+        self._outbox_changed = asyncio.Event()
+        self._acked = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+        self.connection: ConnectionInfo | None = None
+        self.ready = asyncio.Event()
+        self.reconnects = 0
+        self.last_error: str | None = None
+
+    # -- public ---------------------------------------------------------------------------
+
+    def notify_outbox(self) -> None:
+        self._outbox_changed.set()
+
+    async def wait_flushed(self) -> bool:
+        """Wait until every queued frame is acknowledged; False if the tunnel is down.
+
+        Bound it with ``asyncio.timeout``."""
+        while self._state.outbox_size() > 0:
+            if not self.ready.is_set():
+                return False
+            self._acked.clear()
+            await self._acked.wait()
+        return True
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep a connection up until ``stop`` is set."""
+        while not stop.is_set():
+            delay = await self._attempt(stop)
+            if stop.is_set():
+                break
+            self.reconnects += 1
+            self._log.info("reconnect_scheduled", delay_s=round(delay, 3))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+    # -- one connection -------------------------------------------------------------------
+
+    async def _attempt(self, stop: asyncio.Event) -> float:
+        """Connect once and serve the connection; return the delay before the next attempt."""
+        try:
+            context = self._ssl_context()
+        except ConfigError as exc:
+            self.last_error = str(exc)
+            self._log.error("tls_material_unusable", error=str(exc))
+            return self._backoff.tls_rejected_delay()
+        try:
+            websocket = await connect(
+                self._cp.url,
+                ssl=context,
+                server_hostname=self._cp.verify_name,
+                open_timeout=self._cp.connect_timeout,
+                ping_interval=None,  # heartbeats are the protocol's own (session.py)
+                close_timeout=5,
+                max_size=WEBSOCKET_MAX_SIZE,
+                compression=None,
+                proxy=None,
+                user_agent_header=f"byoc-agent/{self._hello.agent_version}",
+            )
+        except Exception as exc:
+            return self._connect_failed(exc)
+        try:
+            await self._serve(websocket, stop)
+        finally:
+            self.ready.clear()
+            self.connection = None
+        return self._backoff.next_delay()
+
+    def _connect_failed(self, exc: Exception) -> float:
+        rejected = classify_tls_failure(exc)
+        if rejected is not None:
+            return self._tls_rejected(rejected)
+        if isinstance(exc, InvalidStatus) and 400 <= exc.response.status_code < 500:
+            self.last_error = (
+                f"control plane refused the connection: HTTP {exc.response.status_code}"
+            )
+            self._log.error("connect_refused", status=exc.response.status_code)
+            return self._backoff.tls_rejected_delay()
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        delay = self._backoff.next_delay()
+        self._log.warning(
+            "connect_failed", url=self._cp.url, error=self.last_error, retry_in_s=round(delay, 3)
+        )
+        return delay
+
+    def _tls_rejected(self, rejected: TLSRejected) -> float:
+        delay = self._backoff.tls_rejected_delay()
+        self.last_error = str(rejected)
+        side = "control_plane_refused_agent" if rejected.by_peer else "agent_refused_control_plane"
+        self._audit.append(
+            "connection_failed",
+            url=self._cp.url,
+            reason="tls_rejected",
+            side=side,
+            detail=str(rejected),
+        )
+        # Loud: this does not fix itself; an operator has to look at certificates.
+        self._log.error(
+            "tls_certificate_rejected",
+            side=side,
+            detail=str(rejected),
+            url=self._cp.url,
+            retry_in_s=round(delay, 1),
+        )
+        return delay
+
+    async def _serve(self, websocket: ClientConnection, stop: asyncio.Event) -> None:
+        ssl_object = websocket.transport.get_extra_info("ssl_object")
+        peer = PeerCertificate.from_ssl_object(ssl_object)
+        cipher = ssl_object.cipher() if ssl_object is not None else None
+        self.connection = ConnectionInfo(
+            url=self._cp.url,
+            peer_sha256=peer.sha256,
+            peer_subject=peer.subject_cn,
+            tls_version=ssl_object.version() if ssl_object is not None else None,
+            cipher=cipher[0] if cipher else None,
+            since=time.time(),
+        )
+        self._audit.append(
+            "connection_up",
+            url=self._cp.url,
+            peer_cert_sha256=peer.sha256,
+            peer_subject=peer.subject_cn,
+            tls_version=self.connection.tls_version,
+            cipher=self.connection.cipher,
+        )
+        self._log.info("connected", url=self._cp.url, peer_cert_sha256=peer.sha256)
+        loop = asyncio.get_running_loop()
+        session = AgentSession(
+            hello=self._hello, heartbeat=self._settings.heartbeat, now=loop.time()
+        )
+        tasks: list[asyncio.Task[str]] = []
+        try:
+            await self._flush(websocket, session)  # hello
+            tasks = [
+                asyncio.create_task(self._read(websocket, session)),
+                asyncio.create_task(self._tick(websocket, session)),
+                asyncio.create_task(self._pump(websocket)),
+                asyncio.create_task(_wait_for(stop, "agent stopping")),
+            ]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            reason = self._outcome(done)
+            if stop.is_set():
+                await websocket.close(CloseCode.GOING_AWAY, "agent stopping")
+        except (ConnectionClosed, OSError, TimeoutError) as exc:
+            reason = f"connection lost: {exc!r}"
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if websocket.state is not State.CLOSED:
+            websocket.transport.abort()
+        self._audit.append(
+            "connection_down", url=self._cp.url, peer_cert_sha256=peer.sha256, reason=reason
+        )
+        self._log.warning("disconnected", reason=reason)
+        self._on_state(f"disconnected: {reason}")
+
+    def _outcome(self, done: set[asyncio.Task[str]]) -> str:
+        """Why the connection ended, from the first task that finished."""
+        task = next(iter(done))
+        exc = task.exception()
+        if exc is None:
+            return task.result()
+        if isinstance(exc, ConnectionClosed | OSError | TimeoutError):
+            return f"connection lost: {exc!r}"
+        self._log.error("tunnel_task_failed", error=repr(exc), exc_info=exc)
+        return f"internal error: {exc!r}"
+
+    async def _send(self, websocket: ClientConnection, text: str) -> None:
+        async with self._send_lock:
+            # A peer that stops reading must not stall us forever: time out and reconnect.
+            await asyncio.wait_for(websocket.send(text), self._settings.send_timeout)
+
+    async def _flush(self, websocket: ClientConnection, session: AgentSession) -> None:
+        for text in session.data_to_send():
+            await self._send(websocket, text)
+
+    async def _read(self, websocket: ClientConnection, session: AgentSession) -> str:
+        loop = asyncio.get_running_loop()
+        async for message in websocket:
+            events = session.receive(message, loop.time())
+            await self._flush(websocket, session)
+            outcome = await self._handle(websocket, session, events)
+            if outcome is not None:
+                return outcome
+        return f"closed by peer: {websocket.close_code} {websocket.close_reason}".strip()
+
+    async def _handle(
+        self, websocket: ClientConnection, session: AgentSession, events: list[Event]
+    ) -> str | None:
+        for event in events:
+            match event:
+                case Welcomed(welcome=welcome):
+                    self._welcomed(session, welcome.agent_id, welcome.server_time)
+                case CommandDelivered(ref=ref, token=token):
+                    self._on_delivery(ref, token)
+                case Acked(seq=seq):
+                    self._acknowledged(seq)
+                case FrameRefused(error=error, size=size):
+                    self._audit.append(
+                        "frame_rejected", reason=error.code, detail=error.detail, size=size
+                    )
+                    self._log.warning("frame_rejected", reason=error.code, detail=error.detail)
+                case PeerReportedError(frame=frame):
+                    self._log.warning("peer_error", code=frame.code, message=frame.message)
+                case CloseRequested(code=code, reason=reason):
+                    if session.phase is Phase.CLOSED and code == CloseCode.HEARTBEAT_TIMEOUT:
+                        websocket.transport.abort()  # the peer is gone; do not wait for it
+                    else:
+                        await websocket.close(code, reason[:120])
+                    return reason
+        return None
+
+    def _welcomed(self, session: AgentSession, seen_id: str, server_time: float) -> None:
+        assert self.connection is not None  # noqa: S101  # set in _serve before reading
+        self.connection.agent_id_seen = seen_id
+        if seen_id != self._agent_id:
+            self._log.error("identity_mismatch", ours=self._agent_id, control_plane_says=seen_id)
+        skew = time.time() - server_time
+        if abs(skew) > 30:
+            self._log.warning("clock_skew_detected", skew_s=round(skew, 1))
+        self._backoff.reset()
+        self.last_error = None
+        self.ready.set()
+        self._outbox_changed.set()
+        self._log.info("session_ready", agent_id=seen_id)
+        self._on_state(f"connected to {self._cp.url}")
+
+    def _acknowledged(self, seq: int) -> None:
+        row = self._state.ack(seq)
+        self._acked.set()
+        if row is None:
+            return
+        if row.kind == Status.type and row.state in FINAL_STATES:
+            self._audit.append("result_delivered", jti=row.jti, state=row.state, seq=seq)
+        elif row.kind != Status.type:
+            self._audit.append(
+                "result_delivered", ref=row.body.get("ref"), state="delivery_rejected", seq=seq
+            )
+
+    async def _tick(self, websocket: ClientConnection, session: AgentSession) -> str:
+        loop = asyncio.get_running_loop()
+        while True:
+            delay = max(0.0, session.next_deadline() - loop.time())
+            await asyncio.sleep(delay)
+            events = session.tick(loop.time())
+            await self._flush(websocket, session)
+            outcome = await self._handle(websocket, session, events)
+            if outcome is not None:
+                return outcome
+
+    async def _pump(self, websocket: ClientConnection) -> str:
+        await self.ready.wait()
+        last_sent = 0
+        while True:
+            self._outbox_changed.clear()
+            rows = self._state.outbox_after(last_sent)
+            for row in rows:
+                await self._send(websocket, _encode_row(row))
+                last_sent = row.seq
+            if not rows:
+                await self._outbox_changed.wait()
+
+
+async def _wait_for(event: asyncio.Event, outcome: str) -> str:
+    await event.wait()
+    return outcome
+
+
+def _encode_row(row: OutboxRow) -> str:
+    return encode(row.frame())

@@ -1,0 +1,24 @@
+"""A stub control plane, so that the agent can be driven on one machine for demos and tests.
+
+It speaks docs/PROTOCOL.md for real: a WebSocket server behind mutual TLS that takes each
+agent's identity from its client certificate, signs commands with an Ed25519 key (or relays
+tokens signed elsewhere), and keeps agents, command history and results in SQLite. Operators use
+an HTTP JSON API bound to loopback, and the ``cp-stub`` CLI built on it.
+
+    signer    make command tokens (PyJWT, EdDSA)
+    store     SQLite: agents, commands, status history
+    hub       the agent-facing WebSocket server: sessions, delivery, acknowledgements
+    api       the operator HTTP JSON API (aiohttp)
+    server    puts hub, api and store together
+    client    an httpx client for the API (used by the CLI and the demo)
+    cli       ``cp-stub``
+
+Exception tree (:mod:`control_plane_stub.errors`)::
+
+    StubError
+    ├── StubConfigError (ValueError)      bad flags or unusable key/certificate files
+    ├── UnknownAgent (LookupError)        no such agent
+    ├── UnknownCommand (LookupError)      no such command ref
+    ├── BadRequest (ValueError)           an API request that cannot be honoured
+    └── ApiError                          the API answered with an error (client side)
+"""

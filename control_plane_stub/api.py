@@ -1,0 +1,207 @@
+"""The operator API: HTTP + JSON, bound to loopback. The ``cp-stub`` CLI is a client of it.
+
+    GET  /v1/healthz
+    GET  /v1/agents                                   all agents ever seen
+    GET  /v1/agents/{agent_id}?wait_connected=S       one agent; optionally wait until connected
+    POST /v1/agents/{agent_id}/commands               {"type", "params", "ttl"?}: sign and queue
+    POST /v1/agents/{agent_id}/commands/signed        {"token"}: relay a token signed elsewhere
+    GET  /v1/commands?agent_id=&final=1&limit=        newest first
+    GET  /v1/commands/{ref}?wait_for=STATE&timeout=S&include_token=1
+                                                      one command and its status history; with
+                                                      wait_for (received, pending_approval,
+                                                      running, final) the answer waits until the
+                                                      command got that far
+
+Errors are ``{"error": code, "message": text}`` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from aiohttp import web
+
+from agent.config import AGENT_ID_PATTERN
+from agent.frames import MAX_TOKEN_CHARS
+from agent.verifier import peek
+from control_plane_stub.errors import BadRequest, StubError, UnknownAgent, UnknownCommand
+from control_plane_stub.hub import Hub
+from control_plane_stub.signer import DEFAULT_TTL, CommandSigner
+from control_plane_stub.store import RANK, StubStore
+
+MAX_WAIT: Final = 600.0
+WAIT_TARGETS: Final = {
+    "received": RANK["received"],
+    "pending_approval": RANK["pending_approval"],
+    "running": RANK["running"],
+    "final": RANK["succeeded"],
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except (UnknownAgent, UnknownCommand) as exc:
+        return web.json_response({"error": "not_found", "message": str(exc)}, status=404)
+    except BadRequest as exc:
+        return web.json_response({"error": "bad_request", "message": str(exc)}, status=400)
+    except StubError as exc:
+        return web.json_response({"error": "stub_error", "message": str(exc)}, status=500)
+
+
+def _agent_id(request: web.Request) -> str:
+    agent_id = request.match_info["agent_id"]
+    if not AGENT_ID_PATTERN.fullmatch(agent_id):
+        raise BadRequest(f"{agent_id!r} is not a valid agent id")
+    return agent_id
+
+
+def _number(request: web.Request, name: str, default: float, high: float) -> float:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise BadRequest(f"{name} must be a number") from exc
+    if not 0 <= value <= high:
+        raise BadRequest(f"{name} must be in [0, {high}]")
+    return value
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise BadRequest("body must be JSON") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
+class OperatorApi:
+    def __init__(self, store: StubStore, hub: Hub, signer: CommandSigner) -> None:
+        self._store = store
+        self._hub = hub
+        self._signer = signer
+        self.app = web.Application(middlewares=[_errors], client_max_size=2 * MAX_TOKEN_CHARS)
+        self.app.add_routes(
+            [
+                web.get("/v1/healthz", self.healthz),
+                web.get("/v1/agents", self.list_agents),
+                web.get("/v1/agents/{agent_id}", self.get_agent),
+                web.post("/v1/agents/{agent_id}/commands", self.send_command),
+                web.post("/v1/agents/{agent_id}/commands/signed", self.relay_command),
+                web.get("/v1/commands", self.list_commands),
+                web.get("/v1/commands/{ref}", self.get_command),
+            ]
+        )
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "agents_connected": len(self._hub.links)})
+
+    async def list_agents(self, request: web.Request) -> web.Response:
+        return web.json_response({"agents": self._store.agents()})
+
+    def _find_agent(self, agent_id: str) -> dict[str, object] | None:
+        return next((a for a in self._store.agents() if a["agent_id"] == agent_id), None)
+
+    async def get_agent(self, request: web.Request) -> web.Response:
+        agent_id = _agent_id(request)
+        wait = _number(request, "wait_connected", 0.0, MAX_WAIT)
+        await self._until(lambda: agent_id in self._hub.links, wait)
+        agent = self._find_agent(agent_id)
+        if agent is None:
+            raise UnknownAgent(f"agent {agent_id!r} has never connected")
+        return web.json_response({"agent": agent})
+
+    async def send_command(self, request: web.Request) -> web.Response:
+        agent_id = _agent_id(request)
+        body = await _json_body(request)
+        command_type = body.get("type")
+        params = body.get("params", {})
+        ttl = body.get("ttl", DEFAULT_TTL)
+        if not isinstance(command_type, str) or not command_type:
+            raise BadRequest("'type' must be a non-empty string")
+        if not isinstance(params, dict):
+            raise BadRequest("'params' must be an object")
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= 86400:
+            raise BadRequest("'ttl' must be an integer number of seconds in 1..86400")
+        signed = self._signer.sign(
+            agent_id=agent_id, command_type=command_type, params=params, now=time.time(), ttl=ttl
+        )
+        record = self._store.add_command(
+            ref=signed.jti,
+            agent_id=agent_id,
+            token=signed.token,
+            origin="signed",
+            jti=signed.jti,
+            command_type=command_type,
+            params=params,
+        )
+        self._hub.kick(agent_id)
+        return web.json_response({"command": record.to_json()}, status=201)
+
+    async def relay_command(self, request: web.Request) -> web.Response:
+        agent_id = _agent_id(request)
+        body = await _json_body(request)
+        token = body.get("token")
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
+            raise BadRequest(f"'token' must be a string of 1..{MAX_TOKEN_CHARS} characters")
+        claimed = peek(token)  # for display only: the agent is the one that verifies
+        record = self._store.add_command(
+            ref=f"relay-{uuid.uuid4().hex}",
+            agent_id=agent_id,
+            token=token,
+            origin="relayed",
+            jti=claimed.jti,
+            command_type=claimed.type,
+            params=dict(claimed.params) if claimed.params is not None else None,
+        )
+        self._hub.kick(agent_id)
+        return web.json_response({"command": record.to_json()}, status=201)
+
+    async def list_commands(self, request: web.Request) -> web.Response:
+        agent_id = request.query.get("agent_id")
+        final_only = request.query.get("final") in ("1", "true")
+        limit = int(_number(request, "limit", 50, 10_000))
+        records = self._store.commands(agent_id=agent_id, final_only=final_only, limit=limit)
+        return web.json_response({"commands": [r.to_json() for r in records]})
+
+    async def get_command(self, request: web.Request) -> web.Response:
+        ref = request.match_info["ref"]
+        target = request.query.get("wait_for")
+        if target is not None and target not in WAIT_TARGETS:
+            raise BadRequest(f"wait_for must be one of {sorted(WAIT_TARGETS)}")
+        timeout = _number(request, "timeout", 30.0, MAX_WAIT)
+        self._store.get(ref)  # 404 before waiting for a command that does not exist
+        timed_out = False
+        if target is not None:
+            rank = WAIT_TARGETS[target]
+            timed_out = not await self._until(
+                lambda: RANK.get(self._store.get(ref).state, 0) >= rank, timeout
+            )
+        record = self._store.get(ref)
+        return web.json_response(
+            {
+                "command": record.to_json(with_token=request.query.get("include_token") == "1"),
+                "history": self._store.history(ref),
+                "timed_out": timed_out,
+            }
+        )
+
+    async def _until(self, condition: Callable[[], bool], seconds: float) -> bool:
+        """Wait until ``condition()`` holds (re-checked on every change); False on timeout."""
+        try:
+            async with asyncio.timeout(seconds), self._hub.changed:
+                await self._hub.changed.wait_for(condition)
+        except TimeoutError:
+            return condition()
+        return True

@@ -1,0 +1,323 @@
+"""``cp-stub``: run the stub control plane and drive agents through its operator API.
+
+    cp-stub serve --pki DIR [--agents HOST:PORT] [--api HOST:PORT] [--db PATH]
+    cp-stub agents
+    cp-stub send AGENT scale --replicas N [--wait]
+    cp-stub send AGENT upgrade --version V [--wait]
+    cp-stub send AGENT collect-metrics [--target T ...] [--wait]
+    cp-stub send-signed AGENT TOKEN [--wait]      relay a token signed elsewhere (e.g. an HSM)
+    cp-stub sign --key PEM --issuer NAME AGENT TYPE [--param K=JSON ...]   sign offline, print token
+    cp-stub results [--agent AGENT]
+    cp-stub show REF [--token]
+    cp-stub wait REF [--for final]
+
+Client commands talk to ``--api`` (default ``$CP_STUB_API`` or http://127.0.0.1:8080).
+With ``--wait``, the exit status is 0 when the command succeeded, 3 when it ended otherwise
+(rejected, failed, interrupted) and 4 when the wait timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+from agent.logs import configure_logging
+from agent.session import HeartbeatSettings
+from certs.pki import PKIPaths
+from control_plane_stub.client import StubClient, default_api_url, describe
+from control_plane_stub.errors import StubError
+from control_plane_stub.server import StubConfig, StubServer
+from control_plane_stub.signer import DEFAULT_TTL, CommandSigner
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NOT_SUCCEEDED = 3
+EXIT_TIMEOUT = 4
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _param(value: str) -> tuple[str, object]:
+    key, sep, raw = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+# -- serve ---------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    pki = PKIPaths.at(Path(args.pki)) if args.pki else None
+
+    def pick(explicit: str | None, from_pki: Path | None, flag: str) -> Path:
+        if explicit:
+            return Path(explicit)
+        if from_pki is None:
+            raise ConfigError(f"{flag} is required without --pki")
+        return from_pki
+
+    config = StubConfig(
+        server_cert=pick(args.cert, pki.server_cert if pki else None, "--cert"),
+        server_key=pick(args.key, pki.server_key if pki else None, "--key"),
+        agent_ca=pick(args.agent_ca, pki.agent_ca_cert if pki else None, "--agent-ca"),
+        signing_key=pick(args.signing_key, pki.signing_key if pki else None, "--signing-key"),
+        db=Path(args.db),
+        agent_host=args.agents[0],
+        agent_port=args.agents[1],
+        api_host=args.api_listen[0],
+        api_port=args.api_listen[1],
+        issuer=args.issuer,
+        heartbeat=HeartbeatSettings(
+            interval=args.heartbeat_interval, timeout=args.heartbeat_interval * 3
+        ),
+    )
+    configure_logging(args.log_level)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await StubServer(config).run(stop)
+
+    asyncio.run(main())
+    return 0
+
+
+# -- operator commands ---------------------------------------------------------------------
+
+
+async def _finish(client: StubClient, command: dict[str, Any], args: argparse.Namespace) -> int:
+    if not (args.wait or args.wait_for):
+        print(describe(command) if not args.json else json.dumps(command, indent=2))
+        return 0
+    answer = await client.command(
+        command["ref"], wait_for=args.wait_for or "final", wait_seconds=args.timeout
+    )
+    final = answer["command"]
+    print(describe(final) if not args.json else json.dumps(answer, indent=2))
+    if answer["timed_out"]:
+        return EXIT_TIMEOUT
+    if args.wait_for and args.wait_for != "final":
+        return 0
+    return 0 if final["state"] == "succeeded" else EXIT_NOT_SUCCEEDED
+
+
+async def cmd_send(args: argparse.Namespace, client: StubClient) -> int:
+    if args.type == "scale":
+        command_type, params = "scale", {"replicas": args.replicas}
+    elif args.type == "upgrade":
+        command_type, params = "upgrade", {"version": args.version}
+    else:
+        command_type, params = "collect_metrics", {"targets": args.target or ["workload", "host"]}
+    command = await client.send(args.agent, command_type, params, ttl=args.ttl)
+    return await _finish(client, command, args)
+
+
+async def cmd_send_signed(args: argparse.Namespace, client: StubClient) -> int:
+    from_stdin = args.token == "-"  # noqa: S105  # "-" means read the token from stdin
+    token = sys.stdin.read().strip() if from_stdin else args.token
+    command = await client.send_signed(args.agent, token)
+    return await _finish(client, command, args)
+
+
+async def cmd_agents(args: argparse.Namespace, client: StubClient) -> int:
+    agents = await client.agents()
+    if args.json:
+        print(json.dumps(agents, indent=2))
+        return 0
+    if not agents:
+        print("no agents have connected yet")
+    for agent in agents:
+        state = "connected" if agent["connected"] else "offline"
+        print(
+            f"{agent['agent_id']:<24} {state:<10} version {agent['agent_version']}  "
+            f"cert sha256 {str(agent['cert_sha256'])[:16]}…  from {agent['peer']}"
+        )
+    return 0
+
+
+async def cmd_results(args: argparse.Namespace, client: StubClient) -> int:
+    commands = await client.commands(agent_id=args.agent, limit=args.limit)
+    if args.json:
+        print(json.dumps(commands, indent=2))
+        return 0
+    for command in commands:
+        print(f"{command['agent_id']:<16} {describe(command)}")
+    return 0
+
+
+async def cmd_show(args: argparse.Namespace, client: StubClient) -> int:
+    answer = await client.command(args.ref, with_token=args.token)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif args.token:
+        print(answer["command"]["token"])
+    else:
+        print(describe(answer["command"]))
+        for event in answer["history"]:
+            print(f"  {event['state']:<17} {event.get('reason') or ''} {event.get('detail') or ''}")
+    return 0
+
+
+async def cmd_wait(args: argparse.Namespace, client: StubClient) -> int:
+    answer = await client.command(args.ref, wait_for=args.wait_for, wait_seconds=args.timeout)
+    print(describe(answer["command"]))
+    return EXIT_TIMEOUT if answer["timed_out"] else 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    signer = CommandSigner.from_file(Path(args.key), issuer=args.issuer)
+    signed = signer.sign(
+        agent_id=args.agent,
+        command_type=args.type,
+        params=dict(args.param or []),
+        now=time.time(),
+        ttl=args.ttl,
+    )
+    print(signed.token)
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cp-stub", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the stub control plane")
+    p.add_argument("--pki", help="a directory made by `byoc-certs init`")
+    p.add_argument("--cert", help="server certificate (default: from --pki)")
+    p.add_argument("--key", help="server private key (default: from --pki)")
+    p.add_argument("--agent-ca", help="CA that issues agent certificates (default: from --pki)")
+    p.add_argument("--signing-key", help="Ed25519 command-signing key (default: from --pki)")
+    p.add_argument(
+        "--agents",
+        type=_host_port,
+        default=("127.0.0.1", 8443),
+        help="where agents connect (default 127.0.0.1:8443)",
+    )
+    p.add_argument(
+        "--api",
+        dest="api_listen",
+        type=_host_port,
+        default=("127.0.0.1", 8080),
+        help="operator API, loopback only (default 127.0.0.1:8080)",
+    )
+    p.add_argument("--db", default="cp-stub.db", help="SQLite database (default ./cp-stub.db)")
+    p.add_argument("--issuer", default="cp-stub", help="iss claim of signed commands")
+    p.add_argument("--heartbeat-interval", type=float, default=15.0)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve, client=False)
+
+    p = sub.add_parser("sign", help="sign a command offline and print the token")
+    p.add_argument("--key", required=True, help="Ed25519 private key (PEM)")
+    p.add_argument("--issuer", default="cp-stub")
+    p.add_argument("--ttl", type=int, default=DEFAULT_TTL)
+    p.add_argument("--param", type=_param, action="append", metavar="KEY=JSON")
+    p.add_argument("agent")
+    p.add_argument("type")
+    p.set_defaults(func=cmd_sign, client=False)
+
+    def client_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--api", default=None, help=f"operator API URL (default {default_api_url()})"
+        )
+        p.add_argument("--json", action="store_true")
+
+    def wait_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--wait", action="store_true", help="wait for the final state")
+        p.add_argument("--wait-for", choices=["received", "pending_approval", "running", "final"])
+        p.add_argument("--timeout", type=float, default=120.0)
+
+    p = sub.add_parser("agents", help="list agents")
+    client_options(p)
+    p.set_defaults(func=cmd_agents, client=True)
+
+    p = sub.add_parser("send", help="sign and send a command")
+    client_options(p)
+    wait_options(p)
+    p.add_argument("--ttl", type=int, default=DEFAULT_TTL, help="token lifetime in seconds")
+    p.add_argument("agent")
+    kinds = p.add_subparsers(dest="type", required=True, metavar="TYPE")
+    kinds.add_parser("scale").add_argument("--replicas", type=int, required=True)
+    kinds.add_parser("upgrade").add_argument("--version", required=True)
+    kinds.add_parser("collect-metrics").add_argument("--target", action="append")
+    p.set_defaults(func=cmd_send, client=True)
+
+    p = sub.add_parser("send-signed", help="relay a token signed elsewhere ('-' reads stdin)")
+    client_options(p)
+    wait_options(p)
+    p.add_argument("agent")
+    p.add_argument("token")
+    p.set_defaults(func=cmd_send_signed, client=True)
+
+    p = sub.add_parser("results", help="recent commands and their results")
+    client_options(p)
+    p.add_argument("--agent")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(func=cmd_results, client=True)
+
+    p = sub.add_parser("show", help="one command and its status history")
+    client_options(p)
+    p.add_argument("--token", action="store_true", help="print only the command's token")
+    p.add_argument("ref")
+    p.set_defaults(func=cmd_show, client=True)
+
+    p = sub.add_parser("wait", help="wait until a command gets to a state")
+    client_options(p)
+    p.add_argument("ref")
+    p.add_argument(
+        "--for",
+        dest="wait_for",
+        default="final",
+        choices=["received", "pending_approval", "running", "final"],
+    )
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=cmd_wait, client=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if not args.client:
+            result: int = args.func(args)
+            return result
+
+        async def run() -> int:
+            async with StubClient(args.api) as client:
+                code: int = await args.func(args, client)
+                return code
+
+        return asyncio.run(run())
+    except (ConfigError, ValueError) as exc:
+        print(f"cp-stub: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StubError as exc:
+        print(f"cp-stub: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

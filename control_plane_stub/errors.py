@@ -1,0 +1,33 @@
+"""The stub control plane's exception tree (drawn in :mod:`control_plane_stub`)."""
+
+from __future__ import annotations
+
+
+class StubError(Exception):
+    """Root of the stub's exception tree."""
+
+
+class StubConfigError(StubError, ValueError):
+    """Bad flags, or key/certificate files that cannot be used."""
+
+
+class UnknownAgent(StubError, LookupError):
+    pass
+
+
+class UnknownCommand(StubError, LookupError):
+    pass
+
+
+class BadRequest(StubError, ValueError):
+    pass
+
+
+class ApiError(StubError):
+    """The operator API answered with an error status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"HTTP {status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message

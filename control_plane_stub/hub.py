@@ -1,0 +1,265 @@
+"""The agent-facing side of the stub: one WebSocket session per connected agent.
+
+Identity comes from the verified client certificate (its subject CN), never from a frame. Per
+session: wait for ``hello``, answer ``welcome``, then deliver queued commands, store each status
+report durably *before* acknowledging it, answer pings, send our own, and drop a peer that has
+been silent for the heartbeat timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import structlog
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+
+from agent.config import AGENT_ID_PATTERN
+from agent.errors import ProtocolError, TLSRejected
+from agent.frames import (
+    MAX_FRAME_TO_CONTROL_PLANE,
+    PROTOCOL_VERSION,
+    TO_CONTROL_PLANE,
+    Ack,
+    CommandFrame,
+    DeliveryRejected,
+    ErrorFrame,
+    Frame,
+    Hello,
+    Ping,
+    Pong,
+    Status,
+    Welcome,
+    decode,
+    encode,
+)
+from agent.session import CloseCode, HeartbeatSettings, HeartbeatTimer
+from agent.tls import PeerCertificate
+from control_plane_stub.store import StubStore
+
+
+@dataclass(frozen=True, kw_only=True)
+class HubSettings:
+    heartbeat: HeartbeatSettings = field(default_factory=HeartbeatSettings)
+    send_timeout: float = 10.0
+
+
+@dataclass(eq=False)
+class AgentLink:
+    agent_id: str
+    websocket: ServerConnection
+    cert_sha256: str
+    timer: HeartbeatTimer
+    kick: asyncio.Event = field(default_factory=asyncio.Event)
+    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Hub:
+    def __init__(
+        self, store: StubStore, settings: HubSettings, log: structlog.typing.FilteringBoundLogger
+    ) -> None:
+        self._store = store
+        self._settings = settings
+        self._log = log
+        self.links: dict[str, AgentLink] = {}
+        self.changed = asyncio.Condition()
+
+    # -- used by the API ------------------------------------------------------------------
+
+    def kick(self, agent_id: str) -> None:
+        link = self.links.get(agent_id)
+        if link is not None:
+            link.kick.set()
+
+    async def notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    # -- one agent session ----------------------------------------------------------------
+
+    async def handler(self, websocket: ServerConnection) -> None:
+        try:
+            peer = PeerCertificate.from_ssl_object(websocket.transport.get_extra_info("ssl_object"))
+        except TLSRejected:
+            await websocket.close(CloseCode.PROTOCOL_ERROR, "client certificate required")
+            return
+        agent_id = peer.subject_cn or ""
+        if not AGENT_ID_PATTERN.fullmatch(agent_id):
+            await websocket.close(CloseCode.PROTOCOL_ERROR, "certificate CN is not an agent id")
+            return
+        log = self._log.bind(agent_id=agent_id, peer=str(websocket.remote_address))
+        hello = await self._handshake(websocket, log)
+        if hello is None:
+            return
+        heartbeat = self._settings.heartbeat
+        link = AgentLink(
+            agent_id=agent_id,
+            websocket=websocket,
+            cert_sha256=peer.sha256,
+            timer=HeartbeatTimer(
+                interval=heartbeat.interval,
+                timeout=heartbeat.timeout,
+                now=asyncio.get_running_loop().time(),
+            ),
+        )
+        previous = self.links.get(agent_id)
+        if previous is not None:
+            log.warning("agent_superseded")
+            await previous.websocket.close(CloseCode.SUPERSEDED, "superseded by a new connection")
+        self.links[agent_id] = link
+        self._store.agent_connected(
+            agent_id,
+            cert_sha256=peer.sha256,
+            peer=str(websocket.remote_address),
+            agent_version=hello.agent_version,
+            capabilities=hello.capabilities,
+        )
+        await self._send(
+            link,
+            Welcome(
+                protocol=PROTOCOL_VERSION,
+                agent_id=agent_id,
+                server_time=time.time(),
+                heartbeat_interval=self._settings.heartbeat.interval,
+            ),
+        )
+        log.info("agent_connected", cert_sha256=peer.sha256, version=hello.agent_version)
+        await self.notify()
+        reason = "closed"
+        tasks = [
+            asyncio.create_task(self._read(link, log)),
+            asyncio.create_task(self._heartbeat(link)),
+            asyncio.create_task(self._deliver(link, log)),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            task = next(iter(done))
+            exc = task.exception()
+            reason = task.result() if exc is None else f"connection lost: {exc!r}"
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if websocket.state is not State.CLOSED:
+                websocket.transport.abort()
+            if self.links.get(agent_id) is link:
+                del self.links[agent_id]
+                self._store.agent_disconnected(agent_id, reason)
+            log.info("agent_disconnected", reason=reason)
+            await self.notify()
+
+    async def _handshake(
+        self, websocket: ServerConnection, log: structlog.typing.FilteringBoundLogger
+    ) -> Hello | None:
+        try:
+            async with asyncio.timeout(self._settings.heartbeat.handshake_timeout):
+                message = await websocket.recv()
+            frame = decode(message, accept=TO_CONTROL_PLANE, max_bytes=MAX_FRAME_TO_CONTROL_PLANE)
+        except TimeoutError:
+            await websocket.close(CloseCode.HANDSHAKE_TIMEOUT, "no hello")
+            return None
+        except ConnectionClosed:
+            return None
+        except ProtocolError as exc:
+            await websocket.send(encode(ErrorFrame(code=exc.code, message=exc.detail)))
+            await websocket.close(CloseCode.PROTOCOL_ERROR, "bad hello")
+            return None
+        if not isinstance(frame, Hello):
+            await websocket.close(CloseCode.PROTOCOL_ERROR, f"expected hello, got {frame.type}")
+            return None
+        if frame.protocol != PROTOCOL_VERSION:
+            log.warning("unsupported_protocol", protocol=frame.protocol)
+            await websocket.send(
+                encode(
+                    ErrorFrame(
+                        code="unsupported_protocol",
+                        message=f"this control plane speaks protocol {PROTOCOL_VERSION}",
+                    )
+                )
+            )
+            await websocket.close(CloseCode.UNSUPPORTED_PROTOCOL, "unsupported protocol")
+            return None
+        return frame
+
+    async def _send(self, link: AgentLink, frame: Frame) -> None:
+        async with link.send_lock:
+            await asyncio.wait_for(link.websocket.send(encode(frame)), self._settings.send_timeout)
+
+    async def _read(self, link: AgentLink, log: structlog.typing.FilteringBoundLogger) -> str:
+        async for message in link.websocket:
+            link.timer.received(asyncio.get_running_loop().time())
+            try:
+                frame = decode(
+                    message, accept=TO_CONTROL_PLANE, max_bytes=MAX_FRAME_TO_CONTROL_PLANE
+                )
+            except ProtocolError as exc:
+                log.warning("frame_rejected", reason=exc.code, detail=exc.detail)
+                await self._send(link, ErrorFrame(code=exc.code, message=exc.detail))
+                continue
+            await self._dispatch(link, frame, log)
+        ws = link.websocket
+        return f"closed by agent: {ws.close_code} {ws.close_reason}".strip()
+
+    async def _dispatch(
+        self, link: AgentLink, frame: Frame, log: structlog.typing.FilteringBoundLogger
+    ) -> None:
+        match frame:
+            case Status():
+                if self._store.apply_status(link.agent_id, frame):
+                    log.info(
+                        "status",
+                        ref=frame.ref,
+                        jti=frame.jti,
+                        state=frame.state,
+                        reason=frame.reason,
+                    )
+                await self._send(link, Ack(seq=frame.seq))  # stored durably first
+                await self.notify()
+            case DeliveryRejected():
+                self._store.apply_delivery_rejected(link.agent_id, frame)
+                log.info(
+                    "delivery_rejected", ref=frame.ref, reason=frame.reason, detail=frame.detail
+                )
+                await self._send(link, Ack(seq=frame.seq))
+                await self.notify()
+            case Ping(id=ping_id):
+                await self._send(link, Pong(id=ping_id))
+            case Pong():
+                pass
+            case ErrorFrame(code=code, message=message):
+                log.warning("agent_reported_error", code=code, message=message)
+            case _:
+                await self._send(
+                    link,
+                    ErrorFrame(code="unexpected_frame", message=f"unexpected {frame.type} frame"),
+                )
+
+    async def _heartbeat(self, link: AgentLink) -> str:
+        loop = asyncio.get_running_loop()
+        timer = link.timer
+        while True:
+            await asyncio.sleep(max(0.0, timer.next_deadline() - loop.time()))
+            now = loop.time()
+            if timer.expired(now):
+                return f"heartbeat timeout: nothing for {now - timer.last_received:.1f}s"
+            ping = timer.ping_due(now)
+            if ping is not None:
+                await self._send(link, ping)
+
+    async def _deliver(self, link: AgentLink, log: structlog.typing.FilteringBoundLogger) -> str:
+        sent: set[str] = set()
+        link.kick.set()
+        while True:
+            await link.kick.wait()
+            link.kick.clear()
+            for record in self._store.undelivered(link.agent_id):
+                if record.ref in sent:
+                    continue
+                await self._send(link, CommandFrame(ref=record.ref, token=record.token))
+                self._store.mark_sent(record.ref)
+                sent.add(record.ref)
+                log.info("command_sent", ref=record.ref, jti=record.jti, type=record.type)
+            await self.notify()

@@ -1,0 +1,393 @@
+"""The stub's SQLite store: agents, commands (one row per delivery ``ref``) and status history.
+
+Status reports are applied idempotently: each (agent, ref, state) is recorded once, so an agent
+that resends after a reconnect changes nothing (the dedupe the protocol relies on). A command's
+state only moves forward, and an agent can only report on commands addressed to it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from agent.frames import FINAL_STATES, DeliveryRejected, Status
+from control_plane_stub.errors import StubError, UnknownCommand
+
+RANK: Final = {
+    "queued": 0,
+    "sent": 1,
+    "received": 2,
+    "pending_approval": 3,
+    "running": 4,
+    **dict.fromkeys(FINAL_STATES, 5),
+}
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id        TEXT PRIMARY KEY,
+    first_seen      REAL NOT NULL,
+    last_seen       REAL NOT NULL,
+    connected       INTEGER NOT NULL DEFAULT 0,
+    connected_since REAL,
+    cert_sha256     TEXT,
+    peer            TEXT,
+    agent_version   TEXT,
+    capabilities    TEXT,
+    last_disconnect TEXT
+);
+CREATE TABLE IF NOT EXISTS commands (
+    ref        TEXT PRIMARY KEY,
+    agent_id   TEXT NOT NULL,
+    jti        TEXT,
+    type       TEXT,
+    params     TEXT,
+    token      TEXT NOT NULL,
+    origin     TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    reason     TEXT,
+    detail     TEXT,
+    result     TEXT,
+    created_at REAL NOT NULL,
+    sent_at    REAL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS commands_by_agent ON commands (agent_id, state, created_at);
+CREATE TABLE IF NOT EXISTS status_events (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    agent_id    TEXT NOT NULL,
+    ref         TEXT NOT NULL,
+    jti         TEXT,
+    state       TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    reason      TEXT,
+    detail      TEXT,
+    at          REAL NOT NULL,
+    recorded_at REAL NOT NULL,
+    UNIQUE (agent_id, ref, state)
+);
+"""
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    ref: str
+    agent_id: str
+    jti: str | None
+    type: str | None
+    params: Mapping[str, Any] | None
+    token: str
+    origin: str
+    state: str
+    reason: str | None
+    detail: str | None
+    result: Mapping[str, Any] | None
+    created_at: float
+    sent_at: float | None
+    updated_at: float
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def to_json(self, *, with_token: bool = False) -> dict[str, object]:
+        out: dict[str, object] = {
+            "ref": self.ref,
+            "agent_id": self.agent_id,
+            "jti": self.jti,
+            "type": self.type,
+            "params": self.params,
+            "origin": self.origin,
+            "state": self.state,
+            "reason": self.reason,
+            "detail": self.detail,
+            "result": self.result,
+            "created_at": self.created_at,
+            "sent_at": self.sent_at,
+            "updated_at": self.updated_at,
+        }
+        if with_token:
+            out["token"] = self.token
+        return out
+
+
+def _record(row: sqlite3.Row) -> CommandRecord:
+    return CommandRecord(
+        ref=row["ref"],
+        agent_id=row["agent_id"],
+        jti=row["jti"],
+        type=row["type"],
+        params=json.loads(row["params"]) if row["params"] else None,
+        token=row["token"],
+        origin=row["origin"],
+        state=row["state"],
+        reason=row["reason"],
+        detail=row["detail"],
+        result=json.loads(row["result"]) if row["result"] else None,
+        created_at=row["created_at"],
+        sent_at=row["sent_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+class StubStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            # A restart means no agent is connected until it dials in again.
+            self._db.execute("UPDATE agents SET connected = 0, connected_since = NULL")
+        except sqlite3.Error as exc:
+            raise StubError(f"cannot open stub database {path}: {exc}") from exc
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- agents ---------------------------------------------------------------------------
+
+    def agent_connected(
+        self,
+        agent_id: str,
+        *,
+        cert_sha256: str,
+        peer: str,
+        agent_version: str,
+        capabilities: Mapping[str, object],
+    ) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                """INSERT INTO agents (agent_id, first_seen, last_seen, connected, connected_since,
+                                       cert_sha256, peer, agent_version, capabilities)
+                   VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?)
+                   ON CONFLICT (agent_id) DO UPDATE SET
+                       last_seen = excluded.last_seen, connected = 1,
+                       connected_since = excluded.connected_since,
+                       cert_sha256 = excluded.cert_sha256, peer = excluded.peer,
+                       agent_version = excluded.agent_version,
+                       capabilities = excluded.capabilities""",
+                (
+                    agent_id,
+                    now,
+                    now,
+                    now,
+                    cert_sha256,
+                    peer,
+                    agent_version,
+                    json.dumps(capabilities),
+                ),
+            )
+
+    def agent_disconnected(self, agent_id: str, reason: str) -> None:
+        self._db.execute(
+            """UPDATE agents SET connected = 0, connected_since = NULL, last_seen = ?,
+                   last_disconnect = ? WHERE agent_id = ?""",
+            (time.time(), reason[:200], agent_id),
+        )
+
+    def agents(self) -> list[dict[str, object]]:
+        rows = self._db.execute("SELECT * FROM agents ORDER BY agent_id").fetchall()
+        return [
+            {
+                "agent_id": row["agent_id"],
+                "connected": bool(row["connected"]),
+                "connected_since": row["connected_since"],
+                "first_seen": row["first_seen"],
+                "last_seen": row["last_seen"],
+                "cert_sha256": row["cert_sha256"],
+                "peer": row["peer"],
+                "agent_version": row["agent_version"],
+                "capabilities": json.loads(row["capabilities"]) if row["capabilities"] else None,
+                "last_disconnect": row["last_disconnect"],
+            }
+            for row in rows
+        ]
+
+    # -- commands -------------------------------------------------------------------------
+
+    def add_command(
+        self,
+        *,
+        ref: str,
+        agent_id: str,
+        token: str,
+        origin: str,
+        jti: str | None,
+        command_type: str | None,
+        params: Mapping[str, object] | None,
+    ) -> CommandRecord:
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                """INSERT INTO commands (ref, agent_id, jti, type, params, token, origin, state,
+                                         created_at, updated_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)""",
+                (
+                    ref,
+                    agent_id,
+                    jti,
+                    command_type,
+                    json.dumps(params) if params is not None else None,
+                    token,
+                    origin,
+                    now,
+                    now,
+                ),
+            )
+        return self.get(ref)
+
+    def get(self, ref: str) -> CommandRecord:
+        row = self._db.execute("SELECT * FROM commands WHERE ref = ?", (ref,)).fetchone()
+        if row is None:
+            raise UnknownCommand(f"no command {ref!r}")
+        return _record(row)
+
+    def commands(
+        self, *, agent_id: str | None = None, final_only: bool = False, limit: int = 50
+    ) -> list[CommandRecord]:
+        query = "SELECT * FROM commands WHERE 1=1"
+        args: list[object] = []
+        if agent_id is not None:
+            query += " AND agent_id = ?"
+            args.append(agent_id)
+        if final_only:
+            query += f" AND state IN ({','.join('?' * len(FINAL_STATES))})"
+            args.extend(sorted(FINAL_STATES))
+        query += " ORDER BY created_at DESC, ref LIMIT ?"
+        args.append(limit)
+        return [_record(row) for row in self._db.execute(query, args).fetchall()]
+
+    def undelivered(self, agent_id: str) -> list[CommandRecord]:
+        """Commands the agent has not confirmed: queued, or sent without a status back."""
+        rows = self._db.execute(
+            """SELECT * FROM commands WHERE agent_id = ? AND state IN ('queued', 'sent')
+               ORDER BY created_at, ref""",
+            (agent_id,),
+        ).fetchall()
+        return [_record(row) for row in rows]
+
+    def mark_sent(self, ref: str) -> None:
+        now = time.time()
+        self._db.execute(
+            """UPDATE commands SET state = 'sent', sent_at = ?, updated_at = ?
+               WHERE ref = ? AND state = 'queued'""",
+            (now, now, ref),
+        )
+
+    def history(self, ref: str) -> list[dict[str, object]]:
+        rows = self._db.execute(
+            "SELECT * FROM status_events WHERE ref = ? ORDER BY id", (ref,)
+        ).fetchall()
+        return [
+            {
+                "state": row["state"],
+                "seq": row["seq"],
+                "reason": row["reason"],
+                "detail": row["detail"],
+                "at": row["at"],
+            }
+            for row in rows
+        ]
+
+    # -- status reports -------------------------------------------------------------------
+
+    def apply_status(self, agent_id: str, frame: Status) -> bool:
+        """Record a status report. Returns True if it changed anything (False: a duplicate)."""
+        return self._apply(
+            agent_id,
+            ref=frame.ref,
+            jti=frame.jti,
+            state=frame.state,
+            seq=frame.seq,
+            reason=frame.reason,
+            detail=frame.detail,
+            at=frame.at,
+            result=frame.result,
+        )
+
+    def apply_delivery_rejected(self, agent_id: str, frame: DeliveryRejected) -> bool:
+        if frame.reason == "duplicate_delivery":
+            return False  # the command itself is tracked by its status reports
+        return self._apply(
+            agent_id,
+            ref=frame.ref,
+            jti=None,
+            state="rejected",
+            seq=frame.seq,
+            reason=frame.reason,
+            detail=frame.detail,
+            at=frame.at,
+            result=None,
+            only_before_received=True,
+        )
+
+    def _apply(
+        self,
+        agent_id: str,
+        *,
+        ref: str,
+        jti: str | None,
+        state: str,
+        seq: int,
+        reason: str | None,
+        detail: str | None,
+        at: float,
+        result: Mapping[str, Any] | None,
+        only_before_received: bool = False,
+    ) -> bool:
+        now = time.time()
+        with self._tx() as db:
+            inserted = db.execute(
+                """INSERT INTO status_events (agent_id, ref, jti, state, seq, reason, detail, at,
+                                              recorded_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (agent_id, ref, state) DO NOTHING""",
+                (agent_id, ref, jti, state, seq, reason, detail, at, now),
+            ).rowcount
+            if not inserted:
+                return False
+            row = db.execute(
+                "SELECT state, jti FROM commands WHERE ref = ? AND agent_id = ?", (ref, agent_id)
+            ).fetchone()
+            if row is None:
+                return True  # kept in the history; no such command for this agent
+            if jti is not None and row["jti"] is not None and row["jti"] != jti:
+                return True  # a report about another token under this ref: history only
+            limit = RANK["received"] if only_before_received else RANK[state]
+            if RANK.get(row["state"], 0) >= limit:
+                return True
+            db.execute(
+                """UPDATE commands SET state = ?, reason = ?, detail = ?,
+                       result = COALESCE(?, result), jti = COALESCE(jti, ?), updated_at = ?
+                   WHERE ref = ? AND agent_id = ?""",
+                (
+                    state,
+                    reason,
+                    detail,
+                    json.dumps(result) if result is not None else None,
+                    jti,
+                    now,
+                    ref,
+                    agent_id,
+                ),
+            )
+        return True
