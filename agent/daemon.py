@@ -122,7 +122,7 @@ class Agent:
             agent_id=self.agent_id,
             config=str(config.source),
             trusted_kids=sorted(keys.by_kid),
-            driver=config.driver_kind,
+            driver=self._driver_override.kind if self._driver_override else config.driver_kind,
             control_plane=config.control_plane.url,
         )
         policy = PolicyFile(config.policy, self.audit, self.log)

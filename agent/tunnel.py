@@ -321,10 +321,14 @@ class Tunnel:
         if row is None:
             return
         if row.kind == Status.type and row.state in FINAL_STATES:
-            self._audit.append("result_delivered", jti=row.jti, state=row.state, seq=seq)
+            self._audit.append("result_delivered", jti=row.jti, state=row.state, frame_seq=seq)
         elif row.kind != Status.type:
             self._audit.append(
-                "result_delivered", ref=row.body.get("ref"), state="delivery_rejected", seq=seq
+                "result_delivered",
+                ref=row.body.get("ref"),
+                state="delivery_rejected",
+                reason=row.body.get("reason"),
+                frame_seq=seq,
             )
 
     async def _tick(self, websocket: ClientConnection, session: AgentSession) -> str:

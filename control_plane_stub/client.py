@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -65,6 +67,22 @@ class StubClient:
         if not isinstance(payload, dict):
             raise ApiError(response.status_code, "bad_response", "not a JSON object")
         return payload
+
+    async def healthz(self) -> dict[str, Any]:
+        return await self._call("GET", "/v1/healthz")
+
+    async def wait_ready(self, seconds: float, *, interval: float = 0.1) -> None:
+        """Probe /v1/healthz until the API answers (a freshly started stub), or give up."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                await self.healthz()
+            except ApiError:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(interval)
+            else:
+                return
 
     async def agents(self) -> list[dict[str, Any]]:
         return list((await self._call("GET", "/v1/agents"))["agents"])
