@@ -7,7 +7,7 @@ The chain itself is built by :mod:`agent.audit_chain`; this module owns the file
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -48,6 +48,11 @@ class AuditLog:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._fd: int | None = None
         self._head = ChainHead()
+        self._listeners: list[Callable[[str, Mapping[str, object]], None]] = []
+
+    def add_listener(self, listener: Callable[[str, Mapping[str, object]], None]) -> None:
+        """Call ``listener(event, fields)`` after each record is durably written."""
+        self._listeners.append(listener)
 
     @property
     def head(self) -> ChainHead:
@@ -101,6 +106,8 @@ class AuditLog:
         except OSError as exc:
             raise AuditError(f"cannot write audit log {self.path}: {exc}") from exc
         self._head = head
+        for listener in self._listeners:
+            listener(event, fields)
         return head
 
     def close(self) -> None:

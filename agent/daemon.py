@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import signal
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
@@ -35,7 +37,7 @@ from agent.config import AgentConfig
 from agent.control_socket import ControlSocketServer
 from agent.drivers import load_driver_factory
 from agent.drivers.base import Driver, DriverEnvironment
-from agent.errors import CommandRejected, ConfigError
+from agent.errors import AgentError, CommandRejected, ConfigError
 from agent.executor import CommandProcessor, Operator
 from agent.frames import MAX_FRAME_TO_AGENT, PROTOCOL_VERSION, Hello
 from agent.policy_file import PolicyFile
@@ -112,9 +114,21 @@ class Agent:
     # -- run ------------------------------------------------------------------------------
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            # One agent per state directory, checked before anything is opened: two writers
+            # would interleave the audit chain and both drive the workload.
+            stack.enter_context(single_instance(self.config.state_dir))
+            await self._run(stack, install_signal_handlers=install_signal_handlers)
+
+    async def _run(
+        self, stack: contextlib.AsyncExitStack, *, install_signal_handlers: bool
+    ) -> None:
         config = self.config
         self.audit.open()
+        stack.callback(self.audit.close)
         state = AgentState(config.state_dir / "agent.db")
+        stack.callback(state.close)
+        stack.callback(self._notifier.close)
         keys = load_trusted_keys(config.commands.trusted_keys)
         self.audit.append(
             "agent_started",
@@ -125,9 +139,11 @@ class Agent:
             driver=self._driver_override.kind if self._driver_override else config.driver_kind,
             control_plane=config.control_plane.url,
         )
+        stack.callback(self._audit_stopped, state)
         policy = PolicyFile(config.policy, self.audit, self.log)
         driver = self._driver_override or self._build_driver()
         await driver.start()
+        stack.push_async_callback(driver.close)
         verifier = CommandVerifier(
             keys,
             VerifierSettings(
@@ -172,6 +188,7 @@ class Agent:
             config.control_socket, self._control_request, self.log.bind(component="control")
         )
         await control.start()
+        stack.push_async_callback(control.close)
         self._parts = _Parts(
             state=state,
             policy=policy,
@@ -241,6 +258,8 @@ class Agent:
     async def _shutdown(
         self, parts: _Parts, tunnel_stop: asyncio.Event, background: list[asyncio.Task[None]]
     ) -> None:
+        """Finish or hand over in-flight work, then stop the tunnel. The exit stack closes the
+        control socket, the driver, the state and the audit log afterwards, in that order."""
         self._notifier.stopping()
         parts.processor.stop_accepting()
         self.audit.append("agent_stopping", reason=self._stop_reason, running=parts.processor.busy)
@@ -254,13 +273,10 @@ class Agent:
             if task.get_name() != "tunnel":
                 task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        await parts.driver.close()
-        await parts.control.close()
-        unsent = parts.state.outbox_size()
+
+    def _audit_stopped(self, state: AgentState) -> None:
+        unsent = state.outbox_size()
         self.audit.append("agent_stopped", reason=self._stop_reason, unsent_frames=unsent)
-        parts.state.close()
-        self.audit.close()
-        self._notifier.close()
         self.log.info("agent_stopped", unsent_frames=unsent)
 
     # -- control socket -------------------------------------------------------------------
@@ -331,6 +347,28 @@ class _Parts:
     tunnel: Tunnel
     processor: CommandProcessor
     control: ControlSocketServer
+
+
+@contextlib.contextmanager
+def single_instance(state_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``state_dir/agent.lock`` for as long as the agent runs."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state_dir / "agent.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise AgentError(
+                f"another agent (pid {holder}) is already running with state directory "
+                f"{state_dir}; refusing to start twice"
+            ) from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _cert_expiry(path: Path) -> str | None:

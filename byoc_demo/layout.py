@@ -152,7 +152,7 @@ kind = "process"
 initial_version = "1.0.0"
 host = "127.0.0.1"
 port_range = [{port_range[0]}, {port_range[1]}]
-start_timeout = 15.0
+start_timeout = 8.0
 stop_timeout = 5.0
 stop_on_close = {"true" if stop_on_close else "false"}
 

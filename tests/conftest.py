@@ -12,7 +12,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,11 +90,44 @@ async def api(stub: StubServer) -> AsyncIterator[StubClient]:
         yield client
 
 
+class AuditWatcher:
+    """Collects an agent's audit events as they are written, and lets a test await them."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, dict[str, object]]] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, event: str, fields: Mapping[str, object]) -> None:
+        self.records.append((event, dict(fields)))
+        self._changed.set()
+
+    def count(self, event: str, **match: object) -> int:
+        return len(self.matching(event, **match))
+
+    def matching(self, event: str, **match: object) -> list[dict[str, object]]:
+        return [
+            fields
+            for name, fields in self.records
+            if name == event and all(fields.get(k) == v for k, v in match.items())
+        ]
+
+    async def wait_for(
+        self, event: str, *, count: int = 1, within: float = 10.0, **match: object
+    ) -> dict[str, object]:
+        """Wait until ``count`` records of ``event`` (with the given fields) exist."""
+        async with asyncio.timeout(scaled(within)):
+            while self.count(event, **match) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.matching(event, **match)[count - 1]
+
+
 @dataclass
 class RunningAgent:
     agent: Agent
     task: asyncio.Task[None]
     paths: DemoPaths
+    audit: AuditWatcher
 
     @property
     def config(self) -> AgentConfig:
@@ -141,8 +174,10 @@ async def start_agent(
             **layout,
         )
         agent = Agent(load_config(paths.config), driver=driver)
+        watcher = AuditWatcher()
+        agent.audit.add_listener(watcher)
         task = asyncio.create_task(agent.run(install_signal_handlers=False))
-        handle = RunningAgent(agent, task, paths)
+        handle = RunningAgent(agent, task, paths, watcher)
         running.append(handle)
         if wait:
             await handle.wait_connected()

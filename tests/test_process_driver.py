@@ -417,7 +417,7 @@ async def test_upgrade_replaces_every_replica_one_by_one(harness: Harness) -> No
 
 
 async def test_upgrade_to_a_bad_version_rolls_back(harness: Harness) -> None:
-    driver = await harness.started(start_timeout=scaled(2.0))
+    driver = await harness.started(start_timeout=scaled(5.0))
     await driver.scale(2, harness.ctx)
     pids, ports = described(driver)
 
@@ -448,7 +448,7 @@ async def test_upgrade_to_a_bad_version_rolls_back(harness: Harness) -> None:
 
 
 async def test_rollback_restores_replicas_already_upgraded(harness: Harness) -> None:
-    driver = await harness.started(start_timeout=scaled(2.0))
+    driver = await harness.started(start_timeout=scaled(5.0))
     await driver.scale(2, harness.ctx)
     pids, _ = described(driver)
 

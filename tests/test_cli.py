@@ -1,0 +1,116 @@
+"""The command-line entry points, called in-process through their ``main`` functions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from agent.audit_log import AuditLog
+from agent.cli import main as agent_cli
+from agent.verifier import COMMAND_TYP, jwk_thumbprint
+from byoc_demo.layout import DEMO_POLICY
+from certs.pki import PKIPaths
+from control_plane_stub.cli import main as stub_cli
+
+
+def make_log(path: Path, records: int = 5) -> None:
+    log = AuditLog(path)
+    log.open()
+    for n in range(records):
+        log.append("test_event", n=n)
+    log.close()
+
+
+def test_audit_verify_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "audit.jsonl"
+    make_log(path)
+    assert agent_cli(["audit", "verify", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "OK, 5 records, seq 1..5" in out
+    assert "test_event=5" in out
+
+
+@pytest.mark.parametrize(
+    ("tamper", "line", "why"),
+    [
+        ("edit", 3, "edited"),
+        ("delete", 3, "deleted, inserted or reordered"),
+        ("insert", 3, "deleted, inserted or reordered"),
+        ("swap", 2, "deleted, inserted or reordered"),
+    ],
+)
+def test_audit_verify_names_the_first_bad_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tamper: str, line: int, why: str
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    make_log(path)
+    lines = path.read_bytes().splitlines(keepends=True)
+    if tamper == "edit":
+        lines[2] = lines[2].replace(b'"n":2', b'"n":7')
+    elif tamper == "delete":
+        del lines[2]
+    elif tamper == "insert":
+        lines.insert(2, lines[1])
+    else:
+        lines[1], lines[2] = lines[2], lines[1]
+    path.write_bytes(b"".join(lines))
+    assert agent_cli(["audit", "verify", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"FAILED at line {line}:" in err
+    assert why in err
+
+
+def test_policy_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "policy.toml"
+    good.write_text(DEMO_POLICY)
+    assert agent_cli(["policy", "check", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{") :])["scale"]["replicas"] == [1, 6]
+    bad = tmp_path / "bad.toml"
+    bad.write_text(DEMO_POLICY.replace("max_replicas", "max_replcas"))
+    assert agent_cli(["policy", "check", str(bad)]) == 2
+    assert "max_replcas" in capsys.readouterr().err
+
+
+def test_keys_kid_is_the_rfc7638_thumbprint(
+    pki: PKIPaths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert agent_cli(["keys", "kid", str(pki.signing_pub)]) == 0
+    key = load_pem_public_key(pki.signing_pub.read_bytes())
+    assert isinstance(key, Ed25519PublicKey)
+    assert capsys.readouterr().out.strip() == jwk_thumbprint(key)
+
+
+def test_missing_config_is_a_clear_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert agent_cli(["run", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "cannot read configuration" in capsys.readouterr().err
+
+
+def test_cp_stub_sign_makes_a_standard_jws(
+    pki: PKIPaths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["sign", "--key", str(pki.signing_key), "--param", "replicas=3", "agent-1", "scale"]
+    assert stub_cli(args) == 0
+    token = capsys.readouterr().out.strip()
+    public = load_pem_public_key(pki.signing_pub.read_bytes())
+    assert isinstance(public, Ed25519PublicKey)
+    claims = jwt.decode(token, public, algorithms=["EdDSA"], audience="agent-1")
+    assert claims["cmd"] == {"type": "scale", "params": {"replicas": 3}}
+    assert jwt.get_unverified_header(token)["typ"] == COMMAND_TYP
+
+
+def test_cp_stub_refuses_a_non_loopback_api(
+    pki: PKIPaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = stub_cli(
+        ["serve", "--pki", str(pki.root), "--api", "0.0.0.0:8080", "--db", str(tmp_path / "x")]
+    )
+    assert code == 2
+    assert "loopback" in capsys.readouterr().err
