@@ -1,0 +1,32 @@
+"""The reference configuration and policy shipped in systemd/ stay valid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.config import parse_config
+from agent.drivers.process import ProcessDriverSettings
+from agent.policy import Policy
+from byoc_demo.layout import DEMO_POLICY
+
+SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
+
+
+def test_reference_agent_config_parses_with_the_documented_defaults() -> None:
+    path = SYSTEMD / "agent.toml"
+    config = parse_config(path.read_bytes(), source=path)
+    assert config.control_plane.port == 443
+    assert config.tunnel.heartbeat.interval == 15.0
+    assert config.tunnel.backoff.cap == 60.0
+    assert config.commands.max_lifetime == 900.0
+    assert config.control_socket == Path("/run/byoc-agent/control.sock")
+    settings = ProcessDriverSettings.from_mapping(config.driver_settings)
+    assert settings.stop_on_close is False
+
+
+def test_reference_policy_is_the_demo_policy_and_parses() -> None:
+    text = (SYSTEMD / "policy.toml").read_text()
+    assert text == DEMO_POLICY
+    policy = Policy.from_toml(text.encode())
+    assert policy.scale is not None
+    assert policy.scale.max_replicas == 6
