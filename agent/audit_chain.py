@@ -90,11 +90,15 @@ def make_record(
     return canonical(record) + b"\n", ChainHead(head.seq + 1, digest)
 
 
+def _no_constants(name: str) -> object:
+    raise ValueError(f"{name} is not allowed in an audit record")
+
+
 def parse_line(line: bytes, line_no: int) -> dict[str, object]:
     """Parse one line of a log and check that it is a record; raise naming the line."""
     try:
-        record = json.loads(line)
-    except (UnicodeDecodeError, ValueError) as exc:
+        record = json.loads(line, parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise AuditIntegrityError(line_no, "not a JSON record") from exc
     if not isinstance(record, dict):
         raise AuditIntegrityError(line_no, "not a JSON object")
@@ -126,7 +130,11 @@ class ChainVerifier:
             raise AuditIntegrityError(self._line, "truncated record (no end of line)")
         record = parse_line(line[:-1], self._line)
         head = self.summary.head
-        if record_hash(record) != record["hash"]:
+        try:
+            digest = record_hash(record)
+        except ValueError as exc:  # e.g. 1e400: valid JSON, but never written by an agent
+            raise AuditIntegrityError(self._line, f"record holds an invalid value: {exc}") from exc
+        if digest != record["hash"]:
             raise AuditIntegrityError(
                 self._line, f"record seq={record['seq']} does not match its hash (edited)"
             )

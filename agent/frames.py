@@ -204,7 +204,10 @@ def _depth(value: object, limit: int) -> int:
 
 def parse_json_object(data: str | bytes, *, max_bytes: int, what: str = "frame") -> dict[str, Any]:
     """Parse one JSON object under the protocol's rules (size, duplicates, depth, no NaN)."""
-    size = len(data.encode("utf-8")) if isinstance(data, str) else len(data)
+    try:
+        size = len(data.encode("utf-8")) if isinstance(data, str) else len(data)
+    except UnicodeEncodeError as exc:
+        raise MalformedFrame(f"{what} is not valid UTF-8") from exc
     if size > max_bytes:
         raise FrameTooLarge(f"{what} of {size} bytes exceeds the limit of {max_bytes} bytes")
     try:
@@ -230,6 +233,8 @@ def _opt(body: Mapping[str, Any], name: str, kind: type[T]) -> T | None:
     if value is None:
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > 2**53:
+            raise MalformedFrame(f"{body.get('type')!s} frame: field {name!r} is out of range")
         value = float(value)
     if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
         raise MalformedFrame(

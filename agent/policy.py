@@ -110,7 +110,12 @@ class Policy:
         unknown = sorted(set(doc) - {"version", "scale", "upgrade", "collect_metrics"})
         if unknown:
             raise PolicyError(f"unknown top-level key(s) {unknown}")
-        if doc.get("version") != POLICY_FORMAT_VERSION:
+        version = doc.get("version")
+        if (
+            not isinstance(version, int)
+            or isinstance(version, bool)
+            or version != POLICY_FORMAT_VERSION
+        ):
             raise PolicyError(f"version must be {POLICY_FORMAT_VERSION}")
         return cls(
             scale=_scale_rules(doc["scale"]) if "scale" in doc else None,

@@ -37,7 +37,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agent.errors import CommandRejected, MalformedFrame
+from agent.errors import CommandRejected, ProtocolError
 from agent.frames import ID_PATTERN, MAX_TOKEN_CHARS, parse_json_object
 
 COMMAND_TYP: Final = "byoc-command+jwt"
@@ -152,7 +152,7 @@ def peek(token: str) -> TokenPeek:
         header_b64, payload_b64, _ = token.split(".")
         header = parse_json_object(_b64url_decode(header_b64), max_bytes=4096, what="header")
         claims = parse_json_object(_b64url_decode(payload_b64), max_bytes=MAX_TOKEN_CHARS)
-    except (ValueError, MalformedFrame, binascii.Error, UnicodeError):
+    except (ValueError, ProtocolError, binascii.Error, UnicodeError):
         return TokenPeek()
     cmd = claims.get("cmd")
     cmd_type = params = None
@@ -174,7 +174,8 @@ def _numeric_date(claims: Mapping[str, Any], name: str) -> float:
     value = claims[name]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise CommandRejected("invalid_claims", f"claim {name!r} must be a NumericDate")
-    if not math.isfinite(value) or not 0 <= value < MAX_NUMERIC_DATE:
+    # Compare before any float conversion: a huge integer must not overflow.
+    if not 0 <= value < MAX_NUMERIC_DATE or not math.isfinite(value):
         raise CommandRejected("invalid_claims", f"claim {name!r} is out of range")
     return float(value)
 
@@ -221,7 +222,7 @@ class CommandVerifier:
             claims = parse_json_object(
                 decoded["payload"], max_bytes=MAX_TOKEN_CHARS, what="payload"
             )
-        except MalformedFrame as exc:
+        except ProtocolError as exc:
             raise CommandRejected("invalid_claims", exc.detail) from exc
         return self._check_claims(claims, kid=kid, token=token, now=now)
 
@@ -229,14 +230,16 @@ class CommandVerifier:
         if len(token) > MAX_TOKEN_CHARS:
             raise CommandRejected("malformed_token", f"token longer than {MAX_TOKEN_CHARS} chars")
         parts = token.split(".")
-        if len(parts) != 3 or not all(parts):
+        # An empty signature is let through to the alg check, so that an unsecured token
+        # (alg "none", RFC 7515 §A.5) is reported as what it is.
+        if len(parts) != 3 or not parts[0] or not parts[1]:
             raise CommandRejected("malformed_token", "not a JWS in compact serialization")
         try:
             raw_header = _b64url_decode(parts[0])
             header = parse_json_object(raw_header, max_bytes=4096, what="header")
         except (ValueError, binascii.Error, UnicodeError) as exc:
             raise CommandRejected("malformed_token", "header is not base64url JSON") from exc
-        except MalformedFrame as exc:
+        except ProtocolError as exc:
             raise CommandRejected("malformed_token", f"header: {exc.detail}") from exc
         if "crit" in header or "b64" in header:
             raise CommandRejected("malformed_token", "header parameters crit/b64 are not accepted")
