@@ -20,7 +20,7 @@ from typing import Final
 
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 from websockets.protocol import State
 
 from agent.audit_log import AuditLog
@@ -37,7 +37,6 @@ from agent.session import (
     Event,
     FrameRefused,
     PeerReportedError,
-    Phase,
     Welcomed,
 )
 from agent.state import AgentState, OutboxRow
@@ -94,6 +93,7 @@ class Tunnel:
         self.ready = asyncio.Event()
         self.reconnects = 0
         self.last_error: str | None = None
+        self._closed_after_handshake = 0
 
     # -- public ---------------------------------------------------------------------------
 
@@ -156,6 +156,20 @@ class Tunnel:
 
     def _connect_failed(self, exc: Exception) -> float:
         rejected = classify_tls_failure(exc)
+        if rejected is None and _closed_after_tls_handshake(exc):
+            # With TLS 1.3 the client's handshake completes before the server has checked the
+            # client certificate; a server that refuses it may close without its alert reaching
+            # us (Python's asyncio servers do). Once could be a server restarting; twice in a row
+            # is treated as a refusal, so the agent never retries it in a tight loop.
+            self._closed_after_handshake += 1
+            if self._closed_after_handshake >= 2:
+                rejected = TLSRejected(
+                    "the control plane closed the connection right after the TLS handshake, "
+                    "twice in a row: it most likely refused our client certificate",
+                    by_peer=True,
+                )
+        else:
+            self._closed_after_handshake = 0
         if rejected is not None:
             return self._tls_rejected(rejected)
         if isinstance(exc, InvalidStatus) and 400 <= exc.response.status_code < 500:
@@ -268,19 +282,31 @@ class Tunnel:
         loop = asyncio.get_running_loop()
         async for message in websocket:
             events = session.receive(message, loop.time())
-            await self._flush(websocket, session)
-            outcome = await self._handle(websocket, session, events)
+            outcome = await self._react(websocket, session, events)
             if outcome is not None:
                 return outcome
         return f"closed by peer: {websocket.close_code} {websocket.close_reason}".strip()
 
-    async def _handle(
+    async def _react(
         self, websocket: ClientConnection, session: AgentSession, events: list[Event]
     ) -> str | None:
+        """Act on the session's events (audit records first), then send what it queued,
+        then close if it asked to. Returns why the connection ends, if it does."""
+        close = self._handle(events)
+        await self._flush(websocket, session)
+        if close is None:
+            return None
+        if close.code == CloseCode.HEARTBEAT_TIMEOUT:
+            websocket.transport.abort()  # the peer is gone; do not wait for a closing handshake
+        else:
+            await websocket.close(close.code, close.reason[:120])
+        return close.reason
+
+    def _handle(self, events: list[Event]) -> CloseRequested | None:
         for event in events:
             match event:
                 case Welcomed(welcome=welcome):
-                    self._welcomed(session, welcome.agent_id, welcome.server_time)
+                    self._welcomed(welcome.agent_id, welcome.server_time)
                 case CommandDelivered(ref=ref, token=token):
                     self._on_delivery(ref, token)
                 case Acked(seq=seq):
@@ -292,15 +318,11 @@ class Tunnel:
                     self._log.warning("frame_rejected", reason=error.code, detail=error.detail)
                 case PeerReportedError(frame=frame):
                     self._log.warning("peer_error", code=frame.code, message=frame.message)
-                case CloseRequested(code=code, reason=reason):
-                    if session.phase is Phase.CLOSED and code == CloseCode.HEARTBEAT_TIMEOUT:
-                        websocket.transport.abort()  # the peer is gone; do not wait for it
-                    else:
-                        await websocket.close(code, reason[:120])
-                    return reason
+                case CloseRequested():
+                    return event
         return None
 
-    def _welcomed(self, session: AgentSession, seen_id: str, server_time: float) -> None:
+    def _welcomed(self, seen_id: str, server_time: float) -> None:
         assert self.connection is not None  # noqa: S101  # set in _serve before reading
         self.connection.agent_id_seen = seen_id
         if seen_id != self._agent_id:
@@ -309,6 +331,7 @@ class Tunnel:
         if abs(skew) > 30:
             self._log.warning("clock_skew_detected", skew_s=round(skew, 1))
         self._backoff.reset()
+        self._closed_after_handshake = 0
         self.last_error = None
         self.ready.set()
         self._outbox_changed.set()
@@ -334,11 +357,8 @@ class Tunnel:
     async def _tick(self, websocket: ClientConnection, session: AgentSession) -> str:
         loop = asyncio.get_running_loop()
         while True:
-            delay = max(0.0, session.next_deadline() - loop.time())
-            await asyncio.sleep(delay)
-            events = session.tick(loop.time())
-            await self._flush(websocket, session)
-            outcome = await self._handle(websocket, session, events)
+            await asyncio.sleep(max(0.0, session.next_deadline() - loop.time()))
+            outcome = await self._react(websocket, session, session.tick(loop.time()))
             if outcome is not None:
                 return outcome
 
@@ -353,6 +373,11 @@ class Tunnel:
                 last_sent = row.seq
             if not rows:
                 await self._outbox_changed.wait()
+
+
+def _closed_after_tls_handshake(exc: BaseException) -> bool:
+    """The TLS handshake completed but the server closed before any HTTP response."""
+    return isinstance(exc, InvalidMessage) and isinstance(exc.__cause__, EOFError)
 
 
 async def _wait_for(event: asyncio.Event, outcome: str) -> str:
