@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -28,12 +30,13 @@ class AgentProcess:
         self.log = log
         self.popen: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, env: dict[str, str] | None = None) -> None:
         with self.log.open("ab") as out:
             self.popen = subprocess.Popen(
                 [sys.executable, "-m", "agent.cli", "run", "--config", str(self.paths.config)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                env=env,
             )
 
     @property
@@ -185,3 +188,40 @@ async def test_a_second_agent_on_the_same_host_refuses_to_start(
     assert agent_process.popen.poll() is None
     # The twin touched nothing: the audit chain is exactly as it was.
     assert verify_file(agent_process.paths.audit_log).summary.head == head_before
+
+
+async def test_daemon_speaks_sd_notify(
+    agent_process: AgentProcess, api: StubClient, tmp_path: Path
+) -> None:
+    """systemd is not PID 1 here: the test binds the notification socket itself and plays
+    systemd's side of the real sd_notify protocol (datagrams of KEY=VALUE lines)."""
+    address = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    async def next_message() -> str:
+        data = await asyncio.wait_for(loop.sock_recv(sock, 4096), scaled(30))
+        return data.decode()
+
+    seen: list[str] = []
+    try:
+        agent_process.start({**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"})
+        while not any("READY=1" in m for m in seen):
+            seen.append(await next_message())
+        watchdogs = 0
+        while watchdogs < 2:  # kept alive from the event loop (WATCHDOG_USEC/2 = 0.2 s)
+            message = await next_message()
+            seen.append(message)
+            watchdogs += message == "WATCHDOG=1"
+        await api.agent("agent-1", wait_connected=scaled(30))
+        agent_process.signal(signal.SIGTERM)
+        while not any("STOPPING=1" in m for m in seen):
+            seen.append(await next_message())
+        assert await agent_process.wait() == 0
+    finally:
+        sock.close()
+    ready = next(m for m in seen if "READY=1" in m)
+    assert "STATUS=agent agent-1 started" in ready
+    assert any(m.startswith("STATUS=connected to wss://localhost:") for m in seen)
