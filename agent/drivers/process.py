@@ -34,405 +34,56 @@ stopped. ``serving`` entries whose process is gone are restarted by the supervis
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import math
-import os
 import signal
-import socket
-import string
-import subprocess
 import sys
-import tempfile
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
-from pathlib import Path
-from types import MappingProxyType
-from typing import Literal, NoReturn, TypeVar, cast
+from dataclasses import dataclass
+from typing import NoReturn
 
 import httpx
-import psutil
 from structlog.typing import FilteringBoundLogger
 
 from agent.drivers import metrics
 from agent.drivers.base import AuditSink, DriverEnvironment, ExecContext
-from agent.errors import ConfigError, DriverError
+from agent.drivers.process_control import ManagedProcess, describe_exit, port_is_free
+from agent.drivers.process_settings import PLACEHOLDERS, ProcessDriverSettings, render_argv
+from agent.drivers.process_state import (
+    STATE_FILE,
+    DriverState,
+    ProcessRecord,
+    Role,
+    load_state,
+    save_state,
+)
+from agent.errors import DriverError
 
-# --------------------------------------------------------------------------------------------
-# Settings and argv templates (pure)
-# --------------------------------------------------------------------------------------------
-
-PLACEHOLDERS = frozenset({"python", "port", "host", "version", "replica", "state_dir"})
-_PREFIX = "driver.process"
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProcessDriverSettings:
-    """The validated ``[driver.process]`` table."""
-
-    versions: Mapping[str, tuple[str, ...]]
-    """version -> argv template."""
-    initial_version: str
-    host: str = "127.0.0.1"
-    port_range: tuple[int, int] = (20000, 20999)
-    health_path: str = "/healthz"
-    metrics_path: str = "/metrics"
-    start_timeout: float = 15.0
-    health_poll_interval: float = 0.1
-    stop_timeout: float = 10.0
-    supervise_interval: float = 2.0
-    stop_on_close: bool = False
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, object]) -> ProcessDriverSettings:
-        """Validate ``raw``; raise :class:`ConfigError` naming the first bad key."""
-        known = [f.name for f in fields(cls)]
-        for key in raw:
-            if key not in known:
-                raise ConfigError(f"{_PREFIX}.{key}: unknown setting (known: {', '.join(known)})")
-        for key in ("versions", "initial_version"):
-            if key not in raw:
-                raise ConfigError(f"{_PREFIX}.{key}: required")
-        versions = _versions(raw["versions"])
-        initial_version = _string(raw, "initial_version", "")
-        if initial_version not in versions:
-            raise ConfigError(
-                f"{_PREFIX}.initial_version: {initial_version!r} is not one of the versions "
-                f"({', '.join(versions)})"
-            )
-        return cls(
-            versions=MappingProxyType(versions),
-            initial_version=initial_version,
-            host=_string(raw, "host", cls.host),
-            port_range=_port_range(raw.get("port_range", cls.port_range)),
-            health_path=_url_path(raw, "health_path", cls.health_path),
-            metrics_path=_url_path(raw, "metrics_path", cls.metrics_path),
-            start_timeout=_seconds(raw, "start_timeout", cls.start_timeout),
-            health_poll_interval=_seconds(raw, "health_poll_interval", cls.health_poll_interval),
-            stop_timeout=_seconds(raw, "stop_timeout", cls.stop_timeout),
-            supervise_interval=_seconds(raw, "supervise_interval", cls.supervise_interval),
-            stop_on_close=_boolean(raw, "stop_on_close", cls.stop_on_close),
-        )
-
-
-def _string(raw: Mapping[str, object], key: str, default: str) -> str:
-    value = raw.get(key, default)
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{_PREFIX}.{key}: expected a non-empty string, got {value!r}")
-    return value
-
-
-def _url_path(raw: Mapping[str, object], key: str, default: str) -> str:
-    value = _string(raw, key, default)
-    if not value.startswith("/"):
-        raise ConfigError(f"{_PREFIX}.{key}: expected a path starting with '/', got {value!r}")
-    return value
-
-
-def _seconds(raw: Mapping[str, object], key: str, default: float) -> float:
-    value = raw.get(key, default)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigError(f"{_PREFIX}.{key}: expected a positive number of seconds, got {value!r}")
-    return float(value)
-
-
-def _boolean(raw: Mapping[str, object], key: str, default: bool) -> bool:
-    value = raw.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{_PREFIX}.{key}: expected true or false, got {value!r}")
-    return value
-
-
-def _port_range(value: object) -> tuple[int, int]:
-    where = f"{_PREFIX}.port_range"
-    if not isinstance(value, list | tuple) or len(value) != 2:
-        raise ConfigError(f"{where}: expected [first, last], got {value!r}")
-    first, last = value
-    if not all(isinstance(p, int) and not isinstance(p, bool) for p in (first, last)):
-        raise ConfigError(f"{where}: expected two integers, got {value!r}")
-    if not 1 <= first <= last <= 65535:
-        raise ConfigError(f"{where}: expected 1 <= first <= last <= 65535, got {value!r}")
-    return first, last
-
-
-def _versions(value: object) -> dict[str, tuple[str, ...]]:
-    where = f"{_PREFIX}.versions"
-    if not isinstance(value, Mapping) or not value:
-        raise ConfigError(f"{where}: expected a non-empty table of versions, got {value!r}")
-    versions: dict[str, tuple[str, ...]] = {}
-    for version, spec in value.items():
-        here = f"{where}.{json.dumps(version)}"
-        if not isinstance(version, str) or not version:
-            raise ConfigError(f"{here}: a version must be a non-empty string")
-        if not isinstance(spec, Mapping):
-            raise ConfigError(f"{here}: expected a table with argv, got {spec!r}")
-        for key in spec:
-            if key != "argv":
-                raise ConfigError(f"{here}.{key}: unknown setting (known: argv)")
-        argv = spec.get("argv")
-        if (
-            not isinstance(argv, list | tuple)
-            or not argv
-            or not all(isinstance(item, str) for item in argv)
-        ):
-            raise ConfigError(f"{here}.argv: expected a non-empty list of strings, got {argv!r}")
-        for item in argv:
-            _check_template(item, f"{here}.argv")
-        versions[version] = tuple(argv)
-    return versions
-
-
-def _check_template(item: str, where: str) -> None:
-    try:
-        parsed = list(string.Formatter().parse(item))
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {item!r}: {exc} (write {{{{ and }}}} for braces)") from exc
-    for _literal, field, spec, conversion in parsed:
-        if field is None:
-            continue
-        if field not in PLACEHOLDERS or spec or conversion:
-            raise ConfigError(
-                f"{where}: {item!r}: unknown placeholder {{{field}}} "
-                f"(known: {', '.join('{' + p + '}' for p in sorted(PLACEHOLDERS))})"
-            )
-
-
-def render_argv(
-    template: Sequence[str],
-    *,
-    python: str,
-    host: str,
-    port: int,
-    version: str,
-    replica: int,
-    state_dir: Path,
-) -> list[str]:
-    """Fill the placeholders of a validated argv template."""
-    values = {
-        "python": python,
-        "host": host,
-        "port": str(port),
-        "version": version,
-        "replica": str(replica),
-        "state_dir": str(state_dir),
-    }
-    return [item.format_map(values) for item in template]
+__all__ = [
+    "PLACEHOLDERS",
+    "STATE_FILE",
+    "TARGETS",
+    "DriverState",
+    "ProcessDriver",
+    "ProcessDriverSettings",
+    "ProcessRecord",
+    "Role",
+    "load_state",
+    "render_argv",
+    "save_state",
+]
 
 
 # --------------------------------------------------------------------------------------------
-# State file
+# The driver
 # --------------------------------------------------------------------------------------------
 
-STATE_FILE = "process-driver.json"
-_STATE_FORMAT = 1
-Role = Literal["serving", "starting", "stopping"]
-_ROLES: tuple[Role, ...] = ("serving", "starting", "stopping")
-_T = TypeVar("_T")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProcessRecord:
-    """One process as the state file names it."""
-
-    index: int
-    pid: int
-    port: int
-    version: str
-    create_time: float
-    """psutil's create time: with ``pid``, identifies the process across pid reuse."""
-    role: Role = "serving"
-
-
-@dataclass(frozen=True, kw_only=True)
-class DriverState:
-    version: str
-    processes: tuple[ProcessRecord, ...] = ()
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "format": _STATE_FORMAT,
-            "version": self.version,
-            "replicas": [
-                {
-                    "index": p.index,
-                    "pid": p.pid,
-                    "port": p.port,
-                    "version": p.version,
-                    "create_time": p.create_time,
-                    "role": p.role,
-                }
-                for p in self.processes
-            ],
-        }
-
-    @classmethod
-    def from_json(cls, data: object) -> DriverState:
-        """Raise ``ValueError`` if ``data`` is not a state this module wrote."""
-        doc = _typed(data, dict, "state")
-        if doc.get("format") != _STATE_FORMAT:
-            raise ValueError(f"unsupported format {doc.get('format')!r}")
-        processes = []
-        for item in _typed(doc.get("replicas"), list, "replicas"):
-            entry = _typed(item, dict, "replica")
-            role = entry.get("role", "serving")
-            if role not in _ROLES:
-                raise ValueError(f"bad role {role!r}")
-            create_time = entry.get("create_time")
-            if isinstance(create_time, bool) or not isinstance(create_time, int | float):
-                raise ValueError(f"bad create_time {create_time!r}")
-            processes.append(
-                ProcessRecord(
-                    index=_typed(entry.get("index"), int, "index"),
-                    pid=_typed(entry.get("pid"), int, "pid"),
-                    port=_typed(entry.get("port"), int, "port"),
-                    version=_typed(entry.get("version"), str, "version"),
-                    create_time=float(create_time),
-                    role=cast(Role, role),
-                )
-            )
-        return cls(version=_typed(doc.get("version"), str, "version"), processes=tuple(processes))
-
-
-def _typed(value: object, kind: type[_T], what: str) -> _T:
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ValueError(f"bad {what}: {value!r}")
-    return value
-
-
-def load_state(path: Path) -> DriverState | None:
-    """Read the state file; ``None`` if there is none."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise DriverError("state_unreadable", f"{path}: {exc}") from exc
-    try:
-        return DriverState.from_json(json.loads(text))
-    except ValueError as exc:
-        raise DriverError("state_unreadable", f"{path}: {exc}") from exc
-
-
-def save_state(path: Path, state: DriverState) -> None:
-    """Replace the state file atomically (temporary file, fsync, rename, fsync directory)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(state.to_json(), out, indent=2)
-            out.write("\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-# --------------------------------------------------------------------------------------------
-# Processes
-# --------------------------------------------------------------------------------------------
-
-_CREATE_TIME_TOLERANCE = 1.0
-"""psutil derives create times from the boot time, which moves by up to a second with NTP."""
-_EXIT_POLL_INTERVAL = 0.05
+TARGETS = ("workload", "host")
+_HTTP_TIMEOUT = 2.0
 _KILL_WAIT = 5.0
-
-
-class _Proc:
-    """A workload process: our child, or adopted from a previous run (watched with psutil)."""
-
-    def __init__(
-        self,
-        pid: int,
-        create_time: float,
-        *,
-        child: asyncio.subprocess.Process | None = None,
-        adopted: psutil.Process | None = None,
-    ) -> None:
-        self.pid = pid
-        self.create_time = create_time
-        self._child = child
-        self._adopted = adopted
-
-    @classmethod
-    async def spawn(cls, argv: Sequence[str], log_path: Path) -> _Proc:
-        """Start ``argv`` in a new session, output appended to ``log_path``.
-
-        Raises ``OSError`` if it cannot be started. If cancelled while starting, asyncio kills
-        the child before re-raising.
-        """
-        log_fd = _open_log(log_path)
-        try:
-            child = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        finally:
-            os.close(log_fd)
-        try:
-            create_time = psutil.Process(child.pid).create_time()
-        except psutil.Error:  # already gone: the record will never match a live process
-            create_time = 0.0
-        return cls(child.pid, create_time, child=child)
-
-    @classmethod
-    def adopt(cls, pid: int, create_time: float) -> _Proc:
-        """The process ``pid`` if it is still the one created at ``create_time``."""
-        try:
-            process = psutil.Process(pid)
-            if abs(process.create_time() - create_time) > _CREATE_TIME_TOLERANCE:
-                return cls(pid, create_time)
-        except psutil.Error:
-            return cls(pid, create_time)
-        return cls(pid, create_time, adopted=process)
-
-    @property
-    def running(self) -> bool:
-        if self._child is not None:
-            return self._child.returncode is None
-        if self._adopted is None:
-            return False
-        try:
-            return self._adopted.is_running() and self._adopted.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
-
-    @property
-    def returncode(self) -> int | None:
-        """The exit status if known (children only); negative: killed by that signal."""
-        return None if self._child is None else self._child.returncode
-
-    def signal(self, sig: signal.Signals) -> None:
-        if not self.running:
-            return
-        with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
-            if self._child is not None:
-                self._child.send_signal(sig)
-            elif self._adopted is not None:
-                self._adopted.send_signal(sig)
-
-    async def wait(self) -> None:
-        """Wait for the process to exit (bound it with ``asyncio.timeout``)."""
-        if self._child is not None:
-            await self._child.wait()
-            return
-        # Not our child: no exit notification to wait for, only the process table to poll.
-        while self.running:  # noqa: ASYNC110
-            await asyncio.sleep(_EXIT_POLL_INTERVAL)
+_RESTART_DELAY_MIN = 1.0
+_RESTART_DELAY_MAX = 60.0
+_RESTART_DELAY_RESET = 60.0
+"""A replica that has run this long is no longer crash-looping: its restart delay resets."""
 
 
 async def _all(operations: Iterable[Awaitable[None]]) -> None:
@@ -442,51 +93,12 @@ async def _all(operations: Iterable[Awaitable[None]]) -> None:
             raise result
 
 
-def _open_log(path: Path) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-
-
-def _describe_exit(returncode: int | None) -> str:
-    if returncode is None:
-        return "exited"
-    if returncode < 0:
-        try:
-            return f"was killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"was killed by signal {-returncode}"
-    return f"exited with status {returncode}"
-
-
-def _port_is_free(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        # Like most servers (the demo workload included), ignore connections in TIME_WAIT.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-# --------------------------------------------------------------------------------------------
-# The driver
-# --------------------------------------------------------------------------------------------
-
-TARGETS = ("workload", "host")
-_HTTP_TIMEOUT = 2.0
-_RESTART_DELAY_MIN = 1.0
-_RESTART_DELAY_MAX = 60.0
-_RESTART_DELAY_RESET = 60.0
-"""A replica that has run this long is no longer crash-looping: its restart delay resets."""
-
-
 @dataclass(eq=False, kw_only=True)
 class _Replica:
     index: int
     port: int
     version: str
-    proc: _Proc
+    proc: ManagedProcess
     role: Role
     started_at: float
     """Event-loop time of the last start (``-inf`` if unknown)."""
@@ -552,7 +164,7 @@ class ProcessDriver:
     def _adopt(self, records: Iterable[ProcessRecord]) -> None:
         now = asyncio.get_running_loop().time()
         for record in records:
-            proc = _Proc.adopt(record.pid, record.create_time)
+            proc = ManagedProcess.adopt(record.pid, record.create_time)
             running = proc.running
             self._replicas.append(
                 _Replica(
@@ -929,7 +541,9 @@ class ProcessDriver:
             )
             audit("replica_starting", replica=index, version=version, port=port)
             try:
-                proc = await _Proc.spawn(argv, self._env.state_dir / f"replica-{index}.log")
+                proc = await ManagedProcess.spawn(
+                    argv, self._env.state_dir / f"replica-{index}.log"
+                )
             except OSError as exc:
                 raise _ReplicaFailed(index, f"could not start {argv[0]!r}: {exc}") from exc
             replica = _Replica(
@@ -956,7 +570,7 @@ class ProcessDriver:
             if not replica.proc.running:
                 raise _ReplicaFailed(
                     replica.index,
-                    f"{_describe_exit(replica.proc.returncode)} before it was healthy",
+                    f"{describe_exit(replica.proc.returncode)} before it was healthy",
                 )
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -1049,7 +663,7 @@ class ProcessDriver:
         candidates = [reuse] if reuse is not None and reuse not in self._reserved_ports else []
         candidates += [p for p in range(first, last + 1) if p not in taken]
         for port in candidates:
-            if _port_is_free(self.settings.host, port):
+            if port_is_free(self.settings.host, port):
                 self._reserved_ports.add(port)
                 return port
         raise DriverError("no_free_port", f"no free port in {first}-{last} on {self.settings.host}")
