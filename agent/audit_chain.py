@@ -134,6 +134,10 @@ class ChainVerifier:
             digest = record_hash(record)
         except ValueError as exc:  # e.g. 1e400: valid JSON, but never written by an agent
             raise AuditIntegrityError(self._line, f"record holds an invalid value: {exc}") from exc
+        try:
+            _check_values(record, "record")
+        except AuditError as exc:  # agents never write floats; one here was put there by hand
+            raise AuditIntegrityError(self._line, str(exc)) from exc
         if digest != record["hash"]:
             raise AuditIntegrityError(
                 self._line, f"record seq={record['seq']} does not match its hash (edited)"

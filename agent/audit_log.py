@@ -60,12 +60,21 @@ class AuditLog:
 
     def open(self) -> None:
         """Open (or create) the log and find the chain head. Repairs a torn final line."""
+        if self._fd is not None:
+            raise AuditError(f"audit log {self.path} is already open")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         except OSError as exc:
             raise AuditError(f"cannot open audit log {self.path}: {exc}") from exc
         self._fd = fd
+        try:
+            self._recover_head(fd)
+        except BaseException:
+            self.close()
+            raise
+
+    def _recover_head(self, fd: int) -> None:
         size = os.fstat(fd).st_size
         if size == 0:
             return

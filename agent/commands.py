@@ -122,6 +122,9 @@ def parse_command(cmd: object) -> Command:
     """Parse the ``cmd`` claim of a verified token into a typed command."""
     if not isinstance(cmd, Mapping):
         raise CommandRejected("invalid_params", "claim 'cmd' must be an object")
+    extra = sorted(set(cmd) - {"type", "params"})
+    if extra:
+        raise CommandRejected("invalid_params", f"cmd: unknown member(s) {extra}")
     kind = cmd.get("type")
     params = cmd.get("params", {})
     if not isinstance(kind, str):

@@ -90,9 +90,11 @@ def _control_plane(t: Table, base: Path) -> ControlPlaneConfig:
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ConfigError("control_plane.url must not carry credentials, a query or a fragment")
     try:
-        port = parts.port or 443
+        port = 443 if parts.port is None else parts.port
     except ValueError as exc:
         raise ConfigError(f"control_plane.url: {exc}") from exc
+    if not 0 < port < 65536:
+        raise ConfigError(f"control_plane.url: port {port} is not a valid port")
     return ControlPlaneConfig(
         url=url,
         host=parts.hostname,

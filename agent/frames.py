@@ -187,18 +187,19 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _depth(value: object, limit: int) -> int:
-    """Nesting depth of a parsed JSON value, stopping early past ``limit``."""
-    stack: list[tuple[object, int]] = [(value, 1)]
+    """How many objects/arrays are nested in a parsed JSON value (scalars add nothing),
+    stopping early past ``limit``."""
+    stack: list[tuple[object, int]] = [(value, 0)]
     deepest = 0
     while stack:
         item, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if deepest > limit:
-            return deepest
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
+        if isinstance(item, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth) for child in children)
     return deepest
 
 

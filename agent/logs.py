@@ -21,14 +21,28 @@ SENSITIVE_KEYS: Final = frozenset(
 REDACTED: Final = "[redacted]"
 
 
+def _sensitive(key: object) -> bool:
+    lowered = str(key).lower()
+    return lowered in SENSITIVE_KEYS or lowered.endswith(("_token", "_secret", "_password"))
+
+
+def _redact(value: object, depth: int = 0) -> object:
+    if depth > 8:
+        return value
+    if isinstance(value, dict):
+        return {k: REDACTED if _sensitive(k) else _redact(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact(item, depth + 1) for item in value]
+    return value
+
+
 class RedactSecrets:
-    """Blank values under sensitive keys (``token``, ``*_token``, ``password``, ...)."""
+    """Blank values under sensitive keys (``token``, ``*_token``, ``password``, ...), also in
+    nested mappings such as ``headers={"authorization": ...}``."""
 
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
         for key in list(event_dict):
-            lowered = key.lower()
-            if lowered in SENSITIVE_KEYS or lowered.endswith(("_token", "_secret", "_password")):
-                event_dict[key] = REDACTED
+            event_dict[key] = REDACTED if _sensitive(key) else _redact(event_dict[key])
         return event_dict
 
 
@@ -64,7 +78,7 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     # Library chatter (each failed reconnect attempt, each handshake) stays out unless debugging.
-    root.setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    root.setLevel(logging.DEBUG if level == "debug" else max(numeric, logging.WARNING))
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:

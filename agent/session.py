@@ -173,17 +173,16 @@ class AgentSession:
         if self.phase is Phase.CLOSED:
             return []
         self._timer.received(now)
-        size = len(data)
         try:
             frame = decode(data, accept=TO_AGENT, max_bytes=self._max_frame_bytes)
         except ProtocolError as exc:
             if self.phase is Phase.AWAITING_WELCOME:
                 return self._close(CloseCode.PROTOCOL_ERROR, f"bad handshake: {exc.detail}")
             self._queue(ErrorFrame(code=exc.code, message=exc.detail))
-            return [FrameRefused(exc, size)]
+            return [FrameRefused(exc, _size(data))]
         if self.phase is Phase.AWAITING_WELCOME:
             return self._handshake(frame)
-        return self._dispatch(frame)
+        return self._dispatch(frame, data)
 
     def _handshake(self, frame: Frame) -> list[Event]:
         if isinstance(frame, ErrorFrame):
@@ -203,7 +202,7 @@ class AgentSession:
         self._timer.timeout = max(self._settings.timeout, 3 * frame.heartbeat_interval)
         return [Welcomed(frame)]
 
-    def _dispatch(self, frame: Frame) -> list[Event]:
+    def _dispatch(self, frame: Frame, data: str | bytes) -> list[Event]:
         match frame:
             case CommandFrame(ref=ref, token=token):
                 return [CommandDelivered(ref, token)]
@@ -219,7 +218,7 @@ class AgentSession:
             case _:
                 error = ProtocolError(f"unexpected {frame.type} frame", code="unexpected_frame")
                 self._queue(ErrorFrame(code=error.code, message=error.detail))
-                return [FrameRefused(error, 0)]
+                return [FrameRefused(error, _size(data))]
 
     # -- time -----------------------------------------------------------------------------
 
@@ -249,3 +248,8 @@ class AgentSession:
     def _close(self, code: int, reason: str) -> list[Event]:
         self.phase = Phase.CLOSED
         return [CloseRequested(code, reason)]
+
+
+def _size(data: str | bytes) -> int:
+    """Size in bytes on the wire (UTF-8 for text), as the frame limits count it."""
+    return len(data.encode("utf-8", "surrogatepass")) if isinstance(data, str) else len(data)

@@ -144,7 +144,7 @@ def classify_tls_failure(exc: BaseException) -> TLSRejected | None:
                 f"control plane certificate refused: {current.verify_message}", by_peer=False
             )
         if isinstance(current, ssl.SSLError):
-            reason = str(current.reason or current)
+            reason = str(getattr(current, "reason", None) or current)
             if any(marker in reason for marker in _PEER_REFUSED_MARKERS):
                 return TLSRejected(
                     f"control plane refused our client certificate ({reason})", by_peer=True

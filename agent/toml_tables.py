@@ -54,7 +54,8 @@ class Table:
         value = self.table.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.error(f"{self.key(key)} must be a number")
-        if not math.isfinite(value) or not low <= value <= high:
+        # Range first: comparing a huge integer is exact, converting it to a float overflows.
+        if not low <= value <= high or not math.isfinite(value):
             raise self.error(f"{self.key(key)} must be in [{low}, {high}]")
         return float(value)
 
