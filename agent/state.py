@@ -15,7 +15,6 @@ transaction, so the control plane can never miss a state the agent recorded.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from agent import sqlite_db
 from agent.errors import StateError
 from agent.frames import FINAL_STATES, DeliveryRejected, Frame, Status
 from agent.verifier import VerifiedToken
@@ -147,16 +147,10 @@ class AgentState:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if not path.exists():
-                os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db = sqlite_db.connect(path)
         except (OSError, sqlite3.Error) as exc:
             raise StateError(f"cannot open state database {path}: {exc}") from exc
         try:
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=5000")
             self._migrate()
         except BaseException as exc:
             self._db.close()
@@ -179,13 +173,8 @@ class AgentState:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+            with sqlite_db.transaction(self._db) as db:
+                yield db
         except sqlite3.Error as exc:
             raise StateError(f"state database error: {exc}") from exc
 

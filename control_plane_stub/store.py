@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
+from agent import sqlite_db
 from agent.frames import FINAL_STATES, DeliveryRejected, Status
 from control_plane_stub.errors import StubError, UnknownCommand
 
@@ -139,25 +140,13 @@ class StubStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db = sqlite_db.connect(path)
             self._db.executescript(_SCHEMA)
             # A restart means no agent is connected until it dials in again.
             self._db.execute("UPDATE agents SET connected = 0, connected_since = NULL")
-        except sqlite3.Error as exc:
+        except (OSError, sqlite3.Error) as exc:
             raise StubError(f"cannot open stub database {path}: {exc}") from exc
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        self._tx = partial(sqlite_db.transaction, self._db)
 
     def close(self) -> None:
         self._db.close()

@@ -1,0 +1,42 @@
+"""SQLite the way this project uses it: WAL, ``synchronous=FULL`` (a commit is on disk when it
+returns), rows by name, explicit ``BEGIN IMMEDIATE`` transactions.
+
+Shared by the agent's state store and the stub control plane's store."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def connect(path: Path, *, mode: int = 0o600) -> sqlite3.Connection:
+    """Open (creating with ``mode`` if needed) a database in autocommit mode, durable on commit.
+
+    Raises ``sqlite3.Error`` or ``OSError``; callers translate them into their own errors."""
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, mode))
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=5000")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` if the body raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
