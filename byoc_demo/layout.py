@@ -43,7 +43,7 @@ def _toml(value: object) -> str:
     return json.dumps(value)
 
 
-def _workload_argv(extra: tuple[str, ...] = ()) -> list[str]:
+def workload_argv(extra: tuple[str, ...] = ()) -> list[str]:
     return [
         "{python}",
         "-m",
@@ -105,9 +105,9 @@ def write_agent_files(
         control_socket=run / "control.sock",
     )
     paths.policy.write_text(policy)
-    versions = {version: {"argv": _workload_argv()} for version in GOOD_VERSIONS}
+    versions = {version: {"argv": workload_argv()} for version in GOOD_VERSIONS}
     versions[BROKEN_VERSION] = {
-        "argv": _workload_argv(("--fail-health", "schema migration 0042 failed"))
+        "argv": workload_argv(("--fail-health", "schema migration 0042 failed"))
     }
     version_tables = "\n".join(
         f"[driver.process.versions.{_toml(version)}]\nargv = {_toml(spec['argv'])}\n"

@@ -27,19 +27,10 @@ from agent.drivers.process import (
     render_argv,
 )
 from agent.errors import ConfigError, DriverError
+from byoc_demo.layout import workload_argv
 from tests.conftest import scaled
 
-WORKLOAD = [
-    "{python}",
-    "-m",
-    "byoc_demo.workload",
-    "--host",
-    "{host}",
-    "--port",
-    "{port}",
-    "--version",
-    "{version}",
-]
+WORKLOAD = workload_argv()
 BAD = [*WORKLOAD, "--fail-health", "schema migration failed"]
 # Healthy as replica 0 only: an upgrade to it fails on replica 1, after replica 0 was upgraded.
 FLAKY = [
