@@ -197,6 +197,7 @@ class Tunnel:
             detail=str(rejected),
         )
         # Loud: this does not fix itself; an operator has to look at certificates.
+        self._on_state(f"certificate rejected ({side}); next attempt in {delay:.0f}s")
         self._log.error(
             "tls_certificate_rejected",
             side=side,

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import psutil
+
 from byoc_demo.layout import BROKEN_VERSION, DEMO_AGENT_ID, DemoPaths, write_agent_files
 from control_plane_stub.client import StubClient
 from control_plane_stub.errors import ApiError
@@ -134,6 +136,14 @@ class Scenario:
         )
         return agent_port
 
+    def agent_listening_sockets(self) -> list[str]:
+        """Measured, not claimed: the agent process's listening TCP/UDP sockets."""
+        agent = next(p for p in self.processes if p.name == "byoc-agent")
+        connections = psutil.Process(agent.popen.pid).net_connections(kind="inet")
+        return [
+            f"{c.laddr.ip}:{c.laddr.port}" for c in connections if c.status == psutil.CONN_LISTEN
+        ]
+
     def run_cli(self, module: str, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             _module_cmd(module, *args),
@@ -155,12 +165,14 @@ class Scenario:
         assert self.paths is not None  # noqa: S101  # set by setup()
         await api.wait_ready(30)
         agent = await api.agent(DEMO_AGENT_ID, wait_connected=30)
+        listening = self.agent_listening_sockets()
         self.step(
             0,
             "agent dials out, mutual TLS",
             f"{'connected' if agent['connected'] else 'NOT connected'}; agent cert sha256 "
-            f"{str(agent['cert_sha256'])[:16]}…",
-            bool(agent["connected"]),
+            f"{str(agent['cert_sha256'])[:16]}…; agent's listening sockets: "
+            f"{', '.join(listening) or 'none'}",
+            bool(agent["connected"]) and not listening,
         )
         first = await self.final(api, await api.send(DEMO_AGENT_ID, "scale", {"replicas": 3}))
         result = first.get("result") or {}
@@ -300,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         agent_port = scenario.setup()
         scenario.say(
             f"  control plane stub: wss://localhost:{agent_port}/v1/agent, "
-            f"operator API {scenario.api_url}; the agent listens on no network port"
+            f"operator API {scenario.api_url}"
         )
         asyncio.run(_with_client(scenario.api_url, scenario.run_steps))
         scenario.shutdown()  # the agent's last audit record is written when it stops
