@@ -107,11 +107,18 @@ async def scrape(
     return parse_prometheus_text(response.text, target=target, extra_labels=extra_labels)
 
 
+def start_cpu_measurement() -> None:
+    """Start the CPU utilisation window that the first :func:`host_metrics` call reports on.
+
+    psutil measures CPU utilisation between two calls; without this, the first report is 0.0."""
+    psutil.cpu_percent(interval=None)
+
+
 def host_metrics(disk_path: Path) -> list[Sample]:
     """CPU, load, memory and disk usage of the host (``target="host"``).
 
-    ``host_cpu_percent`` is the utilisation since the previous call in this process (0.0 on the
-    first call). Disk samples carry ``{"path": str(disk_path)}``.
+    ``host_cpu_percent`` is the utilisation since the previous call in this process (or since
+    :func:`start_cpu_measurement`). Disk samples carry ``{"path": str(disk_path)}``.
     """
     memory = psutil.virtual_memory()
     disk = psutil.disk_usage(str(disk_path))

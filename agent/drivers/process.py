@@ -152,6 +152,7 @@ class ProcessDriver:
         """Adopt the replicas named by the state file and start supervising them."""
         if self._supervisor is not None:
             return
+        metrics.start_cpu_measurement()
         state = load_state(self._state_path)
         async with self._lock:
             if state is not None:
