@@ -49,6 +49,8 @@ class AuditLog:
         self._fd: int | None = None
         self._head = ChainHead()
         self._listeners: list[Callable[[str, Mapping[str, object]], None]] = []
+        self._on_failure: list[Callable[[OSError], None]] = []
+        self._failure: str | None = None
 
     def add_listener(self, listener: Callable[[str, Mapping[str, object]], None]) -> None:
         """Call ``listener(event, fields)`` after each record is durably written."""
@@ -107,21 +109,50 @@ class AuditLog:
         return ChainHead(int(str(record["seq"])), str(record["hash"]))
 
     def append(self, event: str, /, **fields: object) -> ChainHead:
-        """Write one record and fsync it. Returns the new head."""
+        """Write one record and fsync it. Returns the new head.
+
+        A write or fsync that fails cuts the file back to where the record began and *latches*
+        the log: every later append raises :class:`AuditError`. Nothing may happen without an
+        audit record, so the agent stops (``on_failure``) rather than carry on unaudited; the
+        chain on disk stays valid for the next start.
+        """
         if self._fd is None:
             raise AuditError("audit log is not open")
+        if self._failure is not None:
+            raise AuditError(f"audit log {self.path} failed earlier: {self._failure}")
         line, head = make_record(self._head, event, fields, ts=utc_timestamp(self._clock()))
+        fd = self._fd
+        start = os.fstat(fd).st_size
         try:
-            written = os.write(self._fd, line)
+            written = os.write(fd, line)
             if written != len(line):
                 raise OSError(f"short write ({written} of {len(line)} bytes)")
-            os.fsync(self._fd)
+            os.fsync(fd)
         except OSError as exc:
+            self._latch(fd, start, exc)
             raise AuditError(f"cannot write audit log {self.path}: {exc}") from exc
         self._head = head
         for listener in self._listeners:
             listener(event, fields)
         return head
+
+    def _latch(self, fd: int, start: int, exc: OSError) -> None:
+        self._failure = str(exc)
+        try:  # best effort: leave no partial record behind (open() repairs it otherwise)
+            os.ftruncate(fd, start)
+            os.fsync(fd)
+        except OSError:
+            pass
+        for callback in self._on_failure:
+            callback(exc)
+
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None
+
+    def on_failure(self, callback: Callable[[OSError], None]) -> None:
+        """Call ``callback`` once if the log latches into its failed state."""
+        self._on_failure.append(callback)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -66,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_logging(config.log_level)
     agent = Agent(config)
     asyncio.run(agent.run())
-    return 0
+    return agent.exit_code
 
 
 def _control(args: argparse.Namespace, payload: dict[str, object]) -> dict[str, Any]:
@@ -95,7 +95,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"certificate:  expires {status['client_certificate_expires']}")
     print(
         f"pending:      {status['pending_approvals']} awaiting approval, "
-        f"{status['running_commands']} running, {status['unsent_frames']} results unsent"
+        f"{status['running_commands']} running, {status['queued_commands']} queued, "
+        f"{status['unsent_frames']} results unsent"
     )
     last = status.get("last_command")
     print(f"last command: {last['type'] + ' ' + last['jti'] if last else '-'}")

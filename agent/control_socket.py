@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import json
 import os
 import pwd
@@ -38,13 +39,20 @@ Handler = Callable[[Mapping[str, Any], Operator], Awaitable[dict[str, object]]]
 
 
 def peer_operator(sock: socket.socket, path: Path) -> Operator:
+    """The connecting process's user, as the kernel reports it, with its group names."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, _gid = struct.unpack("3i", creds)
+    pid, uid, gid = struct.unpack("3i", creds)
     try:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
-        user = f"uid:{uid}"
-    return Operator(user=user, uid=uid, pid=pid, via=f"unix:{path}")
+        return Operator(user=f"uid:{uid}", uid=uid, pid=pid, via=f"unix:{path}")
+    names = []
+    for group_id in os.getgrouplist(user, gid):
+        try:
+            names.append(grp.getgrgid(group_id).gr_name)
+        except KeyError:
+            continue
+    return Operator(user=user, uid=uid, pid=pid, via=f"unix:{path}", groups=tuple(names))
 
 
 class ControlSocketServer:

@@ -37,13 +37,13 @@ from agent.config import AgentConfig
 from agent.control_socket import ControlSocketServer
 from agent.drivers import load_driver_factory
 from agent.drivers.base import Driver, DriverEnvironment
-from agent.errors import AgentError, CommandRejected, ConfigError
+from agent.errors import AgentError, AuditError, CommandRejected, ConfigError
 from agent.executor import CommandProcessor, Operator
 from agent.frames import MAX_FRAME_TO_AGENT, PROTOCOL_VERSION, Hello
 from agent.policy_file import PolicyFile
 from agent.sdnotify import SystemdNotifier, run_watchdog
 from agent.state import AgentState
-from agent.tls import certificate_common_name, client_context
+from agent.tls import certificate_common_name, check_private_key_file, client_context
 from agent.tunnel import Tunnel
 from agent.verifier import CommandVerifier, TrustedKeys, VerifierSettings
 
@@ -89,9 +89,11 @@ class Agent:
         self._notifier = notifier or SystemdNotifier.from_environment()
         self._stop = asyncio.Event()
         self._stop_reason = "requested"
+        self.exit_code = 0
         self.started = asyncio.Event()
         self.audit = AuditLog(config.audit_log)
         self._parts: _Parts | None = None
+        self._background: list[asyncio.Task[None]] = []
 
     @property
     def parts(self) -> _Parts:
@@ -102,10 +104,26 @@ class Agent:
 
     # -- control --------------------------------------------------------------------------
 
-    def request_stop(self, reason: str = "requested") -> None:
+    def request_stop(self, reason: str = "requested", *, failure: bool = False) -> None:
+        """Begin a graceful stop. ``failure``: exit non-zero so that systemd restarts us."""
+        if failure:
+            self.exit_code = 1
         if not self._stop.is_set():
             self._stop_reason = reason
             self._stop.set()
+
+    def _audit_failed(self, exc: OSError) -> None:
+        self.log.error("audit_log_failed", error=str(exc))
+        self.request_stop(f"audit log failure: {exc}", failure=True)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        """A background task (tunnel, watchdog, purge) must run until we stop; if one ends
+        early, stop with a failure instead of running on half-alive."""
+        if self._stop.is_set() or task.cancelled():
+            return
+        exc = task.exception()
+        self.log.error("background_task_ended", task=task.get_name(), error=repr(exc))
+        self.request_stop(f"{task.get_name()} task ended: {exc!r}", failure=True)
 
     def reload_policy(self) -> None:
         if self._parts is not None:
@@ -124,8 +142,12 @@ class Agent:
         self, stack: contextlib.AsyncExitStack, *, install_signal_handlers: bool
     ) -> None:
         config = self.config
+        # Refuse a key others can read before anything else (the tunnel checks it again on
+        # every connection attempt, so a later chmod is caught too).
+        check_private_key_file(config.control_plane.client_key)
         self.audit.open()
         stack.callback(self.audit.close)
+        self.audit.on_failure(self._audit_failed)
         state = AgentState(config.state_dir / "agent.db")
         stack.callback(state.close)
         stack.callback(self._notifier.close)
@@ -182,6 +204,7 @@ class Agent:
             max_pending=config.commands.max_pending,
             on_outbox=tunnel.notify_outbox,
             log=self.log.bind(component="executor"),
+            agent_uid=os.geteuid(),
         )
         processor.recover()
         control = ControlSocketServer(
@@ -203,8 +226,14 @@ class Agent:
         background = [
             asyncio.create_task(tunnel.run(tunnel_stop), name="tunnel"),
             asyncio.create_task(self._purge_loop(processor), name="purge"),
-            asyncio.create_task(run_watchdog(self._notifier, self._healthy), name="watchdog"),
         ]
+        if self._notifier.watchdog_interval is not None:  # systemd asked for a watchdog
+            background.append(
+                asyncio.create_task(run_watchdog(self._notifier, self._healthy), name="watchdog")
+            )
+        for task in background:
+            task.add_done_callback(self._background_done)
+        self._background = background
         self._notifier.ready(f"agent {self.agent_id} started; connecting")
         self.log.info("agent_started", agent_id=self.agent_id, version=__version__)
         self.started.set()
@@ -246,7 +275,8 @@ class Agent:
         self.parts.processor.handle_delivery(ref, token)
 
     def _healthy(self) -> bool:
-        return not self._stop.is_set()
+        """For the systemd watchdog: running, and every background task alive."""
+        return not self._stop.is_set() and all(not t.done() for t in self._background)
 
     async def _purge_loop(self, processor: CommandProcessor) -> None:
         while True:
@@ -262,7 +292,12 @@ class Agent:
         control socket, the driver, the state and the audit log afterwards, in that order."""
         self._notifier.stopping()
         parts.processor.stop_accepting()
-        self.audit.append("agent_stopping", reason=self._stop_reason, running=parts.processor.busy)
+        self._audit_if_possible(
+            "agent_stopping",
+            reason=self._stop_reason,
+            running=parts.processor.running,
+            queued=parts.processor.queued,
+        )
         self.log.info("agent_stopping", reason=self._stop_reason)
         await parts.processor.drain(self.config.shutdown_grace)
         with contextlib.suppress(TimeoutError):
@@ -274,9 +309,15 @@ class Agent:
                 task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
 
+    def _audit_if_possible(self, event: str, **fields: object) -> None:
+        """Shutdown must complete even when the audit log is what failed."""
+        if not self.audit.failed:
+            with contextlib.suppress(AuditError):
+                self.audit.append(event, **fields)
+
     def _audit_stopped(self, state: AgentState) -> None:
         unsent = state.outbox_size()
-        self.audit.append("agent_stopped", reason=self._stop_reason, unsent_frames=unsent)
+        self._audit_if_possible("agent_stopped", reason=self._stop_reason, unsent_frames=unsent)
         self.log.info("agent_stopped", unsent_frames=unsent)
 
     # -- control socket -------------------------------------------------------------------
@@ -326,10 +367,12 @@ class Agent:
                 "since": connection.since,
             },
             "reconnects": parts.tunnel.reconnects,
+            "consecutive_failures": parts.tunnel.consecutive_failures,
             "last_error": parts.tunnel.last_error,
             "client_certificate_expires": _cert_expiry(self.config.control_plane.client_cert),
             "pending_approvals": len(parts.processor.pending_approvals()),
-            "running_commands": parts.processor.busy,
+            "running_commands": parts.processor.running,
+            "queued_commands": parts.processor.queued,
             "last_command": parts.processor.last_command,
             "unsent_frames": parts.state.outbox_size(),
             "audit_head": {"seq": head.seq, "hash": head.hash},

@@ -11,17 +11,22 @@ Life of a command (docs/PROTOCOL.md §6)::
                                    (agent stopped while running: interrupted)
 
 Mutating commands (scale, upgrade) run one at a time in arrival order; read-only ones
-(collect_metrics) run beside them. Each state change is committed to SQLite together with the
-status frame that reports it; each action is preceded by an fsync'd audit record.
+(collect_metrics) run beside them. The policy is asked again right before a command starts, so
+a policy tightened meanwhile (denied, or now needing approval) is obeyed. Each state change is
+committed to SQLite together with the status frame that reports it; each action is preceded by
+an fsync'd audit record. Once stopping, nothing new starts: commands that have not started stay
+``received`` (or approved) in the database and resume on the next start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
@@ -30,8 +35,13 @@ from agent.commands import CollectMetrics, Command, Scale, Upgrade, parse_comman
 from agent.drivers.base import Driver, ExecContext
 from agent.errors import CommandRejected, DriverError, StateError
 from agent.policy import Decision, Policy, Verdict
+from agent.results import fit_result
 from agent.state import AgentState, CommandRow
 from agent.verifier import CommandVerifier, peek, token_sha256
+
+MAX_AUDITED_PARAMS: Final = 1024
+"""Claimed parameters larger than this (bytes of JSON) are audited as a hash and a size only:
+an unauthenticated peer must not be able to write much into the audit log."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,24 +52,35 @@ class Operator:
     uid: int
     pid: int
     via: str
+    groups: tuple[str, ...] = ()
 
     def audit_fields(self) -> dict[str, object]:
         return {"by": self.user, "uid": self.uid, "pid": self.pid, "via": self.via}
 
 
-def _clean_fields(fields: Mapping[str, object]) -> dict[str, object]:
-    return {key: _clean(value) for key, value in fields.items()}
-
-
-def _clean(value: object) -> object:
+def _audit_safe(value: object) -> object:
     """Make an untrusted JSON value safe for an audit record (floats become strings)."""
     if isinstance(value, float):
         return int(value) if value.is_integer() else repr(value)
     if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): _audit_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
+        return [_audit_safe(v) for v in value]
     return value
+
+
+def _bounded(fields: Mapping[str, object]) -> dict[str, object]:
+    """Audit fields of an unverified token: clipped, with large params reduced to a digest."""
+    out = {key: _audit_safe(value) for key, value in fields.items()}
+    params = out.get("params")
+    if params is not None:
+        encoded = json.dumps(params, sort_keys=True, separators=(",", ":")).encode()
+        if len(encoded) > MAX_AUDITED_PARAMS:
+            out["params"] = {
+                "sha256": hashlib.sha256(encoded).hexdigest(),
+                "bytes": len(encoded),
+            }
+    return out
 
 
 class CommandProcessor:
@@ -74,6 +95,7 @@ class CommandProcessor:
         max_pending: int,
         on_outbox: Callable[[], None],
         log: structlog.typing.FilteringBoundLogger,
+        agent_uid: int,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._verifier = verifier
@@ -84,24 +106,28 @@ class CommandProcessor:
         self._max_pending = max_pending
         self._on_outbox = on_outbox
         self._log = log
+        self._agent_uid = agent_uid
         self._clock = clock
         self._mutations = asyncio.Lock()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}
         self._expiry: dict[str, asyncio.TimerHandle] = {}
-        self._accepting = True
+        self._decided_with: dict[str, str] = {}
+        self._stopping = False
         self.last_command: dict[str, object] | None = None
 
     # -- intake ---------------------------------------------------------------------------
 
     def handle_delivery(self, ref: str, token: str) -> None:
-        """Process one ``command`` frame. Never raises: every outcome is audited and reported."""
+        """Process one ``command`` frame. Never raises, except AuditError: every outcome is
+        audited and reported, and without an audit log nothing may happen at all."""
         now = self._clock()
         claimed = peek(token)
         self._audit.append(
             "command_received",
             ref=ref,
             token_sha256=token_sha256(token),
-            **_clean_fields(claimed.audit_fields()),
+            **_bounded(claimed.audit_fields()),
         )
         try:
             row = self._verify_and_claim(ref, token, now)
@@ -137,9 +163,13 @@ class CommandProcessor:
         self._decide(row)
 
     def _verify_and_claim(self, ref: str, token: str, now: float) -> CommandRow:
-        if not self._accepting:
+        if self._stopping:
             raise CommandRejected("shutting_down", "the agent is stopping; deliver again later")
         verified = self._verifier.verify(token, now=now)
+        if verified.exp <= self._state.purged_until():
+            # Older than anything the replay cache can still vouch for (e.g. the clock stepped
+            # back after its jti was forgotten).
+            raise CommandRejected("expired", "the token is older than the replay cache horizon")
         if len(self._tasks) + len(self._expiry) >= self._max_pending:
             raise CommandRejected(
                 "busy", f"{self._max_pending} commands are already pending; deliver again later"
@@ -175,29 +205,31 @@ class CommandProcessor:
             return
         policy = self._policy()
         decision = policy.decide(command)
-        self._audit_decision(row.jti, decision, policy)
+        self._audit_decision(row.jti, decision, policy, stage="received")
         if decision.verdict is Verdict.DENY:
             self._finish_rejected(row.jti, "policy_denied", decision.reason)
         elif decision.verdict is Verdict.REQUIRE_APPROVAL:
-            if row.state != "pending_approval":
-                self._transition(row.jti, "pending_approval", detail=decision.reason)
-            self._arm_expiry(row)
+            self._await_approval(row, decision)
         else:
             self._schedule(row.jti, command, row.exp)
 
-    def _audit_decision(self, jti: str, decision: Decision, policy: Policy) -> None:
+    def _audit_decision(self, jti: str, decision: Decision, policy: Policy, *, stage: str) -> None:
         self._audit.append(
             "policy_decision",
             jti=jti,
+            stage=stage,
             verdict=decision.verdict.value,
             rule=decision.rule,
             reason=decision.reason,
             policy_sha256=policy.sha256,
         )
+        self._decided_with[jti] = policy.sha256
 
     # -- approval -------------------------------------------------------------------------
 
-    def _arm_expiry(self, row: CommandRow) -> None:
+    def _await_approval(self, row: CommandRow, decision: Decision) -> None:
+        if row.state != "pending_approval":
+            self._transition(row.jti, "pending_approval", detail=decision.reason)
         loop = asyncio.get_running_loop()
         delay = max(0.0, row.exp - self._clock())
         self._expiry[row.jti] = loop.call_later(delay, self._expire_approval, row.jti)
@@ -215,8 +247,20 @@ class CommandProcessor:
     def pending_approvals(self) -> list[CommandRow]:
         return [r for r in self._state.in_states("pending_approval") if not r.approved_by]
 
+    def _authorize(self, jti: str, operator: Operator, action: str) -> None:
+        allowed, why = self._policy().may_approve(
+            user=operator.user, uid=operator.uid, groups=operator.groups, agent_uid=self._agent_uid
+        )
+        if not allowed:
+            self._audit.append(
+                "approval_refused", jti=jti, action=action, reason=why, **operator.audit_fields()
+            )
+            self._log.warning("approval_refused", jti=jti, by=operator.user, reason=why)
+            raise CommandRejected("not_authorized", why)
+
     def approve(self, jti: str, operator: Operator, note: str | None = None) -> CommandRow:
         row = self._pending_row(jti)
+        self._authorize(jti, operator, "approve")
         if self._clock() >= row.exp:
             raise CommandRejected(
                 "approval_expired", f"command {jti} expired; it cannot be approved"
@@ -227,11 +271,13 @@ class CommandProcessor:
         if handle is not None:
             handle.cancel()
         self._state.mark_approved(jti, operator.user, now=self._clock())
-        self._schedule(jti, command, row.exp)
+        if not self._stopping:  # when stopping, the approval is kept and runs after restart
+            self._schedule(jti, command, row.exp)
         return self._state.get(jti) or row
 
     def deny(self, jti: str, operator: Operator, note: str | None = None) -> CommandRow:
         self._pending_row(jti)
+        self._authorize(jti, operator, "deny")
         self._audit.append("approval_denied", jti=jti, note=note, **operator.audit_fields())
         handle = self._expiry.pop(jti, None)
         if handle is not None:
@@ -264,19 +310,37 @@ class CommandProcessor:
             await self._run(jti, command, exp)
 
     async def _run(self, jti: str, command: Command, exp: float) -> None:
+        if self._stopping:
+            return  # never started: stays received (or approved) and resumes on the next start
+        row = self._state.get(jti)
+        if row is None or row.final:
+            return
         now = self._clock()
-        skew = self._verifier.settings.clock_skew
-        if now - skew >= exp:
+        if now - self._verifier.settings.clock_skew >= exp:
             self._finish_rejected(
                 jti, "expired_before_start", "the command expired while waiting to run"
             )
             return
         policy = self._policy()
         decision = policy.decide(command)
+        if self._decided_with.get(jti) != policy.sha256:  # changed, or decided before a restart
+            self._audit_decision(jti, decision, policy, stage="before_start")
         if decision.verdict is Verdict.DENY:  # the customer tightened the policy meanwhile
-            self._audit_decision(jti, decision, policy)
             self._finish_rejected(jti, "policy_denied", decision.reason)
             return
+        if decision.verdict is Verdict.REQUIRE_APPROVAL and not row.approved_by:
+            self._await_approval(row, decision)
+            return
+        task = asyncio.current_task()
+        assert task is not None  # noqa: S101  # always inside the task made by _schedule
+        self._running[jti] = task
+        try:
+            await self._execute_now(jti, command)
+        finally:
+            self._running.pop(jti, None)
+            self._decided_with.pop(jti, None)
+
+    async def _execute_now(self, jti: str, command: Command) -> None:
         self._transition(jti, "running")
         self._audit.append(
             "execution_started", jti=jti, command_type=command.type, params=command.params()
@@ -302,6 +366,8 @@ class CommandProcessor:
             )
             raise
         except Exception as exc:  # a driver bug must not take the agent down
+            if self._audit.failed:
+                raise
             self._log.exception("driver_crashed", jti=jti)
             self._finish_execution(
                 jti,
@@ -335,6 +401,7 @@ class CommandProcessor:
         detail: str | None,
         result: Mapping[str, Any],
     ) -> None:
+        wire_result = fit_result(result)  # strict JSON, within the frame limit
         self._audit.append(
             "execution_finished",
             jti=jti,
@@ -342,8 +409,9 @@ class CommandProcessor:
             reason=reason,
             detail=detail,
             duration_ms=int((time.monotonic() - started) * 1000),
+            result_truncated=bool(wire_result.get("truncated", False)),
         )
-        self._transition(jti, state, reason=reason, detail=detail, result=result)
+        self._transition(jti, state, reason=reason, detail=detail, result=wire_result)
         self._log.info("command_finished", jti=jti, outcome=state, reason=reason)
 
     # -- state changes --------------------------------------------------------------------
@@ -386,36 +454,48 @@ class CommandProcessor:
             else:
                 self._decide(row)
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     def stop_accepting(self) -> None:
-        self._accepting = False
+        """Refuse new deliveries and start nothing new (see the module docstring)."""
+        self._stopping = True
 
     @property
-    def busy(self) -> int:
-        return len(self._tasks)
+    def running(self) -> int:
+        """Commands the driver is executing right now."""
+        return len(self._running)
+
+    @property
+    def queued(self) -> int:
+        """Commands accepted and waiting for their turn."""
+        return len(self._tasks) - len(self._running)
 
     async def drain(self, grace: float) -> None:
-        """Let running commands finish for up to ``grace`` seconds, then cancel them.
-
-        Commands still waiting for their turn stay ``received`` in the database and resume on
-        the next start; pending approvals stay pending.
-        """
+        """Let running commands finish for up to ``grace`` seconds, then cancel them (they are
+        reported ``interrupted``). Queued ones are cancelled at once: they never started, stay
+        ``received`` in the database and resume on the next start; pending approvals stay
+        pending."""
+        self.stop_accepting()
         for handle in self._expiry.values():
             handle.cancel()
         self._expiry.clear()
-        tasks = list(self._tasks.values())
-        if not tasks:
-            return
-        _, still_running = await asyncio.wait(tasks, timeout=grace)
-        for task in still_running:
-            task.cancel()
-        if still_running:
-            await asyncio.wait(still_running)
+        for jti, task in list(self._tasks.items()):
+            if jti not in self._running:
+                task.cancel()
+        running = list(self._running.values())
+        if running:
+            _, still_running = await asyncio.wait(running, timeout=grace)
+            for task in still_running:
+                task.cancel()
+        leftovers = list(self._tasks.values())
+        if leftovers:
+            await asyncio.wait(leftovers)
 
     def purge(self) -> int:
         try:
-            return self._state.purge(
-                now=self._clock(), clock_skew=self._verifier.settings.clock_skew
-            )
+            return self._state.purge(now=self._clock())
         except StateError:
             self._log.exception("purge_failed")
             return 0

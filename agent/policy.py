@@ -24,15 +24,22 @@ Example (the full reference is in README.md, "Policy")::
     allow = true
     targets = ["workload", "host"]
 
-A command type without a section is not allowed. Unknown sections and keys are errors, so a typo
-cannot silently widen or narrow the policy.
+    [approvals]                 # who may approve or deny on the host
+    users = ["alice"]
+    groups = ["byoc-operators"]
+
+A command type without a section is not allowed. Without ``[approvals]``, any local user except
+the agent's own may approve (the workload the agent supervises may run as that user); with it,
+only the users and members of the groups listed, the agent's own user only if listed by name.
+Unknown sections and keys are errors, so a typo cannot silently widen or narrow the policy.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
@@ -84,6 +91,12 @@ class UpgradeRules:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ApprovalRules:
+    users: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, kw_only=True)
 class CollectMetricsRules:
     allow: bool = True
     targets: frozenset[str] = frozenset()
@@ -98,6 +111,7 @@ class Policy:
     scale: ScaleRules | None = None
     upgrade: UpgradeRules | None = None
     collect_metrics: CollectMetricsRules | None = None
+    approvals: ApprovalRules | None = None
     sha256: str = ""
     """SHA-256 of the file's bytes: audit records name the policy that decided."""
 
@@ -107,7 +121,7 @@ class Policy:
             doc = tomllib.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise PolicyError(f"not valid TOML: {exc}") from exc
-        unknown = sorted(set(doc) - {"version", "scale", "upgrade", "collect_metrics"})
+        unknown = sorted(set(doc) - {"version", "scale", "upgrade", "collect_metrics", "approvals"})
         if unknown:
             raise PolicyError(f"unknown top-level key(s) {unknown}")
         version = doc.get("version")
@@ -123,6 +137,7 @@ class Policy:
             collect_metrics=(
                 _metrics_rules(doc["collect_metrics"]) if "collect_metrics" in doc else None
             ),
+            approvals=_approval_rules(doc["approvals"]) if "approvals" in doc else None,
             sha256=hashlib.sha256(data).hexdigest(),
         )
 
@@ -134,6 +149,25 @@ class Policy:
                 return _decide_upgrade(self.upgrade, command)
             case CollectMetrics():
                 return _decide_metrics(self.collect_metrics, command)
+
+    def may_approve(
+        self, *, user: str, uid: int, groups: Iterable[str], agent_uid: int
+    ) -> tuple[bool, str]:
+        """May this local user approve or deny commands? Returns (allowed, why)."""
+        rules = self.approvals
+        if rules is None:
+            if uid == agent_uid:
+                return False, (
+                    f"{user} is the agent's own user (which its workload may share); the policy "
+                    "has no [approvals] section naming who may approve"
+                )
+            return True, "any local user other than the agent's may approve"
+        if user in rules.users:
+            return True, f"{user} is listed in approvals.users"
+        member_of = sorted(rules.groups.intersection(groups))
+        if member_of:
+            return True, f"{user} is a member of {member_of[0]} (approvals.groups)"
+        return False, f"{user} is not listed in approvals.users or approvals.groups"
 
     def summary(self) -> Mapping[str, object]:
         """What is allowed, for ``byoc-agent policy check`` and the audit log."""
@@ -150,6 +184,11 @@ class Policy:
                 "allow": self.upgrade.allow,
                 "versions": sorted(self.upgrade.versions),
                 "require_approval": self.upgrade.require_approval,
+            }
+        if self.approvals is not None:
+            out["approvals"] = {
+                "users": sorted(self.approvals.users),
+                "groups": sorted(self.approvals.groups),
             }
         if self.collect_metrics is not None:
             out["collect_metrics"] = {
@@ -199,6 +238,17 @@ def _metrics_rules(table: object) -> CollectMetricsRules:
         allow=s.boolean("allow", True),
         targets=frozenset(s.strings("targets", pattern=TARGET_PATTERN)),
         require_approval=s.boolean("require_approval", False),
+    )
+
+
+_ACCOUNT = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._$-]{0,63}")
+
+
+def _approval_rules(table: object) -> ApprovalRules:
+    s = Table("approvals", table, {"users", "groups"}, PolicyError)
+    return ApprovalRules(
+        users=frozenset(s.strings("users", pattern=_ACCOUNT)),
+        groups=frozenset(s.strings("groups", pattern=_ACCOUNT)),
     )
 
 

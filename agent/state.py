@@ -28,6 +28,9 @@ from agent.frames import FINAL_STATES, DeliveryRejected, Frame, Status
 from agent.verifier import VerifiedToken
 
 SCHEMA_VERSION: Final = 1
+PURGE_MARGIN: Final = 600.0
+"""Seconds a command is remembered past its ``exp``: the largest clock skew the agent may be
+configured to allow, so that no setting makes a forgotten token acceptable again."""
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -152,6 +155,8 @@ class AgentState:
             raise StateError(f"cannot open state database {path}: {exc}") from exc
         try:
             self._migrate()
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'purged_until'").fetchone()
+            self._purged_until = float(row["value"]) if row is not None else 0.0
         except BaseException as exc:
             self._db.close()
             if isinstance(exc, sqlite3.Error):
@@ -295,17 +300,35 @@ class AgentState:
         ).fetchall()
         return [_row_to_command(row) for row in rows]
 
-    def purge(self, *, now: float, clock_skew: float) -> int:
-        """Forget final commands that have expired and whose final status was acknowledged."""
+    def purge(self, *, now: float) -> int:
+        """Forget final commands that expired more than :data:`PURGE_MARGIN` ago and whose final
+        status was acknowledged, and raise the replay-cache horizon to the newest ``exp``
+        forgotten: a token expiring at or before it is refused whatever the clock says."""
+        final = sorted(FINAL_STATES)
+        placeholders = ",".join("?" * len(final))
+        condition = f"""exp + ? < ? AND state IN ({placeholders})
+                     AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.jti = commands.jti)"""  # noqa: S608  # placeholders only
+        args = (PURGE_MARGIN, now, *final)
         with self._tx() as db:
-            cursor = db.execute(
-                f"""DELETE FROM commands
-                   WHERE exp + ? < ?
-                     AND state IN ({",".join("?" * len(FINAL_STATES))})
-                     AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.jti = commands.jti)""",  # noqa: S608
-                (clock_skew, now, *sorted(FINAL_STATES)),
+            newest = db.execute(
+                f"SELECT MAX(exp) FROM commands WHERE {condition}",  # noqa: S608
+                args,
+            ).fetchone()[0]
+            if newest is None:
+                return 0
+            cursor = db.execute(f"DELETE FROM commands WHERE {condition}", args)  # noqa: S608
+            db.execute(
+                """INSERT INTO meta (key, value) VALUES ('purged_until', ?)
+                   ON CONFLICT (key) DO UPDATE
+                   SET value = MAX(CAST(value AS REAL), excluded.value)""",
+                (newest,),
             )
+        self._purged_until = max(self._purged_until, float(newest))
         return cursor.rowcount
+
+    def purged_until(self) -> float:
+        """Every command that expired at or before this time may have been forgotten."""
+        return self._purged_until
 
     # -- outbox ---------------------------------------------------------------------------
 

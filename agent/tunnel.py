@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ssl
 import time
 from collections.abc import Callable
@@ -26,8 +27,16 @@ from websockets.protocol import State
 from agent.audit_log import AuditLog
 from agent.backoff import Backoff
 from agent.config import ControlPlaneConfig, TunnelConfig
-from agent.errors import ConfigError, TLSRejected
-from agent.frames import FINAL_STATES, MAX_FRAME_TO_AGENT, Hello, Status, encode
+from agent.errors import AuditError, ConfigError, TLSRejected
+from agent.frames import (
+    FINAL_STATES,
+    MAX_FRAME_TO_AGENT,
+    MAX_FRAME_TO_CONTROL_PLANE,
+    DeliveryRejected,
+    Hello,
+    Status,
+    encode,
+)
 from agent.session import (
     Acked,
     AgentSession,
@@ -46,6 +55,8 @@ from agent.tls import PeerCertificate, classify_tls_failure
 # more than this; frames between MAX_FRAME_TO_AGENT and this cap are refused by the codec with an
 # error frame and the connection stays up, frames over it close the connection (1009).
 WEBSOCKET_MAX_SIZE: Final = 16 * MAX_FRAME_TO_AGENT
+STABLE_AFTER: Final = 10.0
+"""A connection READY for this long (or two heartbeat intervals) resets the backoff."""
 
 
 @dataclass
@@ -94,8 +105,16 @@ class Tunnel:
         self.reconnects = 0
         self.last_error: str | None = None
         self._closed_after_handshake = 0
+        self._ready_since: float | None = None
+        self._stable_after = max(STABLE_AFTER, 2 * settings.heartbeat.interval)
+        self._last_sent = 0
 
     # -- public ---------------------------------------------------------------------------
+
+    @property
+    def consecutive_failures(self) -> int:
+        """Connection attempts that failed (or did not stay up) since the last stable one."""
+        return self._backoff.attempt
 
     def notify_outbox(self) -> None:
         self._outbox_changed.set()
@@ -112,9 +131,19 @@ class Tunnel:
         return True
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Keep a connection up until ``stop`` is set."""
+        """Keep a connection up until ``stop`` is set.
+
+        Only an audit failure ends it early (raised: nothing may happen unaudited); any other
+        error is logged and treated as a failed attempt."""
         while not stop.is_set():
-            delay = await self._attempt(stop)
+            try:
+                delay = await self._attempt(stop)
+            except AuditError:
+                raise
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self._log.exception("tunnel_attempt_failed")
+                delay = self._backoff.next_delay()
             if stop.is_set():
                 break
             self.reconnects += 1
@@ -152,6 +181,13 @@ class Tunnel:
         finally:
             self.ready.clear()
             self.connection = None
+        # Reset the backoff only for a connection that stayed up: one that a peer keeps
+        # refusing right after the welcome must not turn into a reconnect storm.
+        if self._ready_since is not None and (
+            time.monotonic() - self._ready_since >= self._stable_after
+        ):
+            self._backoff.reset()
+        self._ready_since = None
         return self._backoff.next_delay()
 
     def _connect_failed(self, exc: Exception) -> float:
@@ -331,7 +367,7 @@ class Tunnel:
         skew = time.time() - server_time
         if abs(skew) > 30:
             self._log.warning("clock_skew_detected", skew_s=round(skew, 1))
-        self._backoff.reset()
+        self._ready_since = time.monotonic()
         self._closed_after_handshake = 0
         self.last_error = None
         self.ready.set()
@@ -340,6 +376,9 @@ class Tunnel:
         self._on_state(f"connected to {self._cp.url}")
 
     def _acknowledged(self, seq: int) -> None:
+        if seq > self._last_sent:  # not sent on this connection: an early ack must not lose it
+            self._log.warning("ack_for_unsent_frame", seq=seq, last_sent=self._last_sent)
+            return
         row = self._state.ack(seq)
         self._acked.set()
         if row is None:
@@ -364,16 +403,37 @@ class Tunnel:
                 return outcome
 
     async def _pump(self, websocket: ClientConnection) -> str:
+        self._last_sent = 0
         await self.ready.wait()
-        last_sent = 0
         while True:
             self._outbox_changed.clear()
-            rows = self._state.outbox_after(last_sent)
+            rows = self._state.outbox_after(self._last_sent)
             for row in rows:
-                await self._send(websocket, _encode_row(row))
-                last_sent = row.seq
+                await self._send(websocket, self._encode_row(row))
+                self._last_sent = row.seq
             if not rows:
                 await self._outbox_changed.wait()
+
+    def _encode_row(self, row: OutboxRow) -> str:
+        """The frame for an outbox row; a frame that cannot be sent as it is (not strict JSON,
+        or over the limit) is replaced by one that says so, so it cannot block the outbox."""
+        try:
+            text = encode(row.frame())
+            if len(text.encode("utf-8")) <= MAX_FRAME_TO_CONTROL_PLANE:
+                return text
+            problem = "over the frame size limit"
+        except (ValueError, TypeError) as exc:
+            problem = f"not valid JSON: {exc}"
+        self._log.error("outbox_frame_replaced", seq=row.seq, problem=problem)
+        frame = row.frame()
+        if isinstance(frame, Status):
+            frame = dataclasses.replace(
+                frame, result={"truncated": True}, detail=f"result could not be sent: {problem}"
+            )
+        else:
+            assert isinstance(frame, DeliveryRejected)  # noqa: S101  # the two outbox kinds
+            frame = dataclasses.replace(frame, detail=frame.detail[:200], jti=None)
+        return encode(frame)
 
 
 def _closed_after_tls_handshake(exc: BaseException) -> bool:
@@ -384,7 +444,3 @@ def _closed_after_tls_handshake(exc: BaseException) -> bool:
 async def _wait_for(event: asyncio.Event, outcome: str) -> str:
     await event.wait()
     return outcome
-
-
-def _encode_row(row: OutboxRow) -> str:
-    return encode(row.frame())

@@ -5,6 +5,7 @@ Used by ``make demo`` and by the end-to-end tests, so both run exactly what a us
 
 from __future__ import annotations
 
+import getpass
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ GOOD_VERSIONS: Final = ("1.0.0", "2.0.0")
 BROKEN_VERSION: Final = "2.1.0"
 """A release whose health check fails (a schema migration that does not work)."""
 
-DEMO_POLICY: Final = """\
+REFERENCE_POLICY: Final = """\
 # The customer's policy for this host. Anything not allowed here is refused, however validly
 # signed. Edit it and the agent picks the change up (or send SIGHUP).
 version = 1
@@ -35,7 +36,20 @@ require_approval = false
 [collect_metrics]
 allow = true
 targets = ["workload", "host"]
+
+[approvals]                 # who may approve or deny pending commands on this host
+users = ["root"]
+groups = ["byoc-operators"]
 """
+
+
+def demo_policy(approver: str | None = None) -> str:
+    """The reference policy, with the user running the demo allowed to approve.
+
+    In the demo the agent runs as that same user, which a production policy should not allow
+    (its workload may share the agent's user); see README.md, "Policy"."""
+    user = approver or getpass.getuser()
+    return REFERENCE_POLICY.replace('users = ["root"]', f"users = [{_toml(user)}]")
 
 
 def _toml(value: object) -> str:
@@ -76,7 +90,7 @@ def write_agent_files(
     agent_id: str = DEMO_AGENT_ID,
     run_dir: Path | None = None,
     port_range: tuple[int, int] = (21000, 21999),
-    policy: str = DEMO_POLICY,
+    policy: str | None = None,
     heartbeat_interval: float = 15.0,
     heartbeat_timeout: float = 45.0,
     backoff_base: float = 0.5,
@@ -104,7 +118,7 @@ def write_agent_files(
         state_dir=root / "state",
         control_socket=run / "control.sock",
     )
-    paths.policy.write_text(policy)
+    paths.policy.write_text(demo_policy() if policy is None else policy)
     versions = {version: {"argv": workload_argv()} for version in GOOD_VERSIONS}
     versions[BROKEN_VERSION] = {
         "argv": workload_argv(("--fail-health", "schema migration 0042 failed"))

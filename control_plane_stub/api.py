@@ -44,6 +44,37 @@ WAIT_TARGETS: Final = {
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "[::1]"})
+
+
+def _host_name(host: str) -> str:
+    """``127.0.0.1:8080`` -> ``127.0.0.1``; ``[::1]:8080`` -> ``[::1]``."""
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0]
+
+
+@web.middleware
+async def _same_machine_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The API has no authentication and lives on loopback; keep browsers out too.
+
+    A web page in the operator's browser could otherwise POST here (a "simple" cross-site
+    request needs no preflight) or reach it through DNS rebinding. So the Host header must name
+    a loopback host, and a request with a body must be ``application/json``, which a cross-site
+    page cannot send without a CORS preflight that this API never answers."""
+    if _host_name(request.host) not in LOOPBACK_HOSTS:
+        return web.json_response(
+            {"error": "forbidden", "message": f"Host {request.host!r} is not loopback"},
+            status=403,
+        )
+    if request.method not in ("GET", "HEAD") and request.content_type != "application/json":
+        return web.json_response(
+            {"error": "unsupported_media_type", "message": "send application/json"},
+            status=415,
+        )
+    return await handler(request)
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -91,7 +122,9 @@ class OperatorApi:
         self._store = store
         self._hub = hub
         self._signer = signer
-        self.app = web.Application(middlewares=[_errors], client_max_size=2 * MAX_TOKEN_CHARS)
+        self.app = web.Application(
+            middlewares=[_same_machine_only, _errors], client_max_size=2 * MAX_TOKEN_CHARS
+        )
         self.app.add_routes(
             [
                 web.get("/v1/healthz", self.healthz),

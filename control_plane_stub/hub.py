@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Final
 
 import structlog
 from websockets.asyncio.server import ServerConnection
@@ -40,6 +41,9 @@ from agent.session import CloseCode, HeartbeatSettings, HeartbeatTimer
 from agent.tls import PeerCertificate
 from control_plane_stub.store import StubStore
 
+BUSY_RETRY: Final = 5.0
+"""Seconds before a delivery the agent refused as ``busy`` is sent again."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class HubSettings:
@@ -53,6 +57,8 @@ class AgentLink:
     websocket: ServerConnection
     cert_sha256: str
     timer: HeartbeatTimer
+    sent: set[str] = field(default_factory=set)
+    """Deliveries sent on this connection (each is sent once per connection)."""
     kick: asyncio.Event = field(default_factory=asyncio.Event)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -224,6 +230,8 @@ class Hub:
                     "delivery_rejected", ref=frame.ref, reason=frame.reason, detail=frame.detail
                 )
                 await self._send(link, Ack(seq=frame.seq))
+                if frame.reason == "busy":  # not now: try this delivery again in a while
+                    asyncio.get_running_loop().call_later(BUSY_RETRY, self._retry, link, frame.ref)
                 await self.notify()
             case Ping(id=ping_id):
                 await self._send(link, Pong(id=ping_id))
@@ -249,17 +257,21 @@ class Hub:
             if ping is not None:
                 await self._send(link, ping)
 
+    @staticmethod
+    def _retry(link: AgentLink, ref: str) -> None:
+        link.sent.discard(ref)
+        link.kick.set()
+
     async def _deliver(self, link: AgentLink, log: structlog.typing.FilteringBoundLogger) -> str:
-        sent: set[str] = set()
         link.kick.set()
         while True:
             await link.kick.wait()
             link.kick.clear()
             for record in self._store.undelivered(link.agent_id):
-                if record.ref in sent:
+                if record.ref in link.sent:
                     continue
                 await self._send(link, CommandFrame(ref=record.ref, token=record.token))
                 self._store.mark_sent(record.ref)
-                sent.add(record.ref)
+                link.sent.add(record.ref)
                 log.info("command_sent", ref=record.ref, jti=record.jti, type=record.type)
             await self.notify()

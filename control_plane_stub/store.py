@@ -1,7 +1,8 @@
 """The stub's SQLite store: agents, commands (one row per delivery ``ref``) and status history.
 
-Status reports are applied idempotently: each (agent, ref, state) is recorded once, so an agent
-that resends after a reconnect changes nothing (the dedupe the protocol relies on). A command's
+Status reports are applied idempotently: each (agent, ref, state, reason) is recorded once, so an
+agent that resends after a reconnect changes nothing (the dedupe the protocol relies on; an agent
+accepts a ``jti`` under exactly one ``ref``, so this is deduplication by ``jti``). A command's
 state only moves forward, and an agent can only report on commands addressed to it.
 """
 
@@ -28,6 +29,9 @@ RANK: Final = {
     "running": 4,
     **dict.fromkeys(FINAL_STATES, 5),
 }
+
+TRANSIENT_REFUSALS: Final = ("busy", "shutting_down")
+"""Refusals that say "not now": the command is delivered again on the next connection."""
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS agents (
@@ -66,11 +70,11 @@ CREATE TABLE IF NOT EXISTS status_events (
     jti         TEXT,
     state       TEXT NOT NULL,
     seq         INTEGER NOT NULL,
-    reason      TEXT,
+    reason      TEXT NOT NULL DEFAULT '',
     detail      TEXT,
     at          REAL NOT NULL,
     recorded_at REAL NOT NULL,
-    UNIQUE (agent_id, ref, state)
+    UNIQUE (agent_id, ref, state, reason)
 );
 """
 
@@ -284,13 +288,16 @@ class StubStore:
 
     def history(self, ref: str) -> list[dict[str, object]]:
         rows = self._db.execute(
-            "SELECT * FROM status_events WHERE ref = ? ORDER BY id", (ref,)
+            """SELECT e.* FROM status_events e
+               JOIN commands c ON c.ref = e.ref AND c.agent_id = e.agent_id
+               WHERE e.ref = ? ORDER BY e.id""",
+            (ref,),
         ).fetchall()
         return [
             {
                 "state": row["state"],
                 "seq": row["seq"],
-                "reason": row["reason"],
+                "reason": row["reason"] or None,
                 "detail": row["detail"],
                 "at": row["at"],
             }
@@ -305,7 +312,8 @@ class StubStore:
             agent_id,
             ref=frame.ref,
             jti=frame.jti,
-            state=frame.state,
+            event_state=frame.state,
+            next_state=frame.state,
             seq=frame.seq,
             reason=frame.reason,
             detail=frame.detail,
@@ -314,19 +322,24 @@ class StubStore:
         )
 
     def apply_delivery_rejected(self, agent_id: str, frame: DeliveryRejected) -> bool:
-        if frame.reason == "duplicate_delivery":
-            return False  # the command itself is tracked by its status reports
+        """Record a refused delivery. Only a final refusal rejects the command, and only if the
+        agent has not accepted it under this ref already; a transient one (``busy``,
+        ``shutting_down``) leaves it to be delivered again on the next connection."""
+        if frame.reason in ("duplicate_delivery", *TRANSIENT_REFUSALS):
+            next_state = None
+        else:
+            next_state = "rejected"
         return self._apply(
             agent_id,
             ref=frame.ref,
             jti=None,
-            state="rejected",
+            event_state="delivery_rejected",
+            next_state=next_state,
             seq=frame.seq,
             reason=frame.reason,
             detail=frame.detail,
             at=frame.at,
             result=None,
-            only_before_received=True,
         )
 
     def _apply(
@@ -335,33 +348,38 @@ class StubStore:
         *,
         ref: str,
         jti: str | None,
-        state: str,
+        event_state: str,
+        next_state: str | None,
         seq: int,
         reason: str | None,
         detail: str | None,
         at: float,
         result: Mapping[str, Any] | None,
-        only_before_received: bool = False,
     ) -> bool:
+        """Record one report in the history (once) and move the command forward if it says so.
+
+        Only reports about a command this stub addressed to *this* agent are kept: an agent can
+        neither write into another agent's history nor invent commands."""
         now = time.time()
         with self._tx() as db:
-            inserted = db.execute(
-                """INSERT INTO status_events (agent_id, ref, jti, state, seq, reason, detail, at,
-                                              recorded_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (agent_id, ref, state) DO NOTHING""",
-                (agent_id, ref, jti, state, seq, reason, detail, at, now),
-            ).rowcount
-            if not inserted:
-                return False
             row = db.execute(
                 "SELECT state, jti FROM commands WHERE ref = ? AND agent_id = ?", (ref, agent_id)
             ).fetchone()
             if row is None:
-                return True  # kept in the history; no such command for this agent
+                return False
             if jti is not None and row["jti"] is not None and row["jti"] != jti:
-                return True  # a report about another token under this ref: history only
-            limit = RANK["received"] if only_before_received else RANK[state]
+                return False  # a report about another token under this ref
+            inserted = db.execute(
+                """INSERT INTO status_events (agent_id, ref, jti, state, seq, reason, detail, at,
+                                              recorded_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (agent_id, ref, state, reason) DO NOTHING""",
+                (agent_id, ref, jti, event_state, seq, reason or "", detail, at, now),
+            ).rowcount
+            if not inserted or next_state is None:
+                return bool(inserted)
+            # States only move forward; a refused delivery cannot undo an accepted command.
+            limit = RANK["received"] if event_state == "delivery_rejected" else RANK[next_state]
             if RANK.get(row["state"], 0) >= limit:
                 return True
             db.execute(
@@ -369,7 +387,7 @@ class StubStore:
                        result = COALESCE(?, result), jti = COALESCE(jti, ?), updated_at = ?
                    WHERE ref = ? AND agent_id = ?""",
                 (
-                    state,
+                    next_state,
                     reason,
                     detail,
                     json.dumps(result) if result is not None else None,

@@ -18,6 +18,7 @@ import pytest
 from agent.audit_log import verify_file
 from agent.cli import main as agent_cli
 from agent.control_socket import request
+from byoc_demo.layout import REFERENCE_POLICY
 from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubServer
 from tests.conftest import AgentStarter, RunningAgent, scaled
@@ -152,3 +153,40 @@ async def test_status_over_the_control_socket(
     assert status["connection"]["tls_version"] == "TLSv1.3"
     assert status["audit_head"]["seq"] >= 3
     assert status["workload"] == {"kind": "recording", "replicas": 1, "version": "1.0.0"}
+
+
+async def test_the_agents_own_user_cannot_approve_by_default(
+    stub: StubServer, api: StubClient, start_agent: AgentStarter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its workload may run as the agent's user: without an [approvals] section naming it, that
+    user's approval is refused (and audited) and the command stays pending."""
+    driver = RecordingDriver()
+    policy = REFERENCE_POLICY[: REFERENCE_POLICY.index("[approvals]")]
+    running = await start_agent(port=stub.agent_port, driver=driver, policy=policy)
+    command = await pending_scale(api)
+    socket = str(running.paths.control_socket)  # the test runs as the agent's own user
+    assert await cli("approve", command["jti"], "--socket", socket) == 1
+    assert "not_authorized" in capsys.readouterr().err
+    (refused,) = audit_records(running, "approval_refused")
+    assert refused["jti"] == command["jti"]
+    assert refused["uid"] == os.getuid()
+    assert "agent's own user" in refused["reason"]
+    assert audit_records(running, "approval_granted") == []
+    assert (await api.command(command["ref"]))["command"]["state"] == "pending_approval"
+    assert driver.calls == []
+
+
+async def test_only_listed_approvers_may_approve(
+    stub: StubServer, api: StubClient, start_agent: AgentStarter
+) -> None:
+    driver = RecordingDriver()
+    policy = REFERENCE_POLICY.replace('users = ["root"]', 'users = ["alice"]').replace(
+        'groups = ["byoc-operators"]', 'groups = ["no-such-group-here"]'
+    )
+    running = await start_agent(port=stub.agent_port, driver=driver, policy=policy)
+    command = await pending_scale(api)
+    socket = str(running.paths.control_socket)
+    assert await cli("deny", command["jti"], "--socket", socket) == 1
+    (refused,) = audit_records(running, "approval_refused")
+    assert refused["action"] == "deny"
+    assert "not listed" in refused["reason"]

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from agent.audit_log import AuditLog
 from agent.cli import main as agent_cli
 from agent.verifier import COMMAND_TYP, jwk_thumbprint
-from byoc_demo.layout import DEMO_POLICY
+from byoc_demo.layout import REFERENCE_POLICY
 from certs.pki import PKIPaths
 from control_plane_stub.cli import main as stub_cli
 
@@ -67,12 +67,12 @@ def test_audit_verify_names_the_first_bad_record(
 
 def test_policy_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = tmp_path / "policy.toml"
-    good.write_text(DEMO_POLICY)
+    good.write_text(REFERENCE_POLICY)
     assert agent_cli(["policy", "check", str(good)]) == 0
     out = capsys.readouterr().out
     assert json.loads(out[out.index("{") :])["scale"]["replicas"] == [1, 6]
     bad = tmp_path / "bad.toml"
-    bad.write_text(DEMO_POLICY.replace("max_replicas", "max_replcas"))
+    bad.write_text(REFERENCE_POLICY.replace("max_replicas", "max_replcas"))
     assert agent_cli(["policy", "check", str(bad)]) == 2
     assert "max_replcas" in capsys.readouterr().err
 

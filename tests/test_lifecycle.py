@@ -113,9 +113,14 @@ async def test_graceful_stop_finishes_running_work_and_refuses_new(
     running.agent.request_stop("SIGTERM")
     await running.audit.wait_for("agent_stopping")
     late = await api.send("agent-1", "scale", {"replicas": 3})
-    refused = await api.command(late["ref"], wait_for="final", wait_seconds=scaled(10))
-    assert refused["command"]["state"] == "rejected"
-    assert refused["command"]["reason"] == "shutting_down"
+    await running.audit.wait_for("command_verification", reason="shutting_down")
+    await running.audit.wait_for("result_delivered", state="delivery_rejected")
+    refused = await api.command(late["ref"])
+    # "Not now": the stub keeps the command to deliver it again once the agent is back.
+    assert refused["command"]["state"] == "sent"
+    assert [(e["state"], e["reason"]) for e in refused["history"]] == [
+        ("delivery_rejected", "shutting_down")
+    ]
 
     assert driver.hold is not None
     driver.hold.set()
@@ -124,6 +129,12 @@ async def test_graceful_stop_finishes_running_work_and_refuses_new(
     assert final["command"]["state"] == "succeeded"  # finished and delivered before exit
     assert driver.calls == [("scale", 2, sent["jti"])]
     assert driver.closed
+    # Back up: the refused command is delivered again and runs.
+    second = RecordingDriver()
+    await start_agent(port=stub.agent_port, driver=second)
+    again = await api.command(late["ref"], wait_for="final", wait_seconds=scaled(10))
+    assert again["command"]["state"] == "succeeded"
+    assert second.executed(late["jti"]) == 1
     last = running.audit.records[-1]
     assert last[0] == "agent_stopped"
     assert last[1]["unsent_frames"] == 0

@@ -7,7 +7,7 @@ from pathlib import Path
 from agent.config import parse_config
 from agent.drivers.process import ProcessDriverSettings
 from agent.policy import Policy
-from byoc_demo.layout import DEMO_POLICY
+from byoc_demo.layout import REFERENCE_POLICY
 
 SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
 
@@ -24,9 +24,9 @@ def test_reference_agent_config_parses_with_the_documented_defaults() -> None:
     assert settings.stop_on_close is False
 
 
-def test_reference_policy_is_the_demo_policy_and_parses() -> None:
+def test_reference_policy_is_shipped_and_parses() -> None:
     text = (SYSTEMD / "policy.toml").read_text()
-    assert text == DEMO_POLICY
+    assert text == REFERENCE_POLICY
     policy = Policy.from_toml(text.encode())
     assert policy.scale is not None
     assert policy.scale.max_replicas == 6

@@ -21,7 +21,7 @@ from agent.frames import (
     decode,
     encode,
 )
-from agent.state import AgentState, CommandRow, OutboxRow
+from agent.state import PURGE_MARGIN, AgentState, CommandRow, OutboxRow
 from agent.verifier import VerifiedToken
 
 NOW = 1_700_000_000.0
@@ -402,7 +402,7 @@ def _ack_all(store: AgentState, jti: str) -> None:
 
 
 def test_purge(state: AgentState) -> None:
-    skew = 60.0
+    skew = PURGE_MARGIN  # rows are kept for the largest skew any configuration may allow
     later = NOW + 10_000
     # Removed: final, expired (beyond the skew) and fully acknowledged.
     claim(state, "gone", exp=NOW + 300)
@@ -425,15 +425,31 @@ def test_purge(state: AgentState) -> None:
     state.ack(next(row.seq for row in first if row.jti == "partly"))
     state.transition("partly", "interrupted", now=NOW + 1)
 
-    assert state.purge(now=later, clock_skew=skew) == 1
+    assert state.purge(now=later) == 1
     assert state.get("gone") is None
     for jti in ("running", "fresh", "unacked", "partly"):
         assert state.get(jti) is not None, jti
     # Purging again removes nothing; a purged jti is claimable only once it is forgotten.
-    assert state.purge(now=later, clock_skew=skew) == 0
+    assert state.purge(now=later) == 0
     # One second later `fresh` has expired beyond the skew as well.
-    assert state.purge(now=later + 1, clock_skew=skew) == 1
+    assert state.purge(now=later + 1) == 1
     assert state.get("fresh") is None
+
+
+def test_purge_raises_the_replay_horizon_durably(db_path: Path) -> None:
+    """A token that expired before the newest forgotten one is refused however the clock
+    moves later: its jti may have been used and forgotten."""
+    store = AgentState(db_path)
+    assert store.purged_until() == 0.0
+    claim(store, "old", exp=NOW + 300)
+    store.transition("old", "succeeded", now=NOW + 1)
+    _ack_all(store, "old")
+    assert store.purge(now=NOW + 300 + PURGE_MARGIN + 1) == 1
+    assert store.purged_until() == NOW + 300
+    store.close()
+    reopened = AgentState(db_path)
+    assert reopened.purged_until() == NOW + 300  # survives a restart
+    reopened.close()
 
 
 def test_purge_of_every_final_state(state: AgentState) -> None:
@@ -441,7 +457,7 @@ def test_purge_of_every_final_state(state: AgentState) -> None:
         claim(state, final)
         state.transition(final, final, now=NOW + 1)
         _ack_all(state, final)
-    assert state.purge(now=NOW + 10_000, clock_skew=60.0) == len(FINAL_STATES)
+    assert state.purge(now=NOW + 10_000) == len(FINAL_STATES)
     assert state.recent() == []
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import psutil
 
+from agent.sdnotify import NOTIFY_ENV_VARS
+
 _CREATE_TIME_TOLERANCE = 1.0
 """psutil derives create times from the boot time, which moves by up to a second with NTP."""
 _EXIT_POLL_INTERVAL = 0.05
@@ -54,6 +56,7 @@ class ManagedProcess:
                 stdout=log_fd,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=workload_environment(),
             )
         finally:
             os.close(log_fd)
@@ -134,3 +137,10 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def workload_environment() -> dict[str, str]:
+    """The agent's environment minus what belongs to the agent alone: systemd's notification
+    socket and watchdog, and the credentials directory systemd may hand the agent."""
+    private = {*NOTIFY_ENV_VARS, "CREDENTIALS_DIRECTORY", "BYOC_AGENT_CONFIG"}
+    return {key: value for key, value in os.environ.items() if key not in private}

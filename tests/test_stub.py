@@ -1,0 +1,108 @@
+"""The stub control plane's own rules: what it records for whom, and who may use its API."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agent.frames import DeliveryRejected, Status
+from control_plane_stub.server import StubServer
+from control_plane_stub.store import StubStore
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> StubStore:
+    store = StubStore(tmp_path / "stub.db")
+    store.add_command(
+        ref="r1",
+        agent_id="agent-1",
+        token="t",
+        origin="signed",
+        jti="j1",
+        command_type="scale",
+        params={"replicas": 1},
+    )
+    return store
+
+
+def status(state: str, *, seq: int = 1, jti: str = "j1", ref: str = "r1") -> Status:
+    return Status(seq=seq, ref=ref, jti=jti, state=state, at=time.time())
+
+
+def test_an_agent_cannot_report_on_another_agents_command(store: StubStore) -> None:
+    assert store.apply_status("agent-2", status("succeeded")) is False
+    assert store.history("r1") == []
+    assert store.get("r1").state == "queued"
+
+
+def test_a_report_about_another_token_under_the_ref_is_ignored(store: StubStore) -> None:
+    assert store.apply_status("agent-1", status("succeeded", jti="other")) is False
+    assert store.get("r1").state == "queued"
+
+
+def test_reports_are_applied_once_and_only_forward(store: StubStore) -> None:
+    assert store.apply_status("agent-1", status("received", seq=1)) is True
+    assert store.apply_status("agent-1", status("running", seq=2)) is True
+    assert store.apply_status("agent-1", status("running", seq=2)) is False  # resent
+    assert store.apply_status("agent-1", status("received", seq=1)) is False
+    assert store.get("r1").state == "running"
+    assert store.apply_status("agent-1", status("succeeded", seq=3)) is True
+    assert [e["state"] for e in store.history("r1")] == ["received", "running", "succeeded"]
+
+
+@pytest.mark.parametrize("reason", ["busy", "shutting_down", "duplicate_delivery"])
+def test_a_refusal_that_means_not_now_keeps_the_command_deliverable(
+    store: StubStore, reason: str
+) -> None:
+    store.mark_sent("r1")
+    frame = DeliveryRejected(seq=1, ref="r1", reason=reason, detail="later", at=time.time())
+    store.apply_delivery_rejected("agent-1", frame)
+    assert store.get("r1").state == "sent"
+    assert [r.ref for r in store.undelivered("agent-1")] == ["r1"]  # delivered again
+
+
+def test_a_final_refusal_rejects_only_a_command_not_yet_accepted(store: StubStore) -> None:
+    frame = DeliveryRejected(seq=5, ref="r1", reason="replayed", detail="x", at=time.time())
+    store.apply_status("agent-1", status("received", seq=4))
+    store.apply_delivery_rejected("agent-1", frame)
+    assert store.get("r1").state == "received"  # the accepted command is not undone
+    other = store.add_command(
+        ref="r2",
+        agent_id="agent-1",
+        token="t",
+        origin="relayed",
+        jti=None,
+        command_type=None,
+        params=None,
+    )
+    store.apply_delivery_rejected(
+        "agent-1", DeliveryRejected(seq=6, ref=other.ref, reason="expired", detail="x", at=1.0)
+    )
+    assert store.get("r2").state == "rejected"
+
+
+async def test_the_operator_api_keeps_browsers_out(stub: StubServer) -> None:
+    base = f"http://127.0.0.1:{stub.api_port}"
+    body = '{"type": "scale", "params": {"replicas": 2}}'
+    async with httpx.AsyncClient(base_url=base) as http:
+        # A cross-site form/fetch "simple request" cannot set application/json.
+        plain = await http.post(
+            "/v1/agents/agent-1/commands", content=body, headers={"content-type": "text/plain"}
+        )
+        assert plain.status_code == 415
+        # DNS rebinding: the browser would send the attacker's host name.
+        rebound = await http.get("/v1/agents", headers={"host": f"evil.example:{stub.api_port}"})
+        assert rebound.status_code == 403
+        good = await http.post(
+            "/v1/agents/agent-1/commands",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
+        assert good.status_code == 201
+        assert (
+            await http.get("/v1/agents", headers={"host": f"localhost:{stub.api_port}"})
+        ).status_code == 200
+    assert len(stub.store.commands()) == 1  # only the legitimate request made a command
