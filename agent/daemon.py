@@ -184,9 +184,10 @@ class Agent:
                 agent_version=__version__,
                 capabilities={
                     "commands": list(COMMAND_TYPES),
-                    "driver": config.driver_kind,
+                    "driver": driver.kind,
                     "max_frame_bytes": MAX_FRAME_TO_AGENT,
                 },
+                heartbeat_interval=config.tunnel.heartbeat.interval,
             ),
             state=state,
             audit=self.audit,

@@ -43,6 +43,8 @@ class ProtocolError(AgentError):
     def __init__(self, detail: str, *, code: str | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.ref: str | None = None
+        """The ``ref`` of the frame concerned, when it could be read."""
         if code is not None:
             self.code = code
 

@@ -174,6 +174,13 @@ class CommandProcessor:
             raise CommandRejected(
                 "busy", f"{self._max_pending} commands are already pending; deliver again later"
             )
+        earlier = self._state.by_ref(ref)
+        if earlier is not None and earlier.token_sha256 != verified.token_sha256:
+            # A control plane tracks a command by its delivery ref: a second command under the
+            # same ref would run without its statuses being recognised.
+            raise CommandRejected(
+                "ref_reused", f"ref {ref} already delivered another command ({earlier.jti})"
+            )
         raw_params = verified.cmd.get("params", {})
         row = self._state.claim(
             verified,

@@ -77,6 +77,8 @@ class Hello(Frame):
     protocol: int
     agent_version: str
     capabilities: Mapping[str, object] = field(default_factory=dict)
+    heartbeat_interval: float | None = None
+    """Seconds between the agent's pings, so the control plane can size its timeout."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -282,18 +284,29 @@ def _seq(body: Mapping[str, Any], name: str) -> int:
     return value
 
 
+def _interval(body: Mapping[str, Any], *, required: bool) -> float | None:
+    interval = (
+        _req(body, "heartbeat_interval", float)
+        if required
+        else _opt(body, "heartbeat_interval", float)
+    )
+    if interval is not None and not 0 < interval <= 3600:
+        raise MalformedFrame(f"{body['type']} frame: heartbeat_interval must be in (0, 3600]")
+    return interval
+
+
 def _hello(body: Mapping[str, Any]) -> Frame:
     return Hello(
         protocol=_req(body, "protocol", int),
         agent_version=_req(body, "agent_version", str)[:MAX_TEXT_CHARS],
         capabilities=_opt(body, "capabilities", dict) or {},
+        heartbeat_interval=_interval(body, required=False),
     )
 
 
 def _welcome(body: Mapping[str, Any]) -> Frame:
-    interval = _req(body, "heartbeat_interval", float)
-    if not 0 < interval <= 3600:
-        raise MalformedFrame("welcome frame: heartbeat_interval must be in (0, 3600]")
+    interval = _interval(body, required=True)
+    assert interval is not None  # noqa: S101  # required
     return Welcome(
         protocol=_req(body, "protocol", int),
         agent_id=_ident(body, "agent_id"),
@@ -303,10 +316,9 @@ def _welcome(body: Mapping[str, Any]) -> Frame:
 
 
 def _command(body: Mapping[str, Any]) -> Frame:
-    token = _req(body, "token", str)
-    if len(token) > MAX_TOKEN_CHARS:
-        raise MalformedFrame(f"command frame: token longer than {MAX_TOKEN_CHARS} characters")
-    return CommandFrame(ref=_ident(body, "ref"), token=token)
+    # The token's own limits (MAX_TOKEN_CHARS, its shape) are the verifier's to enforce: a bad
+    # token is refused as a delivery (delivery_rejected, with the ref), not as a bad frame.
+    return CommandFrame(ref=_ident(body, "ref"), token=_req(body, "token", str))
 
 
 def _status(body: Mapping[str, Any]) -> Frame:
@@ -388,11 +400,18 @@ def decode(data: str | bytes, *, accept: frozenset[str], max_bytes: int) -> Fram
         )
     body = parse_json_object(data, max_bytes=max_bytes)
     kind = body.get("type")
-    if not isinstance(kind, str):
-        raise MalformedFrame("frame has no string field 'type'")
-    if kind not in accept:
-        raise UnknownFrameType(f"frame type {kind[:64]!r} is not accepted here")
-    return _PARSERS[kind](body)
+    try:
+        if not isinstance(kind, str):
+            raise MalformedFrame("frame has no string field 'type'")
+        if kind not in accept:
+            raise UnknownFrameType(f"frame type {kind[:64]!r} is not accepted here")
+        return _PARSERS[kind](body)
+    except ProtocolError as exc:
+        # Name the delivery concerned in the error frame, when the frame carries a valid ref.
+        ref = body.get("ref")
+        if isinstance(ref, str) and ID_PATTERN.fullmatch(ref):
+            exc.ref = ref
+        raise
 
 
 def _short(exc: BaseException) -> str:

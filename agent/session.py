@@ -178,7 +178,7 @@ class AgentSession:
         except ProtocolError as exc:
             if self.phase is Phase.AWAITING_WELCOME:
                 return self._close(CloseCode.PROTOCOL_ERROR, f"bad handshake: {exc.detail}")
-            self._queue(ErrorFrame(code=exc.code, message=exc.detail))
+            self._queue(ErrorFrame(code=exc.code, message=exc.detail, ref=exc.ref))
             return [FrameRefused(exc, _size(data))]
         if self.phase is Phase.AWAITING_WELCOME:
             return self._handshake(frame)

@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS commands (
     updated_at   REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS commands_by_state ON commands (state, received_at);
+CREATE INDEX IF NOT EXISTS commands_by_ref ON commands (ref);
 CREATE TABLE IF NOT EXISTS outbox (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
     kind       TEXT NOT NULL,
@@ -281,6 +282,11 @@ class AgentState:
                    WHERE jti = ? AND state = 'pending_approval'""",
                 (operator, now, jti),
             )
+
+    def by_ref(self, ref: str) -> CommandRow | None:
+        """The command accepted under delivery ``ref``, if any."""
+        row = self._db.execute("SELECT * FROM commands WHERE ref = ? LIMIT 1", (ref,)).fetchone()
+        return _row_to_command(row) if row is not None else None
 
     def get(self, jti: str) -> CommandRow | None:
         row = self._db.execute("SELECT * FROM commands WHERE jti = ?", (jti,)).fetchone()

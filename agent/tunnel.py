@@ -271,9 +271,10 @@ class Tunnel:
         tasks: list[asyncio.Task[str]] = []
         try:
             await self._flush(websocket, session)  # hello
+            rearm = asyncio.Event()
             tasks = [
-                asyncio.create_task(self._read(websocket, session)),
-                asyncio.create_task(self._tick(websocket, session)),
+                asyncio.create_task(self._read(websocket, session, rearm)),
+                asyncio.create_task(self._tick(websocket, session, rearm)),
                 asyncio.create_task(self._pump(websocket)),
                 asyncio.create_task(_wait_for(stop, "agent stopping")),
             ]
@@ -315,10 +316,13 @@ class Tunnel:
         for text in session.data_to_send():
             await self._send(websocket, text)
 
-    async def _read(self, websocket: ClientConnection, session: AgentSession) -> str:
+    async def _read(
+        self, websocket: ClientConnection, session: AgentSession, rearm: asyncio.Event
+    ) -> str:
         loop = asyncio.get_running_loop()
         async for message in websocket:
             events = session.receive(message, loop.time())
+            rearm.set()  # the session's next deadline may have moved (e.g. READY after welcome)
             outcome = await self._react(websocket, session, events)
             if outcome is not None:
                 return outcome
@@ -394,10 +398,17 @@ class Tunnel:
                 frame_seq=seq,
             )
 
-    async def _tick(self, websocket: ClientConnection, session: AgentSession) -> str:
+    async def _tick(
+        self, websocket: ClientConnection, session: AgentSession, rearm: asyncio.Event
+    ) -> str:
+        """Call ``session.tick`` at each deadline it gives, recomputing the deadline whenever
+        the reader says the session changed (a frame arrived), not only when it expires."""
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(max(0.0, session.next_deadline() - loop.time()))
+            rearm.clear()
+            delay = max(0.0, session.next_deadline() - loop.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rearm.wait(), delay)
             outcome = await self._react(websocket, session, session.tick(loop.time()))
             if outcome is not None:
                 return outcome

@@ -72,6 +72,7 @@ class Hub:
         self._log = log
         self.links: dict[str, AgentLink] = {}
         self.changed = asyncio.Condition()
+        self._closing: set[asyncio.Task[None]] = set()
 
     # -- used by the API ------------------------------------------------------------------
 
@@ -101,20 +102,26 @@ class Hub:
         if hello is None:
             return
         heartbeat = self._settings.heartbeat
+        # Never give up on an agent sooner than three of its own ping intervals.
+        timeout = max(heartbeat.timeout, 3 * (hello.heartbeat_interval or 0.0))
         link = AgentLink(
             agent_id=agent_id,
             websocket=websocket,
             cert_sha256=peer.sha256,
             timer=HeartbeatTimer(
-                interval=heartbeat.interval,
-                timeout=heartbeat.timeout,
-                now=asyncio.get_running_loop().time(),
+                interval=heartbeat.interval, timeout=timeout, now=asyncio.get_running_loop().time()
             ),
         )
         previous = self.links.get(agent_id)
         if previous is not None:
+            # Close the old session in the background: over a half-open link the closing
+            # handshake would wait out its timeout, and the new session must not.
             log.warning("agent_superseded")
-            await previous.websocket.close(CloseCode.SUPERSEDED, "superseded by a new connection")
+            closing = asyncio.create_task(
+                previous.websocket.close(CloseCode.SUPERSEDED, "superseded by a new connection")
+            )
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
         self.links[agent_id] = link
         self._store.agent_connected(
             agent_id,
@@ -203,7 +210,7 @@ class Hub:
                 )
             except ProtocolError as exc:
                 log.warning("frame_rejected", reason=exc.code, detail=exc.detail)
-                await self._send(link, ErrorFrame(code=exc.code, message=exc.detail))
+                await self._send(link, ErrorFrame(code=exc.code, message=exc.detail, ref=exc.ref))
                 continue
             await self._dispatch(link, frame, log)
         ws = link.websocket

@@ -201,13 +201,22 @@ def test_agent_side_default_limit_refuses_a_control_plane_sized_frame() -> None:
         _decode_agent(_padded_ping(MAX_FRAME_TO_AGENT + 1, "a"))
 
 
-def test_token_longer_than_limit_is_malformed() -> None:
-    ok = _dumps({"type": "command", "ref": "r", "token": "a" * MAX_TOKEN_CHARS})
-    assert _decode_agent(ok) == CommandFrame(ref="r", token="a" * MAX_TOKEN_CHARS)
-    too_long = _dumps({"type": "command", "ref": "r", "token": "a" * (MAX_TOKEN_CHARS + 1)})
+def test_a_long_token_is_the_verifiers_to_refuse_not_the_codecs() -> None:
+    """The codec only bounds the frame: a token over MAX_TOKEN_CHARS still decodes, so that the
+    agent refuses it as a delivery (delivery_rejected naming the ref), docs/PROTOCOL.md §5.2."""
+    long = "a" * (MAX_TOKEN_CHARS + 1)
+    assert _decode_agent(_dumps({"type": "command", "ref": "r", "token": long})) == CommandFrame(
+        ref="r", token=long
+    )
+
+
+def test_an_error_about_a_frame_names_its_ref() -> None:
     with pytest.raises(MalformedFrame) as info:
-        _decode_agent(too_long)
-    assert info.value.code == "malformed_frame"
+        _decode_agent(_dumps({"type": "command", "ref": "r-7", "token": 5}))
+    assert info.value.ref == "r-7"
+    with pytest.raises(MalformedFrame) as unnamed:
+        _decode_agent(_dumps({"type": "command", "ref": "bad ref!", "token": "t"}))
+    assert unnamed.value.ref is None
 
 
 # -- JSON shape -----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from agent.daemon import Agent
 from agent.drivers.base import ExecContext
 from agent.drivers.process_control import workload_environment
 from agent.errors import ConfigError
-from agent.frames import Ack, DeliveryRejected, Status
+from agent.frames import Ack, DeliveryRejected, ErrorFrame, Status
 from certs.pki import PKIPaths
 from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubServer
@@ -253,3 +253,40 @@ def test_replicas_do_not_inherit_the_agents_systemd_channels(
     env = workload_environment()
     assert not {"NOTIFY_SOCKET", "WATCHDOG_USEC", "CREDENTIALS_DIRECTORY"} & set(env)
     assert env["PATH"] == os.environ["PATH"]
+
+
+async def test_a_ref_reused_for_another_token_is_refused(
+    hostile: HostileControlPlane, signer: CommandSigner, start_agent: AgentStarter
+) -> None:
+    driver = RecordingDriver()
+    await start_agent(port=hostile.port, driver=driver)
+    await hostile.connection(1)
+    first_jti, first = token(signer, "scale", {"replicas": 2})
+    await hostile.send_command("same-ref", first)
+    await hostile.next_frame(type=Status, where=lambda f: f.state == "succeeded")
+    second_jti, second = token(signer, "scale", {"replicas": 3})
+    await hostile.send_command("same-ref", second)
+    refused = await hostile.next_frame(type=DeliveryRejected)
+    assert (refused.ref, refused.reason, refused.jti) == ("same-ref", "ref_reused", second_jti)
+    assert driver.executed(second_jti) == 0
+    assert driver.executed(first_jti) == 1
+
+
+async def test_an_error_frame_names_the_ref_of_a_broken_command_frame(
+    hostile: HostileControlPlane, start_agent: AgentStarter
+) -> None:
+    await start_agent(port=hostile.port, driver=RecordingDriver())
+    await hostile.connection(1)
+    await hostile.send_raw(json.dumps({"type": "command", "ref": "r-broken", "token": 42}))
+    error = await hostile.next_frame(type=ErrorFrame)
+    assert (error.code, error.ref) == ("malformed_frame", "r-broken")
+
+
+async def test_the_agent_announces_its_heartbeat_interval(
+    hostile: HostileControlPlane, start_agent: AgentStarter
+) -> None:
+    await start_agent(port=hostile.port, driver=RecordingDriver(), heartbeat_interval=0.7)
+    connection = await hostile.connection(1)
+    assert connection.hello is not None
+    assert connection.hello.heartbeat_interval == 0.7
+    assert connection.hello.capabilities["driver"] == "recording"
