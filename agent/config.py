@@ -56,6 +56,9 @@ class CommandsConfig:
     clock_skew: float = 60.0
     max_pending: int = 64
     """Commands accepted but not finished (queued, awaiting approval, running) at any time."""
+    rate: float = 10.0
+    burst: int = 50
+    command_timeout: float = 900.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +116,8 @@ def _tunnel(t: Table) -> TunnelConfig:
             interval=t.number("heartbeat_interval", 15.0, low=0.05, high=3600.0),
             timeout=t.number("heartbeat_timeout", 45.0, low=0.1, high=7200.0),
             handshake_timeout=t.number("handshake_timeout", 10.0, low=0.1, high=300.0),
+            max_peer_errors=t.integer("max_peer_errors", 100, low=1, high=1_000_000),
+            peer_error_window=t.number("peer_error_window", 60.0, low=0.1, high=86_400.0),
         )
         backoff = BackoffSettings(
             base=t.number("backoff_base", 1.0, low=0.01, high=600.0),
@@ -141,6 +146,9 @@ def _commands(t: Table, base: Path) -> CommandsConfig:
         max_lifetime=t.number("max_lifetime", 900.0, low=1.0, high=86400.0),
         clock_skew=t.number("clock_skew", 60.0, low=0.0, high=600.0),
         max_pending=t.integer("max_pending", 64, low=1, high=10_000),
+        rate=t.number("rate", 10.0, low=0.01, high=100_000.0),
+        burst=t.integer("burst", 50, low=1, high=1_000_000),
+        command_timeout=t.number("command_timeout", 900.0, low=0.1, high=86_400.0),
     )
 
 
@@ -186,13 +194,24 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
             "backoff_cap",
             "tls_rejected_retry",
             "send_timeout",
+            "max_peer_errors",
+            "peer_error_window",
         },
         ConfigError,
     )
     commands = Table(
         "commands",
         doc["commands"],
-        {"trusted_keys", "issuers", "max_lifetime", "clock_skew", "max_pending"},
+        {
+            "trusted_keys",
+            "issuers",
+            "max_lifetime",
+            "clock_skew",
+            "max_pending",
+            "rate",
+            "burst",
+            "command_timeout",
+        },
         ConfigError,
     )
     driver_table = doc.get("driver", {"kind": "process"})

@@ -38,7 +38,7 @@ from agent.control_socket import ControlSocketServer
 from agent.drivers import load_driver_factory
 from agent.drivers.base import Driver, DriverEnvironment
 from agent.errors import AgentError, AuditError, CommandRejected, ConfigError
-from agent.executor import CommandProcessor, Operator
+from agent.executor import CommandLimits, CommandProcessor, Operator
 from agent.frames import MAX_FRAME_TO_AGENT, PROTOCOL_VERSION, Hello
 from agent.policy_file import PolicyFile
 from agent.sdnotify import SystemdNotifier, run_watchdog
@@ -206,6 +206,11 @@ class Agent:
             on_outbox=tunnel.notify_outbox,
             log=self.log.bind(component="executor"),
             agent_uid=os.geteuid(),
+            limits=CommandLimits(
+                rate=config.commands.rate,
+                burst=config.commands.burst,
+                timeout=config.commands.command_timeout,
+            ),
         )
         processor.recover()
         control = ControlSocketServer(
@@ -272,8 +277,8 @@ class Agent:
         loop.add_signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
         loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
 
-    def _deliver(self, ref: str, token: str) -> None:
-        self.parts.processor.handle_delivery(ref, token)
+    def _deliver(self, ref: str, token: str) -> bool:
+        return self.parts.processor.handle_delivery(ref, token)
 
     def _healthy(self) -> bool:
         """For the systemd watchdog: running, and every background task alive."""

@@ -34,6 +34,7 @@ from agent.audit_log import AuditLog
 from agent.commands import CollectMetrics, Command, Scale, Upgrade, parse_command
 from agent.drivers.base import Driver, ExecContext
 from agent.errors import CommandRejected, DriverError, StateError
+from agent.limits import TokenBucket
 from agent.policy import Decision, Policy, Verdict
 from agent.results import fit_result
 from agent.state import AgentState, CommandRow
@@ -83,6 +84,20 @@ def _bounded(fields: Mapping[str, object]) -> dict[str, object]:
     return out
 
 
+@dataclass(frozen=True, kw_only=True)
+class CommandLimits:
+    """Bounds on what the control plane can make the agent do (docs/PROTOCOL.md §10)."""
+
+    rate: float = 10.0
+    """Deliveries per second, sustained; more are refused as ``rate_limited``."""
+    burst: int = 50
+    timeout: float = 900.0
+    """Seconds a driver may take for one command before it is cancelled (``failed``,
+    ``timeout``)."""
+    max_outbox: int = 10_000
+    """Unacknowledged frames beyond which refused deliveries are audited but not queued."""
+
+
 class CommandProcessor:
     def __init__(
         self,
@@ -96,6 +111,7 @@ class CommandProcessor:
         on_outbox: Callable[[], None],
         log: structlog.typing.FilteringBoundLogger,
         agent_uid: int,
+        limits: CommandLimits | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._verifier = verifier
@@ -107,6 +123,8 @@ class CommandProcessor:
         self._on_outbox = on_outbox
         self._log = log
         self._agent_uid = agent_uid
+        self._limits = limits or CommandLimits()
+        self._rate = TokenBucket(rate=self._limits.rate, burst=self._limits.burst)
         self._clock = clock
         self._mutations = asyncio.Lock()
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -118,9 +136,11 @@ class CommandProcessor:
 
     # -- intake ---------------------------------------------------------------------------
 
-    def handle_delivery(self, ref: str, token: str) -> None:
-        """Process one ``command`` frame. Never raises, except AuditError: every outcome is
-        audited and reported, and without an audit log nothing may happen at all."""
+    def handle_delivery(self, ref: str, token: str) -> bool:
+        """Process one ``command`` frame; True if the command was accepted.
+
+        Never raises, except AuditError: every outcome is audited and reported, and without an
+        audit log nothing may happen at all."""
         now = self._clock()
         claimed = peek(token)
         self._audit.append(
@@ -143,11 +163,14 @@ class CommandProcessor:
             self._log.warning(
                 "delivery_rejected", ref=ref, jti=claimed.jti, reason=exc.code, detail=exc.detail
             )
-            self._state.reject_delivery(
-                ref=ref, reason=exc.code, detail=exc.detail, jti=claimed.jti, now=now
-            )
-            self._on_outbox()
-            return
+            if self._state.outbox_size() < self._limits.max_outbox:
+                self._state.reject_delivery(
+                    ref=ref, reason=exc.code, detail=exc.detail, jti=claimed.jti, now=now
+                )
+                self._on_outbox()
+            else:  # a peer that never acknowledges cannot make the outbox grow without bound
+                self._log.warning("refusal_not_queued", ref=ref, reason="outbox full")
+            return False
         self._audit.append(
             "command_verification",
             ref=ref,
@@ -161,10 +184,17 @@ class CommandProcessor:
         self._log.info("command_accepted", jti=row.jti, ref=ref, type=row.type)
         self.last_command = {"jti": row.jti, "type": row.type, "received_at": now}
         self._decide(row)
+        return True
 
     def _verify_and_claim(self, ref: str, token: str, now: float) -> CommandRow:
         if self._stopping:
             raise CommandRejected("shutting_down", "the agent is stopping; deliver again later")
+        if not self._rate.take(time.monotonic()):
+            raise CommandRejected(
+                "rate_limited",
+                f"more than {self._limits.rate:g} commands/s (burst {self._limits.burst}); "
+                "deliver again later",
+            )
         verified = self._verifier.verify(token, now=now)
         if verified.exp <= self._state.purged_until():
             # Older than anything the replay cache can still vouch for (e.g. the clock stepped
@@ -358,8 +388,22 @@ class CommandProcessor:
             self._audit.append(event, jti=jti, **fields)
 
         ctx = ExecContext(jti=jti, audit=audit, log=self._log.bind(jti=jti))
+        deadline = asyncio.timeout(self._limits.timeout)
         try:
-            result = await self._call_driver(command, ctx)
+            async with deadline:
+                result = await self._call_driver(command, ctx)
+        except TimeoutError as exc:
+            if not deadline.expired():  # the driver's own timeout, not the command's
+                self._driver_crashed(jti, started, exc)
+                return
+            self._finish_execution(
+                jti,
+                started,
+                "failed",
+                reason="timeout",
+                detail=f"the driver did not finish within {self._limits.timeout:g}s",
+                result={},
+            )
         except DriverError as exc:
             self._finish_execution(
                 jti, started, "failed", reason=exc.code, detail=exc.detail, result=exc.result
@@ -375,19 +419,22 @@ class CommandProcessor:
         except Exception as exc:  # a driver bug must not take the agent down
             if self._audit.failed:
                 raise
-            self._log.exception("driver_crashed", jti=jti)
-            self._finish_execution(
-                jti,
-                started,
-                "failed",
-                reason="internal_error",
-                detail=f"{type(exc).__name__}: {exc}",
-                result={},
-            )
+            self._driver_crashed(jti, started, exc)
         else:
             self._finish_execution(
                 jti, started, "succeeded", reason=None, detail=None, result=result
             )
+
+    def _driver_crashed(self, jti: str, started: float, exc: BaseException) -> None:
+        self._log.error("driver_crashed", jti=jti, error=repr(exc), exc_info=exc)
+        self._finish_execution(
+            jti,
+            started,
+            "failed",
+            reason="internal_error",
+            detail=f"{type(exc).__name__}: {exc}",
+            result={},
+        )
 
     async def _call_driver(self, command: Command, ctx: ExecContext) -> dict[str, object]:
         match command:

@@ -37,6 +37,7 @@ from agent.frames import (
     decode,
     encode,
 )
+from agent.limits import ErrorBudget
 
 
 class CloseCode:
@@ -49,6 +50,7 @@ class CloseCode:
     UNSUPPORTED_PROTOCOL = 4002
     HANDSHAKE_TIMEOUT = 4003
     HEARTBEAT_TIMEOUT = 4004
+    TOO_MANY_ERRORS = 4005
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,12 +58,17 @@ class HeartbeatSettings:
     interval: float = 15.0
     timeout: float = 45.0
     handshake_timeout: float = 10.0
+    max_peer_errors: int = 100
+    """Refused frames and deliveries one connection may cause per ``peer_error_window``."""
+    peer_error_window: float = 60.0
 
     def __post_init__(self) -> None:
         if not 0 < self.interval < self.timeout:
             raise ValueError("heartbeat: need 0 < interval < timeout")
         if self.handshake_timeout <= 0:
             raise ValueError("heartbeat: handshake_timeout must be positive")
+        if self.max_peer_errors < 1 or self.peer_error_window <= 0:
+            raise ValueError("need max_peer_errors >= 1 and peer_error_window > 0")
 
 
 class Phase(Enum):
@@ -152,8 +159,12 @@ class AgentSession:
         self._settings = heartbeat
         self._max_frame_bytes = max_frame_bytes
         self._started = now
+        self._now = now
         self._timer = HeartbeatTimer(
             interval=heartbeat.interval, timeout=heartbeat.timeout, now=now
+        )
+        self._errors = ErrorBudget(
+            limit=heartbeat.max_peer_errors, window=heartbeat.peer_error_window
         )
         self._outgoing: deque[str] = deque([encode(hello)])
 
@@ -179,9 +190,10 @@ class AgentSession:
             if self.phase is Phase.AWAITING_WELCOME:
                 return self._close(CloseCode.PROTOCOL_ERROR, f"bad handshake: {exc.detail}")
             self._queue(ErrorFrame(code=exc.code, message=exc.detail, ref=exc.ref))
-            return [FrameRefused(exc, _size(data))]
+            return [FrameRefused(exc, _size(data)), *self._spend_error(now)]
         if self.phase is Phase.AWAITING_WELCOME:
             return self._handshake(frame)
+        self._now = now
         return self._dispatch(frame, data)
 
     def _handshake(self, frame: Frame) -> list[Event]:
@@ -218,7 +230,20 @@ class AgentSession:
             case _:
                 error = ProtocolError(f"unexpected {frame.type} frame", code="unexpected_frame")
                 self._queue(ErrorFrame(code=error.code, message=error.detail))
-                return [FrameRefused(error, _size(data))]
+                return [FrameRefused(error, _size(data)), *self._spend_error(self._now)]
+
+    def delivery_refused(self, now: float) -> list[Event]:
+        """The agent refused a delivered command: that spends the peer's error budget too."""
+        return self._spend_error(now)
+
+    def _spend_error(self, now: float) -> list[Event]:
+        if self.phase is Phase.CLOSED or not self._errors.spend(now):
+            return []
+        return self._close(
+            CloseCode.TOO_MANY_ERRORS,
+            f"more than {self._errors.limit} refused frames or deliveries in "
+            f"{self._settings.peer_error_window:.0f}s",
+        )
 
     # -- time -----------------------------------------------------------------------------
 

@@ -80,7 +80,7 @@ class Tunnel:
         hello: Hello,
         state: AgentState,
         audit: AuditLog,
-        on_delivery: Callable[[str, str], None],
+        on_delivery: Callable[[str, str], bool],
         log: structlog.typing.FilteringBoundLogger,
         agent_id: str,
         backoff: Backoff | None = None,
@@ -333,7 +333,7 @@ class Tunnel:
     ) -> str | None:
         """Act on the session's events (audit records first), then send what it queued,
         then close if it asked to. Returns why the connection ends, if it does."""
-        close = self._handle(events)
+        close = self._handle(session, events)
         await self._flush(websocket, session)
         if close is None:
             return None
@@ -343,13 +343,16 @@ class Tunnel:
             await websocket.close(close.code, close.reason[:120])
         return close.reason
 
-    def _handle(self, events: list[Event]) -> CloseRequested | None:
-        for event in events:
+    def _handle(self, session: AgentSession, events: list[Event]) -> CloseRequested | None:
+        pending = list(events)
+        while pending:
+            event = pending.pop(0)
             match event:
                 case Welcomed(welcome=welcome):
                     self._welcomed(welcome.agent_id, welcome.server_time)
                 case CommandDelivered(ref=ref, token=token):
-                    self._on_delivery(ref, token)
+                    if not self._on_delivery(ref, token):  # refused: spends the error budget
+                        pending.extend(session.delivery_refused(asyncio.get_running_loop().time()))
                 case Acked(seq=seq):
                     self._acknowledged(seq)
                 case FrameRefused(error=error, size=size):

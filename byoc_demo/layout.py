@@ -99,6 +99,9 @@ def write_agent_files(
     shutdown_grace: float = 30.0,
     max_lifetime: float = 900.0,
     clock_skew: float = 60.0,
+    command_timeout: float = 900.0,
+    command_rate: float = 10.0,
+    command_burst: int = 50,
     stop_on_close: bool = True,
     log_level: str = "info",
     server_name: str | None = None,
@@ -158,6 +161,9 @@ trusted_keys = [{_toml(str(pki / "command-signing.pub"))}]
 issuers = [{_toml(DEMO_ISSUER)}]
 max_lifetime = {max_lifetime}
 clock_skew = {clock_skew}
+command_timeout = {command_timeout}
+rate = {command_rate}
+burst = {command_burst}
 
 [driver]
 kind = "process"

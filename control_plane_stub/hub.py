@@ -237,7 +237,7 @@ class Hub:
                     "delivery_rejected", ref=frame.ref, reason=frame.reason, detail=frame.detail
                 )
                 await self._send(link, Ack(seq=frame.seq))
-                if frame.reason == "busy":  # not now: try this delivery again in a while
+                if frame.reason in ("busy", "rate_limited"):  # not now: try again in a while
                     asyncio.get_running_loop().call_later(BUSY_RETRY, self._retry, link, frame.ref)
                 await self.notify()
             case Ping(id=ping_id):

@@ -30,7 +30,7 @@ RANK: Final = {
     **dict.fromkeys(FINAL_STATES, 5),
 }
 
-TRANSIENT_REFUSALS: Final = ("busy", "shutting_down")
+TRANSIENT_REFUSALS: Final = ("busy", "rate_limited", "shutting_down")
 """Refusals that say "not now": the command is delivered again on the next connection."""
 
 _SCHEMA: Final = """

@@ -205,7 +205,7 @@ class HostileControlPlane:
                     return frame
             return None
 
-        return await self._until(check, within, f"{type.type} frame")
+        return await self._until(check, within, f"{getattr(type, 'type', type.__name__)} frame")
 
     def frames(self, kind: type[F]) -> list[F]:
         """Every agent frame of ``kind`` received so far, returned or not."""

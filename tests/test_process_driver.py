@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import json
 import os
 import random
 import signal
 import socket
+import threading
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -633,3 +635,56 @@ async def test_a_cancelled_scale_leaves_no_unknown_process(
     assert successor.describe()["replicas"] == 0
     assert state_pids(state_dir) == set()
     assert harness.audit.violations == []
+
+
+class _Impostor(http.server.BaseHTTPRequestHandler):
+    """Another program that happens to grab the replica's port and answers every health check."""
+
+    def do_GET(self) -> None:  # the stdlib's name
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+async def test_a_port_taken_by_another_program_is_not_mistaken_for_the_replica(
+    harness: Harness,
+) -> None:
+    """The race: between choosing a free port and the replica binding it (about half a second of
+    interpreter start-up), another program takes the port. Its answers must not count as our
+    replica being healthy, and the driver must start the replica on another port."""
+    servers: list[http.server.ThreadingHTTPServer] = []
+    grabbing = True
+
+    def grab_the_port(event: str, /, **fields: object) -> None:
+        nonlocal grabbing
+        harness.audit(event, **fields)
+        port = fields.get("port")
+        if grabbing and event == "replica_starting" and isinstance(port, int):
+            grabbing = False  # written before the spawn: the impostor wins the race
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Impostor)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            servers.append(server)
+
+    ctx = ExecContext(jti="race", audit=grab_the_port, log=structlog.get_logger())
+    driver = await harness.started()
+    try:
+        result = await driver.scale(1, ctx)
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    (impostor_port,) = [s.server_address[1] for s in servers]
+    ports = result["ports"]
+    assert isinstance(ports, list)
+    (port,) = ports
+    assert port != impostor_port
+    assert await all_healthy([port])
+    assert await versions_served([port]) == ["1.0.0"]
+    starting = harness.audit.events("replica_starting")
+    assert [r["port"] for r in starting][:1] == [impostor_port]
+    assert len(starting) == 2  # one retry, on another port
+    stopped = harness.audit.events("replica_stopping")
+    assert "another process" in str(stopped[0]["reason"])

@@ -375,7 +375,7 @@ def test_closed_after_heartbeat_timeout_ignores_everything() -> None:
 )
 def test_heartbeat_settings_validation(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="heartbeat"):
-        HeartbeatSettings(**kwargs)
+        HeartbeatSettings(**kwargs)  # type: ignore[arg-type]  # only float fields vary here
 
 
 def test_heartbeat_settings_defaults() -> None:

@@ -46,7 +46,12 @@ from structlog.typing import FilteringBoundLogger
 
 from agent.drivers import metrics
 from agent.drivers.base import AuditSink, DriverEnvironment, ExecContext
-from agent.drivers.process_control import ManagedProcess, describe_exit, port_is_free
+from agent.drivers.process_control import (
+    ManagedProcess,
+    describe_exit,
+    listens_on,
+    port_is_free,
+)
 from agent.drivers.process_settings import PLACEHOLDERS, ProcessDriverSettings, render_argv
 from agent.drivers.process_state import (
     STATE_FILE,
@@ -79,6 +84,7 @@ __all__ = [
 
 TARGETS = ("workload", "host")
 _HTTP_TIMEOUT = 2.0
+_PORT_ATTEMPTS = 3
 _KILL_WAIT = 5.0
 _RESTART_DELAY_MIN = 1.0
 _RESTART_DELAY_MAX = 60.0
@@ -118,11 +124,20 @@ class _Replica:
 class _ReplicaFailed(Exception):
     """A new replica could not be started or did not become healthy (it has been stopped)."""
 
-    def __init__(self, index: int, reason: str, replica: _Replica | None = None) -> None:
+    def __init__(
+        self,
+        index: int,
+        reason: str,
+        replica: _Replica | None = None,
+        *,
+        port_conflict: bool = False,
+    ) -> None:
         super().__init__(f"replica {index}: {reason}")
         self.index = index
         self.reason = reason
         self.replica = replica
+        self.port_conflict = port_conflict
+        """Another process holds the replica's port: worth retrying on another port."""
 
 
 class ProcessDriver:
@@ -501,14 +516,21 @@ class ProcessDriver:
 
         Raises :class:`_ReplicaFailed` (after stopping it) if it does not become healthy.
         """
-        replica = await self._spawn(index, version, audit, log, reuse_port)
-        try:
-            await self._wait_healthy(replica)
-        except _ReplicaFailed as failed:
-            log.warning("replica_unhealthy", replica=index, version=version, reason=failed.reason)
-            await self._stop(replica, audit, log, reason=f"unhealthy: {failed.reason}")
-            failed.replica = replica
-            raise
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            replica = await self._spawn(index, version, audit, log, reuse_port)
+            try:
+                await self._wait_healthy(replica)
+            except _ReplicaFailed as failed:
+                log.warning(
+                    "replica_unhealthy", replica=index, version=version, reason=failed.reason
+                )
+                await self._stop(replica, audit, log, reason=f"unhealthy: {failed.reason}")
+                failed.replica = replica
+                if failed.port_conflict and attempt < _PORT_ATTEMPTS:
+                    reuse_port = None  # another process took the port: try another one
+                    continue
+                raise
+            break
         audit(
             "replica_healthy",
             replica=index,
@@ -569,9 +591,12 @@ class ProcessDriver:
         last = "no answer"
         while True:
             if not replica.proc.running:
+                taken = not port_is_free(self.settings.host, replica.port)
                 raise _ReplicaFailed(
                     replica.index,
-                    f"{describe_exit(replica.proc.returncode)} before it was healthy",
+                    f"{describe_exit(replica.proc.returncode)} before it was healthy"
+                    + (f" (port {replica.port} is held by another process)" if taken else ""),
+                    port_conflict=taken,
                 )
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -585,7 +610,14 @@ class ProcessDriver:
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             else:
                 if response.status_code == httpx.codes.OK:
-                    return
+                    if listens_on(replica.proc.pid, replica.port):
+                        return
+                    # Someone else answered on our port: it is not our replica that is healthy.
+                    raise _ReplicaFailed(
+                        replica.index,
+                        f"port {replica.port} is answered by another process",
+                        port_conflict=True,
+                    )
                 body = response.text.strip()[:200]
                 last = f"HTTP {response.status_code} {body}".rstrip()
             await asyncio.sleep(self.settings.health_poll_interval)

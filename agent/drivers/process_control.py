@@ -139,6 +139,26 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def listens_on(pid: int, port: int) -> bool:
+    """Does process ``pid`` (or one of its descendants) hold a listening socket on ``port``?
+
+    A health check must only count an answer from our own replica: another process may hold the
+    port (it was taken between choosing it and the replica binding it)."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for proc in processes:
+        try:
+            connections = proc.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in connections):
+            return True
+    return False
+
+
 def workload_environment() -> dict[str, str]:
     """The agent's environment minus what belongs to the agent alone: systemd's notification
     socket and watchdog, and the credentials directory systemd may hand the agent."""
