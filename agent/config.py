@@ -35,6 +35,13 @@ class ControlPlaneConfig:
     server_name: str | None = None
     """Verify the server certificate (and send SNI) for this name instead of the URL's host."""
     connect_timeout: float = 10.0
+    connect_to: tuple[str, int] | None = None
+    """Dial this address instead of the URL's host (a private endpoint); TLS still verifies
+    ``verify_name``. Not used through a proxy."""
+    proxy: str = "environment"
+    """``environment`` (HTTPS_PROXY / NO_PROXY), ``none``, or ``http(s)://host:port``."""
+    proxy_credentials_file: Path | None = None
+    """A file holding ``user:password`` for the proxy (mode 0600), instead of the URL."""
 
     @property
     def verify_name(self) -> str:
@@ -98,6 +105,7 @@ def _control_plane(t: Table, base: Path) -> ControlPlaneConfig:
         raise ConfigError(f"control_plane.url: {exc}") from exc
     if not 0 < port < 65536:
         raise ConfigError(f"control_plane.url: port {port} is not a valid port")
+    credentials = t.optional_string("proxy_credentials_file")
     return ControlPlaneConfig(
         url=url,
         host=parts.hostname,
@@ -107,7 +115,38 @@ def _control_plane(t: Table, base: Path) -> ControlPlaneConfig:
         client_key=_path(base, t.string("client_key")),
         server_name=t.optional_string("server_name"),
         connect_timeout=t.number("connect_timeout", 10.0, low=0.1, high=300.0),
+        connect_to=_connect_to(t.optional_string("connect_to"), port),
+        proxy=_proxy(t.string("proxy", "environment")),
+        proxy_credentials_file=_path(base, credentials) if credentials else None,
     )
+
+
+def _connect_to(value: str | None, default_port: int) -> tuple[str, int] | None:
+    """``10.0.0.5``, ``10.0.0.5:8443``, ``fd00::5``, ``[fd00::5]:8443`` or a host name."""
+    if value is None:
+        return None
+    bare_ipv6 = value.count(":") > 1 and not value.startswith("[")
+    parts = urlsplit(f"//[{value}]" if bare_ipv6 else f"//{value}")
+    try:
+        port = parts.port or default_port
+    except ValueError as exc:
+        raise ConfigError(f"control_plane.connect_to: {exc}") from exc
+    if not parts.hostname or parts.path or parts.username:
+        raise ConfigError("control_plane.connect_to must be HOST or HOST:PORT")
+    return parts.hostname, port
+
+
+def _proxy(value: str) -> str:
+    if value in ("environment", "none"):
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            "control_plane.proxy must be 'environment', 'none' or an http(s)://host:port URL"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError("control_plane.proxy must not have a path, query or fragment")
+    return value
 
 
 def _tunnel(t: Table) -> TunnelConfig:
@@ -180,7 +219,17 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
     control_plane = Table(
         "control_plane",
         doc["control_plane"],
-        {"url", "ca_bundle", "client_cert", "client_key", "server_name", "connect_timeout"},
+        {
+            "url",
+            "ca_bundle",
+            "client_cert",
+            "client_key",
+            "server_name",
+            "connect_timeout",
+            "connect_to",
+            "proxy",
+            "proxy_credentials_file",
+        },
         ConfigError,
     )
     tunnel = Table(

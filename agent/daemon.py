@@ -372,6 +372,7 @@ class Agent:
                 "cipher": connection.cipher,
                 "since": connection.since,
             },
+            "route": parts.tunnel.route,
             "reconnects": parts.tunnel.reconnects,
             "consecutive_failures": parts.tunnel.consecutive_failures,
             "last_error": parts.tunnel.last_error,

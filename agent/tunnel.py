@@ -17,16 +17,22 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidMessage,
+    InvalidProxyStatus,
+    InvalidStatus,
+)
 from websockets.protocol import State
 
 from agent.audit_log import AuditLog
 from agent.backoff import Backoff
 from agent.config import ControlPlaneConfig, TunnelConfig
+from agent.egress import route_for
 from agent.errors import AuditError, ConfigError, TLSRejected
 from agent.frames import (
     FINAL_STATES,
@@ -104,6 +110,8 @@ class Tunnel:
         self.ready = asyncio.Event()
         self.reconnects = 0
         self.last_error: str | None = None
+        self.route = "direct"
+        """How the last attempt went out (redacted): direct, direct to X, via proxy Y."""
         self._closed_after_handshake = 0
         self._ready_since: float | None = None
         self._stable_after = max(STABLE_AFTER, 2 * settings.heartbeat.interval)
@@ -157,10 +165,15 @@ class Tunnel:
         """Connect once and serve the connection; return the delay before the next attempt."""
         try:
             context = self._ssl_context()
+            route = route_for(self._cp)
         except ConfigError as exc:
             self.last_error = str(exc)
-            self._log.error("tls_material_unusable", error=str(exc))
+            self._log.error("connection_settings_unusable", error=str(exc))
             return self._backoff.tls_rejected_delay()
+        self.route = route.describe()
+        direct: dict[str, Any] = {}  # create_connection() keywords for a private endpoint
+        if route.host is not None:
+            direct = {"host": route.host, "port": route.port}
         try:
             websocket = await connect(
                 self._cp.url,
@@ -171,8 +184,9 @@ class Tunnel:
                 close_timeout=5,
                 max_size=WEBSOCKET_MAX_SIZE,
                 compression=None,
-                proxy=None,
+                proxy=route.proxy,
                 user_agent_header=f"byoc-agent/{self._hello.agent_version}",
+                **direct,
             )
         except Exception as exc:
             return self._connect_failed(exc)
@@ -208,6 +222,23 @@ class Tunnel:
             self._closed_after_handshake = 0
         if rejected is not None:
             return self._tls_rejected(rejected)
+        if isinstance(exc, InvalidProxyStatus):
+            status = exc.response.status_code
+            self.last_error = f"the proxy refused the connection: HTTP {status} ({self.route})"
+            if status in (401, 403, 407):  # credentials or proxy policy: needs a person
+                delay = self._backoff.tls_rejected_delay()
+                self._audit.append(
+                    "connection_failed",
+                    url=self._cp.url,
+                    reason="proxy_refused",
+                    status=status,
+                    route=self.route,
+                )
+                self._log.error("proxy_refused", status=status, route=self.route)
+                self._on_state(f"proxy refused the connection (HTTP {status})")
+                return delay
+            self._log.warning("proxy_failed", status=status, route=self.route)
+            return self._backoff.next_delay()
         if isinstance(exc, InvalidStatus) and 400 <= exc.response.status_code < 500:
             self.last_error = (
                 f"control plane refused the connection: HTTP {exc.response.status_code}"
@@ -217,7 +248,11 @@ class Tunnel:
         self.last_error = f"{type(exc).__name__}: {exc}"
         delay = self._backoff.next_delay()
         self._log.warning(
-            "connect_failed", url=self._cp.url, error=self.last_error, retry_in_s=round(delay, 3)
+            "connect_failed",
+            url=self._cp.url,
+            route=self.route,
+            error=self.last_error,
+            retry_in_s=round(delay, 3),
         )
         return delay
 
@@ -258,6 +293,7 @@ class Tunnel:
         self._audit.append(
             "connection_up",
             url=self._cp.url,
+            route=self.route,
             peer_cert_sha256=peer.sha256,
             peer_subject=peer.subject_cn,
             tls_version=self.connection.tls_version,

@@ -105,6 +105,10 @@ def write_agent_files(
     stop_on_close: bool = True,
     log_level: str = "info",
     server_name: str | None = None,
+    control_plane_host: str = "localhost",
+    connect_to: str | None = None,
+    proxy: str | None = None,
+    proxy_credentials_file: Path | None = None,
 ) -> DemoPaths:
     """Write an agent configuration and policy under ``root``; return where everything is.
 
@@ -130,7 +134,16 @@ def write_agent_files(
         f"[driver.process.versions.{_toml(version)}]\nargv = {_toml(spec['argv'])}\n"
         for version, spec in versions.items()
     )
-    server_name_line = f"server_name = {_toml(server_name)}\n" if server_name else ""
+    optional = {
+        "server_name": server_name,
+        "connect_to": connect_to,
+        "proxy": proxy,
+        "proxy_credentials_file": str(proxy_credentials_file) if proxy_credentials_file else None,
+    }
+    server_name_line = "".join(
+        f"{key} = {_toml(value)}\n" for key, value in optional.items() if value is not None
+    )
+    host = f"[{control_plane_host}]" if ":" in control_plane_host else control_plane_host
     paths.config.write_text(
         f"""\
 # byoc-agent configuration (demo). Reference: systemd/agent.toml.
@@ -144,7 +157,7 @@ shutdown_grace = {shutdown_grace}
 log_level = {_toml(log_level)}
 
 [control_plane]
-url = "wss://localhost:{control_plane_port}/v1/agent"
+url = "wss://{host}:{control_plane_port}/v1/agent"
 {server_name_line}ca_bundle = {_toml(str(pki / "server-ca.pem"))}
 client_cert = {_toml(str(pki / "agents" / f"{agent_id}.pem"))}
 client_key = {_toml(str(pki / "agents" / f"{agent_id}.key"))}

@@ -1,0 +1,97 @@
+"""How the agent reaches the control plane: directly, to another address (a private endpoint),
+or through an HTTP CONNECT proxy.
+
+Chosen afresh for every connection attempt (so a changed environment or credentials file is
+picked up), from ``[control_plane]``:
+
+- ``proxy = "environment"`` (the default): the standard ``HTTPS_PROXY`` / ``https_proxy``
+  variables, with ``NO_PROXY`` / ``no_proxy`` exceptions;
+- ``proxy = "none"``: always direct;
+- ``proxy = "http://host:port"`` (or ``https://``): this proxy.
+
+Proxy credentials come from the proxy URL or, better, from ``proxy_credentials_file`` (one line
+``user:password``, mode 0600 or it is refused), and never reach a log: :func:`redact_url`.
+TLS is end to end through the proxy: the proxy sees only the host name in ``CONNECT``.
+
+``connect_to`` dials another address than the URL's host (a VPC/PrivateLink endpoint); the
+certificate is still verified for the URL's host or ``server_name``. It applies to direct
+connections only: through a proxy, the proxy resolves the URL's host.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+from websockets.proxy import get_proxy
+from websockets.uri import parse_uri
+
+from agent.config import ControlPlaneConfig
+from agent.errors import ConfigError
+from agent.tls import check_private_key_file
+
+
+@dataclass(frozen=True)
+class Route:
+    proxy: str | None
+    """The proxy URL to use (credentials included), or None for a direct connection."""
+    host: str | None = None
+    """The address to dial instead of the URL's host (direct connections only)."""
+    port: int | None = None
+
+    def describe(self) -> str:
+        if self.proxy is not None:
+            return f"via proxy {redact_url(self.proxy)}"
+        if self.host is not None:
+            return f"direct to {self.host}:{self.port}"
+        return "direct"
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password (for logs and audit records)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _with_credentials(proxy: str, file: Path) -> str:
+    check_private_key_file(file)  # same rule as a key: readable by the agent's user only
+    try:
+        user, sep, password = file.read_text().strip().partition(":")
+    except OSError as exc:
+        raise ConfigError(f"cannot read proxy credentials {file}: {exc.strerror}") from exc
+    if not sep or not user:
+        raise ConfigError(f"proxy credentials {file} must hold one line 'user:password'")
+    parts = urllib.parse.urlsplit(proxy)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    quote = urllib.parse.quote
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def route_for(cp: ControlPlaneConfig) -> Route:
+    """The route for the next connection attempt (reads the environment and files now)."""
+    if cp.proxy == "none":
+        proxy = None
+    elif cp.proxy == "environment":
+        proxy = get_proxy(parse_uri(cp.url))  # HTTPS_PROXY, honouring NO_PROXY
+    else:
+        proxy = cp.proxy
+    if proxy is not None:
+        if cp.proxy_credentials_file is not None:
+            proxy = _with_credentials(proxy, cp.proxy_credentials_file)
+        return Route(proxy=proxy)
+    if cp.connect_to is not None:
+        host, port = cp.connect_to
+        return Route(proxy=None, host=host, port=port)
+    return Route(proxy=None)
