@@ -118,11 +118,19 @@ class AuditSummary:
 
 
 class ChainVerifier:
-    """Feed it the lines of a log in order; it raises at the first bad record."""
+    """Feed it the lines of a log in order; it raises at the first bad record.
 
-    def __init__(self, start: ChainHead | None = None) -> None:
+    ``anchors`` are chain heads kept elsewhere (by the control plane): ``{seq: hash}``. A record
+    with an anchored ``seq`` must have that hash (else the log was rewritten from there on), and
+    :meth:`finish` checks that the log reaches every anchor (else records were cut off the end).
+    """
+
+    def __init__(
+        self, start: ChainHead | None = None, anchors: Mapping[int, str] | None = None
+    ) -> None:
         self.summary = AuditSummary(head=start or ChainHead())
         self._line = 0
+        self._anchors = dict(anchors or {})
 
     def feed(self, line: bytes) -> None:
         self._line += 1
@@ -156,6 +164,13 @@ class ChainVerifier:
             )
         if canonical(record) + b"\n" != line:
             raise AuditIntegrityError(self._line, "record is not in canonical form (edited)")
+        anchored = self._anchors.get(int(str(record["seq"])))
+        if anchored is not None and anchored != record["hash"]:
+            raise AuditIntegrityError(
+                self._line,
+                f"record seq={record['seq']} differs from the anchor the control plane holds "
+                "(the log was rewritten from here on)",
+            )
         summary = self.summary
         summary.records += 1
         summary.head = ChainHead(int(str(record["seq"])), str(record["hash"]))
@@ -163,9 +178,24 @@ class ChainVerifier:
         summary.last_ts = str(record["ts"])
         summary.events[str(record["event"])] += 1
 
+    def finish(self) -> AuditSummary:
+        """Call after the last line: every anchor must have been reached."""
+        beyond = [seq for seq in self._anchors if seq > self.summary.head.seq]
+        if beyond:
+            raise AuditIntegrityError(
+                self._line + 1,
+                f"the log ends at seq {self.summary.head.seq} but the control plane holds an "
+                f"anchor for seq {max(beyond)} (records were removed from the end)",
+            )
+        return self.summary
 
-def verify_lines(lines: Iterable[bytes], start: ChainHead | None = None) -> AuditSummary:
-    verifier = ChainVerifier(start)
+
+def verify_lines(
+    lines: Iterable[bytes],
+    start: ChainHead | None = None,
+    anchors: Mapping[int, str] | None = None,
+) -> AuditSummary:
+    verifier = ChainVerifier(start, anchors)
     for line in lines:
         verifier.feed(line)
-    return verifier.summary
+    return verifier.finish()

@@ -165,12 +165,14 @@ def iter_lines(path: Path) -> Iterator[bytes]:
         yield from handle
 
 
-def verify_file(path: Path) -> ChainVerifier:
-    """Verify a whole log file; raises :class:`AuditIntegrityError` at the first bad record."""
-    verifier = ChainVerifier()
+def verify_file(path: Path, anchors: Mapping[int, str] | None = None) -> ChainVerifier:
+    """Verify a whole log file (against ``anchors``, ``{seq: hash}``, if given); raises
+    :class:`AuditIntegrityError` at the first bad record."""
+    verifier = ChainVerifier(anchors=anchors)
     try:
         for line in iter_lines(path):
             verifier.feed(line)
     except OSError as exc:
         raise AuditError(f"cannot read {path}: {exc}") from exc
+    verifier.finish()
     return verifier

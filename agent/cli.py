@@ -127,10 +127,20 @@ def cmd_decide(args: argparse.Namespace) -> int:
     return 0
 
 
+def _anchor(value: str) -> tuple[int, str]:
+    seq, sep, digest = value.partition(":")
+    if not sep or not seq.isdigit() or len(digest) != 64:
+        raise argparse.ArgumentTypeError(
+            f"expected SEQ:HASH (from `cp-stub anchor`), got {value!r}"
+        )
+    return int(seq), digest.lower()
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     path = Path(args.path)
+    anchors = dict(args.anchor or [])
     try:
-        summary = verify_file(path).summary
+        summary = verify_file(path, anchors).summary
     except AuditIntegrityError as exc:
         print(f"{path}: FAILED at line {exc.line}: {exc.reason}", file=sys.stderr)
         return EXIT_FAILURE
@@ -143,6 +153,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         f"{summary.first_ts} .. {summary.last_ts}"
     )
     print(f"head: {summary.head.hash}")
+    if anchors:
+        print(f"anchors: {len(anchors)} checked, the log reaches and matches each")
     print(f"events: {events}")
     return 0
 
@@ -210,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = audit.add_parser("verify", help="verify the hash chain of an audit log")
     p.add_argument("path")
+    p.add_argument(
+        "--anchor",
+        type=_anchor,
+        action="append",
+        metavar="SEQ:HASH",
+        help="a chain head held by the control plane (`cp-stub anchor AGENT`); detects a "
+        "truncated or rewritten tail",
+    )
     p.set_defaults(func=cmd_audit_verify)
 
     policy = sub.add_parser("policy", help="policy tools").add_subparsers(

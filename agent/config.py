@@ -196,6 +196,8 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
         doc = tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    except (RecursionError, ValueError) as exc:  # absurd nesting, 5,000-digit integers
+        raise ConfigError(f"{source}: not a usable configuration: {type(exc).__name__}") from exc
     root = Table(
         "config", doc, {"agent", "control_plane", "tunnel", "commands", "driver"}, ConfigError
     )

@@ -41,13 +41,14 @@ from agent.errors import AgentError, AuditError, CommandRejected, ConfigError
 from agent.executor import CommandLimits, CommandProcessor, Operator
 from agent.frames import MAX_FRAME_TO_AGENT, PROTOCOL_VERSION, Hello
 from agent.policy_file import PolicyFile
+from agent.receipts import ReceiptKeyFiles
 from agent.sdnotify import SystemdNotifier, run_watchdog
 from agent.state import AgentState
 from agent.tls import certificate_common_name, check_private_key_file, client_context
 from agent.tunnel import Tunnel
 from agent.verifier import CommandVerifier, TrustedKeys, VerifierSettings
 
-PURGE_INTERVAL: Final = 60.0
+HOUSEKEEPING_INTERVAL: Final = 60.0
 FLUSH_ON_STOP: Final = 5.0
 
 
@@ -211,6 +212,9 @@ class Agent:
                 burst=config.commands.burst,
                 timeout=config.commands.command_timeout,
             ),
+            receipt_signer=ReceiptKeyFiles(
+                self.agent_id, config.control_plane.client_cert, config.control_plane.client_key
+            ),
         )
         processor.recover()
         control = ControlSocketServer(
@@ -231,7 +235,7 @@ class Agent:
         tunnel_stop = asyncio.Event()
         background = [
             asyncio.create_task(tunnel.run(tunnel_stop), name="tunnel"),
-            asyncio.create_task(self._purge_loop(processor), name="purge"),
+            asyncio.create_task(self._housekeeping(processor, state), name="housekeeping"),
         ]
         if self._notifier.watchdog_interval is not None:  # systemd asked for a watchdog
             background.append(
@@ -284,9 +288,16 @@ class Agent:
         """For the systemd watchdog: running, and every background task alive."""
         return not self._stop.is_set() and all(not t.done() for t in self._background)
 
-    async def _purge_loop(self, processor: CommandProcessor) -> None:
+    async def _housekeeping(self, processor: CommandProcessor, state: AgentState) -> None:
+        """Every minute: forget expired commands, and anchor the audit head if it moved."""
+        anchored = -1
         while True:
-            await asyncio.sleep(PURGE_INTERVAL)
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            head = self.audit.head
+            if head.seq != anchored:
+                state.queue_anchor(audit_seq=head.seq, audit_hash=head.hash, now=time.time())
+                self.parts.tunnel.notify_outbox()
+                anchored = head.seq
             purged = processor.purge()
             if purged:
                 self.log.info("replay_cache_purged", commands=purged)

@@ -34,8 +34,10 @@ from agent.audit_log import AuditLog
 from agent.commands import CollectMetrics, Command, Scale, Upgrade, parse_command
 from agent.drivers.base import Driver, ExecContext
 from agent.errors import CommandRejected, DriverError, StateError
+from agent.frames import FINAL_STATES
 from agent.limits import TokenBucket
 from agent.policy import Decision, Policy, Verdict
+from agent.receipts import ReceiptInvalid, ReceiptSigner
 from agent.results import fit_result
 from agent.state import AgentState, CommandRow
 from agent.verifier import CommandVerifier, peek, token_sha256
@@ -112,6 +114,7 @@ class CommandProcessor:
         log: structlog.typing.FilteringBoundLogger,
         agent_uid: int,
         limits: CommandLimits | None = None,
+        receipt_signer: Callable[[], ReceiptSigner | None] = lambda: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._verifier = verifier
@@ -124,6 +127,7 @@ class CommandProcessor:
         self._log = log
         self._agent_uid = agent_uid
         self._limits = limits or CommandLimits()
+        self._receipt_signer = receipt_signer
         self._rate = TokenBucket(rate=self._limits.rate, burst=self._limits.burst)
         self._clock = clock
         self._mutations = asyncio.Lock()
@@ -471,9 +475,35 @@ class CommandProcessor:
     # -- state changes --------------------------------------------------------------------
 
     def _transition(self, jti: str, state: str, **fields: Any) -> CommandRow:
-        row = self._state.transition(jti, state, now=self._clock(), **fields)
+        now = self._clock()
+        if state in FINAL_STATES:
+            fields["receipt"] = self._receipt(jti, state, now, fields)
+        row = self._state.transition(jti, state, now=now, **fields)
+        if state in FINAL_STATES:
+            head = self._audit.head  # every record about this command is written by now
+            self._state.queue_anchor(audit_seq=head.seq, audit_hash=head.hash, now=now)
         self._on_outbox()
         return row
+
+    def _receipt(self, jti: str, state: str, now: float, fields: Mapping[str, Any]) -> str | None:
+        """Sign the final report with the agent's own key; None (logged) if the key is not
+        usable right now: the result still goes out, unsigned."""
+        row = self._state.get(jti)
+        try:
+            signer = self._receipt_signer()
+            if signer is None or row is None:
+                return None
+            return signer.sign(
+                jti=jti,
+                ref=row.ref,
+                state=state,
+                reason=fields.get("reason"),
+                result=fields.get("result"),
+                at=now,
+            )
+        except ReceiptInvalid as exc:
+            self._log.error("receipt_not_signed", jti=jti, error=str(exc))
+            return None
 
     def _finish_rejected(self, jti: str, reason: str, detail: str) -> CommandRow:
         self._log.info("command_rejected", jti=jti, reason=reason, detail=detail)

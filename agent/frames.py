@@ -34,6 +34,7 @@ MAX_TEXT_CHARS: Final = 1024
 
 ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CODE_PATTERN: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
+HASH_PATTERN: Final = re.compile(r"[0-9a-f]{64}")
 
 # Command states, in the order a command moves through them (docs/PROTOCOL.md §6).
 COMMAND_STATES: Final = (
@@ -122,6 +123,20 @@ class Status(Frame):
     reason: str | None = None
     detail: str | None = None
     result: Mapping[str, object] | None = None
+    receipt: str | None = None
+    """For final states: a JWS signed with the agent's own key over this report (§6.6)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Anchor(Frame):
+    """Agent -> control plane: the head of the agent's audit chain, for the control plane to
+    keep (so that a log truncated or rewritten later on the host can be detected)."""
+
+    type: ClassVar[str] = "anchor"
+    seq: int
+    audit_seq: int
+    audit_hash: str
+    at: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -337,6 +352,22 @@ def _status(body: Mapping[str, Any]) -> Frame:
         reason=reason,
         detail=_text(_opt(body, "detail", str)),
         result=_opt(body, "result", dict),
+        receipt=_opt(body, "receipt", str),
+    )
+
+
+def _anchor(body: Mapping[str, Any]) -> Frame:
+    audit_hash = _req(body, "audit_hash", str)
+    if not HASH_PATTERN.fullmatch(audit_hash):
+        raise MalformedFrame("anchor frame: audit_hash must be 64 lowercase hex digits")
+    audit_seq = _req(body, "audit_seq", int)
+    if not 0 < audit_seq < 2**63:
+        raise MalformedFrame("anchor frame: audit_seq is out of range")
+    return Anchor(
+        seq=_seq(body, "seq"),
+        audit_seq=audit_seq,
+        audit_hash=audit_hash,
+        at=_req(body, "at", float),
     )
 
 
@@ -373,6 +404,7 @@ _PARSERS: Final[dict[str, Callable[[Mapping[str, Any]], Frame]]] = {
     "ack": lambda b: Ack(seq=_seq(b, "seq")),
     "status": _status,
     "delivery_rejected": _delivery_rejected,
+    "anchor": _anchor,
     "ping": lambda b: Ping(id=_ping_id(b)),
     "pong": lambda b: Pong(id=_ping_id(b)),
     "error": _error,
@@ -380,7 +412,7 @@ _PARSERS: Final[dict[str, Callable[[Mapping[str, Any]], Frame]]] = {
 
 TO_AGENT: Final = frozenset({"welcome", "command", "ack", "ping", "pong", "error"})
 TO_CONTROL_PLANE: Final = frozenset(
-    {"hello", "status", "delivery_rejected", "ping", "pong", "error"}
+    {"hello", "status", "delivery_rejected", "anchor", "ping", "pong", "error"}
 )
 
 

@@ -121,6 +121,8 @@ class Policy:
             doc = tomllib.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise PolicyError(f"not valid TOML: {exc}") from exc
+        except (RecursionError, ValueError) as exc:  # absurd nesting, 5,000-digit integers
+            raise PolicyError(f"not a usable policy: {type(exc).__name__}") from exc
         unknown = sorted(set(doc) - {"version", "scale", "upgrade", "collect_metrics", "approvals"})
         if unknown:
             raise PolicyError(f"unknown top-level key(s) {unknown}")

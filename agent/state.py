@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from agent import sqlite_db
 from agent.errors import StateError
-from agent.frames import FINAL_STATES, DeliveryRejected, Frame, Status
+from agent.frames import FINAL_STATES, Anchor, DeliveryRejected, Frame, Status
 from agent.verifier import VerifiedToken
 
 SCHEMA_VERSION: Final = 1
@@ -120,6 +120,8 @@ class OutboxRow:
     def frame(self) -> Frame:
         if self.kind == Status.type:
             return Status(seq=self.seq, **self.body)
+        if self.kind == Anchor.type:
+            return Anchor(seq=self.seq, **self.body)
         return DeliveryRejected(seq=self.seq, **self.body)
 
 
@@ -238,6 +240,7 @@ class AgentState:
         detail: str | None = None,
         result: Mapping[str, Any] | None = None,
         approved_by: str | None = None,
+        receipt: str | None = None,
     ) -> CommandRow:
         """Move a command to ``state`` and queue the status frame, atomically."""
         with self._tx() as db:
@@ -269,6 +272,7 @@ class AgentState:
                 reason=reason,
                 detail=detail,
                 result=result,
+                receipt=receipt,
             )
             row = db.execute("SELECT * FROM commands WHERE jti = ?", (jti,)).fetchone()
         return _row_to_command(row)
@@ -357,6 +361,18 @@ class AgentState:
             db.execute(
                 "INSERT INTO outbox (kind, body, jti, state, created_at) VALUES (?, ?, NULL, ?, ?)",
                 (DeliveryRejected.type, json.dumps(body), "rejected", now),
+            )
+
+    def queue_anchor(self, *, audit_seq: int, audit_hash: str, now: float) -> None:
+        """Queue the audit chain head for the control plane. Only the newest anchor matters, so
+        it replaces any anchor still waiting (the outbox never holds more than one)."""
+        body = {"audit_seq": audit_seq, "audit_hash": audit_hash, "at": now}
+        with self._tx() as db:
+            db.execute("DELETE FROM outbox WHERE kind = ?", (Anchor.type,))
+            db.execute(
+                """INSERT INTO outbox (kind, body, jti, state, created_at)
+                   VALUES (?, ?, NULL, NULL, ?)""",
+                (Anchor.type, json.dumps(body), now),
             )
 
     def outbox_after(self, seq: int, limit: int = 256) -> list[OutboxRow]:

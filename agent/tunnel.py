@@ -38,6 +38,7 @@ from agent.frames import (
     FINAL_STATES,
     MAX_FRAME_TO_AGENT,
     MAX_FRAME_TO_CONTROL_PLANE,
+    Anchor,
     DeliveryRejected,
     Hello,
     Status,
@@ -426,6 +427,8 @@ class Tunnel:
         self._acked.set()
         if row is None:
             return
+        if row.kind == Anchor.type:
+            return  # no record: it would move the head the anchor just reported
         if row.kind == Status.type and row.state in FINAL_STATES:
             self._audit.append("result_delivered", jti=row.jti, state=row.state, frame_seq=seq)
         elif row.kind != Status.type:
@@ -480,8 +483,7 @@ class Tunnel:
             frame = dataclasses.replace(
                 frame, result={"truncated": True}, detail=f"result could not be sent: {problem}"
             )
-        else:
-            assert isinstance(frame, DeliveryRejected)  # noqa: S101  # the two outbox kinds
+        elif isinstance(frame, DeliveryRejected):
             frame = dataclasses.replace(frame, detail=frame.detail[:200], jti=None)
         return encode(frame)
 

@@ -229,6 +229,8 @@ class CommandVerifier:
     def _check_shape_and_header(self, token: str) -> dict[str, Any]:
         if len(token) > MAX_TOKEN_CHARS:
             raise CommandRejected("malformed_token", f"token longer than {MAX_TOKEN_CHARS} chars")
+        if not token.isascii():  # the compact serialization is base64url and dots only
+            raise CommandRejected("malformed_token", "token is not ASCII")
         if "=" in token:  # RFC 7515 §2: base64url without padding; one encoding per token
             raise CommandRejected("malformed_token", "base64url padding is not allowed")
         parts = token.split(".")

@@ -3,6 +3,7 @@
     GET  /v1/healthz
     GET  /v1/agents                                   all agents ever seen
     GET  /v1/agents/{agent_id}?wait_connected=S       one agent; optionally wait until connected
+    GET  /v1/agents/{agent_id}/anchors                audit chain heads the agent reported
     POST /v1/agents/{agent_id}/commands               {"type", "params", "ttl"?}: sign and queue
     POST /v1/agents/{agent_id}/commands/signed        {"token"}: relay a token signed elsewhere
     GET  /v1/commands?agent_id=&final=1&limit=        newest first
@@ -130,6 +131,7 @@ class OperatorApi:
                 web.get("/v1/healthz", self.healthz),
                 web.get("/v1/agents", self.list_agents),
                 web.get("/v1/agents/{agent_id}", self.get_agent),
+                web.get("/v1/agents/{agent_id}/anchors", self.list_anchors),
                 web.post("/v1/agents/{agent_id}/commands", self.send_command),
                 web.post("/v1/agents/{agent_id}/commands/signed", self.relay_command),
                 web.get("/v1/commands", self.list_commands),
@@ -154,6 +156,9 @@ class OperatorApi:
         if agent is None:
             raise UnknownAgent(f"agent {agent_id!r} has never connected")
         return web.json_response({"agent": agent})
+
+    async def list_anchors(self, request: web.Request) -> web.Response:
+        return web.json_response({"anchors": self._store.anchors(_agent_id(request))})
 
     async def send_command(self, request: web.Request) -> web.Response:
         agent_id = _agent_id(request)
@@ -226,6 +231,7 @@ class OperatorApi:
             {
                 "command": record.to_json(with_token=request.query.get("include_token") == "1"),
                 "history": self._store.history(ref),
+                "receipt": self._store.receipt(ref),
                 "timed_out": timed_out,
             }
         )

@@ -9,6 +9,7 @@
     cp-stub sign --key PEM --issuer NAME AGENT TYPE [--param K=JSON ...]   sign offline, print token
     cp-stub results [--agent AGENT]
     cp-stub show REF [--token]
+    cp-stub anchor AGENT                          latest audit head (for audit verify --anchor)
     cp-stub wait REF [--for final]
 
 Client commands talk to ``--api`` (default ``$CP_STUB_API`` or http://127.0.0.1:8080).
@@ -172,9 +173,28 @@ async def cmd_show(args: argparse.Namespace, client: StubClient) -> int:
         print(answer["command"]["token"])
     else:
         print(describe(answer["command"]))
+        receipt = answer.get("receipt")
+        if receipt:
+            print(f"  receipt: {receipt['status']} (signed by the agent's certificate key)")
         for event in answer["history"]:
             print(f"  {event['state']:<17} {event.get('reason') or ''} {event.get('detail') or ''}")
     return 0
+
+
+async def cmd_anchor(args: argparse.Namespace, client: StubClient) -> int:
+    anchors = await client.anchors(args.agent)
+    if args.json:
+        print(json.dumps(anchors, indent=2))
+        return 0
+    if not anchors:
+        print(f"cp-stub: no audit anchor from {args.agent} yet", file=sys.stderr)
+        return EXIT_FAILURE
+    conflicts = [a for a in anchors if a["conflict"]]
+    for anchor in conflicts:
+        print(f"CONFLICT: seq {anchor['audit_seq']} was reported with two hashes", file=sys.stderr)
+    latest = anchors[0]
+    print(f"{latest['audit_seq']}:{latest['audit_hash']}")
+    return EXIT_FAILURE if conflicts else 0
 
 
 async def cmd_wait(args: argparse.Namespace, client: StubClient) -> int:
@@ -281,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", action="store_true", help="print only the command's token")
     p.add_argument("ref")
     p.set_defaults(func=cmd_show, client=True)
+
+    p = sub.add_parser("anchor", help="the latest audit chain head an agent reported (SEQ:HASH)")
+    client_options(p)
+    p.add_argument("agent")
+    p.set_defaults(func=cmd_anchor, client=True)
 
     p = sub.add_parser("wait", help="wait until a command gets to a state")
     client_options(p)

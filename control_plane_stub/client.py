@@ -96,6 +96,9 @@ class StubClient:
         )
         return dict(payload["agent"])
 
+    async def anchors(self, agent_id: str) -> list[dict[str, Any]]:
+        return list((await self._call("GET", f"/v1/agents/{agent_id}/anchors"))["anchors"])
+
     async def send(
         self, agent_id: str, command_type: str, params: dict[str, object], *, ttl: int = 300
     ) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import structlog
+from cryptography import x509
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
@@ -25,6 +26,7 @@ from agent.frames import (
     PROTOCOL_VERSION,
     TO_CONTROL_PLANE,
     Ack,
+    Anchor,
     CommandFrame,
     DeliveryRejected,
     ErrorFrame,
@@ -37,6 +39,7 @@ from agent.frames import (
     decode,
     encode,
 )
+from agent.receipts import ReceiptInvalid, result_sha256, verify_receipt
 from agent.session import CloseCode, HeartbeatSettings, HeartbeatTimer
 from agent.tls import PeerCertificate
 from control_plane_stub.store import StubStore
@@ -123,6 +126,10 @@ class Hub:
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
         self.links[agent_id] = link
+        ssl_object = websocket.transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if der:
+            self._store.remember_certificate(agent_id, peer.sha256, der)
         self._store.agent_connected(
             agent_id,
             cert_sha256=peer.sha256,
@@ -229,8 +236,21 @@ class Hub:
                         state=frame.state,
                         reason=frame.reason,
                     )
+                if frame.receipt is not None:
+                    verdict = self._check_receipt(link.agent_id, frame)
+                    self._store.record_receipt(link.agent_id, frame.ref, frame.receipt, verdict)
                 await self._send(link, Ack(seq=frame.seq))  # stored durably first
                 await self.notify()
+            case Anchor():
+                if not self._store.record_anchor(
+                    link.agent_id, frame.audit_seq, frame.audit_hash, frame.at
+                ):
+                    log.error(
+                        "audit_anchor_conflict",
+                        audit_seq=frame.audit_seq,
+                        detail="the agent's audit log differs from an anchor held here",
+                    )
+                await self._send(link, Ack(seq=frame.seq))
             case DeliveryRejected():
                 self._store.apply_delivery_rejected(link.agent_id, frame)
                 log.info(
@@ -263,6 +283,27 @@ class Hub:
             ping = timer.ping_due(now)
             if ping is not None:
                 await self._send(link, ping)
+
+    def _check_receipt(self, agent_id: str, frame: Status) -> str:
+        """``valid`` if the receipt verifies with one of the agent's certificates and says what
+        the status says; otherwise why not (the report is stored either way)."""
+        assert frame.receipt is not None  # noqa: S101  # checked by the caller
+        for der in reversed(self._store.certificates(agent_id)):
+            try:
+                claims = verify_receipt(frame.receipt, x509.load_der_x509_certificate(der))
+            except ReceiptInvalid:
+                continue
+            expected = {
+                "iss": agent_id,
+                "jti": frame.jti,
+                "ref": frame.ref,
+                "state": frame.state,
+                "reason": frame.reason,
+                "result_sha256": result_sha256(frame.result),
+            }
+            wrong = sorted(key for key, value in expected.items() if claims.get(key) != value)
+            return "valid" if not wrong else f"mismatch: {', '.join(wrong)}"
+        return "unverified: no certificate of this agent verifies it"
 
     @staticmethod
     def _retry(link: AgentLink, ref: str) -> None:

@@ -63,6 +63,29 @@ CREATE TABLE IF NOT EXISTS commands (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS commands_by_agent ON commands (agent_id, state, created_at);
+CREATE TABLE IF NOT EXISTS receipts (
+    ref         TEXT PRIMARY KEY,
+    agent_id    TEXT NOT NULL,
+    token       TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    recorded_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agent_certs (
+    sha256     TEXT PRIMARY KEY,
+    agent_id   TEXT NOT NULL,
+    der        BLOB NOT NULL,
+    first_seen REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS anchors (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    agent_id    TEXT NOT NULL,
+    audit_seq   INTEGER NOT NULL,
+    audit_hash  TEXT NOT NULL,
+    at          REAL NOT NULL,
+    recorded_at REAL NOT NULL,
+    conflict    INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (agent_id, audit_seq, audit_hash)
+);
 CREATE TABLE IF NOT EXISTS status_events (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     agent_id    TEXT NOT NULL,
@@ -189,6 +212,69 @@ class StubStore:
                     json.dumps(capabilities),
                 ),
             )
+
+    def remember_certificate(self, agent_id: str, sha256: str, der: bytes) -> None:
+        """Keep every certificate an agent used: receipts name theirs (x5t#S256)."""
+        self._db.execute(
+            """INSERT INTO agent_certs (sha256, agent_id, der, first_seen) VALUES (?, ?, ?, ?)
+               ON CONFLICT (sha256) DO NOTHING""",
+            (sha256, agent_id, der, time.time()),
+        )
+
+    def certificates(self, agent_id: str) -> list[bytes]:
+        rows = self._db.execute(
+            "SELECT der FROM agent_certs WHERE agent_id = ? ORDER BY first_seen", (agent_id,)
+        ).fetchall()
+        return [bytes(row["der"]) for row in rows]
+
+    def record_receipt(self, agent_id: str, ref: str, token: str, status: str) -> None:
+        self._db.execute(
+            """INSERT INTO receipts (ref, agent_id, token, status, recorded_at)
+               SELECT ?, ?, ?, ?, ? WHERE EXISTS
+                   (SELECT 1 FROM commands WHERE ref = ? AND agent_id = ?)
+               ON CONFLICT (ref) DO NOTHING""",
+            (ref, agent_id, token, status, time.time(), ref, agent_id),
+        )
+
+    def receipt(self, ref: str) -> dict[str, object] | None:
+        row = self._db.execute("SELECT * FROM receipts WHERE ref = ?", (ref,)).fetchone()
+        if row is None:
+            return None
+        return {"token": row["token"], "status": row["status"], "recorded_at": row["recorded_at"]}
+
+    def record_anchor(self, agent_id: str, audit_seq: int, audit_hash: str, at: float) -> bool:
+        """Keep an audit chain head the agent reported. Returns False when it conflicts with an
+        anchor already held for that sequence number: the agent's log was rewritten."""
+        with self._tx() as db:
+            known = db.execute(
+                "SELECT audit_hash FROM anchors WHERE agent_id = ? AND audit_seq = ?",
+                (agent_id, audit_seq),
+            ).fetchall()
+            conflict = any(row["audit_hash"] != audit_hash for row in known)
+            db.execute(
+                """INSERT INTO anchors (agent_id, audit_seq, audit_hash, at, recorded_at, conflict)
+                   VALUES (?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (agent_id, audit_seq, audit_hash) DO NOTHING""",
+                (agent_id, audit_seq, audit_hash, at, time.time(), int(conflict)),
+            )
+        return not conflict
+
+    def anchors(self, agent_id: str, limit: int = 100) -> list[dict[str, object]]:
+        rows = self._db.execute(
+            """SELECT * FROM anchors WHERE agent_id = ?
+               ORDER BY audit_seq DESC, id DESC LIMIT ?""",
+            (agent_id, limit),
+        ).fetchall()
+        return [
+            {
+                "audit_seq": row["audit_seq"],
+                "audit_hash": row["audit_hash"],
+                "at": row["at"],
+                "recorded_at": row["recorded_at"],
+                "conflict": bool(row["conflict"]),
+            }
+            for row in rows
+        ]
 
     def agent_disconnected(self, agent_id: str, reason: str) -> None:
         self._db.execute(

@@ -20,6 +20,7 @@ from agent.frames import (
     TO_AGENT,
     TO_CONTROL_PLANE,
     Ack,
+    Anchor,
     CommandFrame,
     DeliveryRejected,
     ErrorFrame,
@@ -53,6 +54,9 @@ SAMPLES: list[Frame] = [
         detail="health check failed",
         result={"rolled_back": True, "version": "1.0.0"},
     ),
+    Status(seq=5, ref="d-1", jti="j-1", state="succeeded", at=5.5, result={}, receipt="a.b.c"),
+    Anchor(seq=6, audit_seq=42, audit_hash="ab" * 32, at=6.0),
+    Hello(protocol=1, agent_version="0.1.0", heartbeat_interval=15.0),
     DeliveryRejected(seq=3, ref="d-2", reason="bad_signature", detail="nope", at=3.0),
     DeliveryRejected(seq=4, ref="d-3", reason="expired", detail="late", at=4.0, jti="j-3"),
     Ping(id=0),
@@ -106,7 +110,15 @@ def test_sample_list_covers_every_frame_type() -> None:
 
 def test_direction_sets() -> None:
     assert {"welcome", "command", "ack", "ping", "pong", "error"} == TO_AGENT
-    assert {"hello", "status", "delivery_rejected", "ping", "pong", "error"} == TO_CONTROL_PLANE
+    assert {
+        "hello",
+        "status",
+        "delivery_rejected",
+        "anchor",
+        "ping",
+        "pong",
+        "error",
+    } == TO_CONTROL_PLANE
 
 
 @pytest.mark.parametrize("frame", SAMPLES, ids=lambda f: type(f).__name__)

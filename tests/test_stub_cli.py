@@ -61,7 +61,9 @@ async def test_operator_commands(
 
     assert await cp_stub(stub, "show", scaled["ref"]) == 0
     history = capsys.readouterr().out
-    states = [line.split()[0] for line in history.splitlines() if line.startswith("  ")]
+    lines = history.splitlines()
+    assert "  receipt: valid (signed by the agent's certificate key)" in lines
+    states = [line.split()[0] for line in lines if line.startswith("  ") and "receipt" not in line]
     assert states == ["received", "running", "succeeded"]
 
     assert await cp_stub(stub, "results", "--agent", "agent-1") == 0

@@ -1,0 +1,102 @@
+"""RFC 8785 (JCS) canonical JSON, checked against the RFC's own examples."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.canonical import canonicalize, number
+
+
+def ieee(hex_bits: str) -> float:
+    value: float = struct.unpack(">d", bytes.fromhex(hex_bits))[0]
+    return value
+
+
+# RFC 8785 Appendix B: IEEE 754 bit patterns and their expected serialisation.
+@pytest.mark.parametrize(
+    ("bits", "text"),
+    [
+        ("0000000000000000", "0"),
+        ("8000000000000000", "0"),
+        ("0000000000000001", "5e-324"),
+        ("8000000000000001", "-5e-324"),
+        ("7fefffffffffffff", "1.7976931348623157e+308"),
+        ("ffefffffffffffff", "-1.7976931348623157e+308"),
+        ("4340000000000000", "9007199254740992"),
+        ("c340000000000000", "-9007199254740992"),
+        ("4430000000000000", "295147905179352830000"),
+        ("44b52d02c7e14af5", "9.999999999999997e+22"),
+        ("44b52d02c7e14af6", "1e+23"),
+        ("44b52d02c7e14af7", "1.0000000000000001e+23"),
+        ("444b1ae4d6e2ef4e", "999999999999999700000"),
+        ("444b1ae4d6e2ef4f", "999999999999999900000"),
+        ("444b1ae4d6e2ef50", "1e+21"),
+        ("3eb0c6f7a0b5ed8c", "9.999999999999997e-7"),
+        ("3eb0c6f7a0b5ed8d", "0.000001"),
+        ("41b3de4355555553", "333333333.3333332"),
+        ("41b3de4355555554", "333333333.33333325"),
+        ("41b3de4355555555", "333333333.3333333"),
+        ("41b3de4355555556", "333333333.3333334"),
+        ("41b3de4355555557", "333333333.33333343"),
+        ("becbf647612f3696", "-0.0000033333333333333333"),
+        ("43143ff3c1cb0959", "1424953923781206.2"),
+    ],
+)
+def test_rfc8785_numbers(bits: str, text: str) -> None:
+    assert number(ieee(bits)) == text
+
+
+def test_rfc8785_example_object() -> None:
+    """The example of RFC 8785 §3.2.3."""
+    value = {
+        "numbers": [333333333.33333329, 1e30, 4.50, 2e-3, 0.000000000000000000000000001],
+        "string": "\u20ac$\u000f\u000aA'\u0042\u0022\u005c\\\"/",
+        "literals": [None, True, False],
+    }
+    expected = (
+        '{"literals":[null,true,false],"numbers":[333333333.3333333,1e+30,4.5,0.002,1e-27],'
+        '"string":"\u20ac$\\u000f\\nA\'B\\"\\\\\\\\\\"/"}'
+    )
+    assert canonicalize(value) == expected.encode("utf-8")
+
+
+def test_members_are_sorted_by_utf16_code_units() -> None:
+    """RFC 8785 §3.2.3: U+1F600 (surrogates D83D DE00) sorts before U+FB33 in UTF-16."""
+    value = {"\ufb33": 1, "\U0001f600": 2, "a": 3}
+    assert canonicalize(value) == '{"a":3,"\U0001f600":2,"\ufb33":1}'.encode()
+
+
+def test_non_finite_numbers_are_refused() -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        canonicalize({"x": math.nan})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_numbers_round_trip(value: float) -> None:
+    assert float(number(value)) == value
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(),
+        lambda children: (
+            st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+        ),
+        max_leaves=20,
+    )
+)
+def test_canonical_form_is_json_and_stable_after_a_round_trip(value: object) -> None:
+    text = canonicalize(value)
+    assert canonicalize(json.loads(text)) == text
