@@ -58,7 +58,12 @@ class TunnelConfig:
 @dataclass(frozen=True, kw_only=True)
 class CommandsConfig:
     trusted_keys: tuple[Path, ...]
+    """A fixed list of command-signing keys; or, instead, ``root_key``."""
     issuers: frozenset[str]
+    root_key: Path | None = None
+    """The offline root that signs key sets (docs/PROTOCOL.md §5.4): the initial trust anchor."""
+    keyset: Path | None = None
+    """A first signed key set to accept at start, if none was accepted before."""
     max_lifetime: float = 900.0
     clock_skew: float = 60.0
     max_pending: int = 64
@@ -174,14 +179,23 @@ def _tunnel(t: Table) -> TunnelConfig:
 
 def _commands(t: Table, base: Path) -> CommandsConfig:
     keys = tuple(_path(base, p) for p in t.strings("trusted_keys"))
-    if not keys:
-        raise ConfigError("commands.trusted_keys must name at least one public key file")
+    root = t.optional_string("root_key")
+    keyset = t.optional_string("keyset")
+    if bool(keys) == bool(root):
+        raise ConfigError(
+            "commands: set either trusted_keys (a fixed list of command keys) or root_key "
+            "(key sets signed by an offline root), not both and not neither"
+        )
+    if keyset and not root:
+        raise ConfigError("commands.keyset needs commands.root_key to verify it")
     issuers = frozenset(t.strings("issuers"))
     if not issuers:
         raise ConfigError("commands.issuers must name at least one accepted issuer")
     return CommandsConfig(
         trusted_keys=keys,
         issuers=issuers,
+        root_key=_path(base, root) if root else None,
+        keyset=_path(base, keyset) if keyset else None,
         max_lifetime=t.number("max_lifetime", 900.0, low=1.0, high=86400.0),
         clock_skew=t.number("clock_skew", 60.0, low=0.0, high=600.0),
         max_pending=t.integer("max_pending", 64, low=1, high=10_000),
@@ -255,6 +269,8 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
         doc["commands"],
         {
             "trusted_keys",
+            "root_key",
+            "keyset",
             "issuers",
             "max_lifetime",
             "clock_skew",

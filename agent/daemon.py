@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import signal
 import ssl
@@ -39,14 +40,15 @@ from agent.drivers import load_driver_factory
 from agent.drivers.base import Driver, DriverEnvironment
 from agent.errors import AgentError, AuditError, CommandRejected, ConfigError
 from agent.executor import CommandLimits, CommandProcessor, Operator
-from agent.frames import MAX_FRAME_TO_AGENT, PROTOCOL_VERSION, Hello
+from agent.frames import MAX_FRAME_TO_AGENT, PROTOCOL_VERSION, Hello, KeySetStatus
+from agent.keyset import KeyRing, KeySetRejected, key_from_jwk, public_jwk, read_keyset
 from agent.policy_file import PolicyFile
 from agent.receipts import ReceiptKeyFiles
 from agent.sdnotify import SystemdNotifier, run_watchdog
 from agent.state import AgentState
 from agent.tls import certificate_common_name, check_private_key_file, client_context
 from agent.tunnel import Tunnel
-from agent.verifier import CommandVerifier, TrustedKeys, VerifierSettings
+from agent.verifier import CommandVerifier, TrustedKeys, VerifierSettings, jwk_thumbprint
 
 HOUSEKEEPING_INTERVAL: Final = 60.0
 FLUSH_ON_STOP: Final = 5.0
@@ -95,6 +97,7 @@ class Agent:
         self.audit = AuditLog(config.audit_log)
         self._parts: _Parts | None = None
         self._background: list[asyncio.Task[None]] = []
+        self._keyring: KeyRing | None = None
 
     @property
     def parts(self) -> _Parts:
@@ -152,17 +155,26 @@ class Agent:
         state = AgentState(config.state_dir / "agent.db")
         stack.callback(state.close)
         stack.callback(self._notifier.close)
-        keys = load_trusted_keys(config.commands.trusted_keys)
+        self._keyring = self._load_keyring(state) if config.commands.root_key else None
+        keys = (
+            self._keyring.trusted()
+            if self._keyring is not None
+            else load_trusted_keys(config.commands.trusted_keys)
+        )
         self.audit.append(
             "agent_started",
             version=__version__,
             agent_id=self.agent_id,
             config=str(config.source),
             trusted_kids=sorted(keys.by_kid),
+            keyset_version=self._keyring.version if self._keyring is not None else None,
             driver=self._driver_override.kind if self._driver_override else config.driver_kind,
             control_plane=config.control_plane.url,
         )
         stack.callback(self._audit_stopped, state)
+        if self._keyring is not None and self._keyring.version == 0 and config.commands.keyset:
+            self._bootstrap_keyset(state, config.commands.keyset)
+            keys = self._keyring.trusted()
         policy = PolicyFile(config.policy, self.audit, self.log)
         driver = self._driver_override or self._build_driver()
         await driver.start()
@@ -180,19 +192,11 @@ class Agent:
             control_plane=config.control_plane,
             settings=config.tunnel,
             ssl_context=self._ssl_context,
-            hello=Hello(
-                protocol=PROTOCOL_VERSION,
-                agent_version=__version__,
-                capabilities={
-                    "commands": list(COMMAND_TYPES),
-                    "driver": driver.kind,
-                    "max_frame_bytes": MAX_FRAME_TO_AGENT,
-                },
-                heartbeat_interval=config.tunnel.heartbeat.interval,
-            ),
+            hello=lambda: self._hello(driver.kind),
             state=state,
             audit=self.audit,
             on_delivery=self._deliver,
+            on_keyset=lambda token: self._offer_keyset(state, token),
             log=self.log.bind(component="tunnel"),
             agent_id=self.agent_id,
             on_state=self._notifier.status,
@@ -280,6 +284,87 @@ class Agent:
         loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
         loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
+
+    def _hello(self, driver_kind: str) -> Hello:
+        capabilities: dict[str, object] = {
+            "commands": list(COMMAND_TYPES),
+            "driver": driver_kind,
+            "max_frame_bytes": MAX_FRAME_TO_AGENT,
+        }
+        if self._keyring is not None:
+            capabilities["keyset_version"] = self._keyring.version
+        return Hello(
+            protocol=PROTOCOL_VERSION,
+            agent_version=__version__,
+            capabilities=capabilities,
+            heartbeat_interval=self.config.tunnel.heartbeat.interval,
+        )
+
+    # -- key sets -------------------------------------------------------------------------
+
+    def _load_keyring(self, state: AgentState) -> KeyRing:
+        """The configured root, and the highest key set accepted before (re-checked against the
+        root that signed it, kept beside it)."""
+        assert self.config.commands.root_key is not None  # noqa: S101  # checked by the caller
+        anchor = load_trusted_keys((self.config.commands.root_key,))
+        (root,) = anchor.by_kid.values()
+        stored = state.latest_keyset()
+        if stored is None:
+            return KeyRing(root)
+        token, signer = stored
+        try:
+            current = read_keyset(token, signer=key_from_jwk(json.loads(signer), "signer"))
+        except (KeySetRejected, ValueError) as exc:
+            raise ConfigError(f"the stored key set no longer verifies: {exc}") from exc
+        return KeyRing(root, current)
+
+    def _bootstrap_keyset(self, state: AgentState, path: Path) -> None:
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"commands.keyset: cannot read {path}: {exc.strerror}") from exc
+        answer = self._offer_keyset(state, token)
+        if not answer.accepted:
+            # Fail closed: no trusted command key until the control plane pushes a good set.
+            self.log.error("keyset_bootstrap_refused", reason=answer.reason, detail=answer.detail)
+
+    def _offer_keyset(self, state: AgentState, token: str) -> KeySetStatus:
+        ring = self._keyring
+        if ring is None:
+            return KeySetStatus(
+                version=0,
+                accepted=False,
+                reason="keysets_not_enabled",
+                detail="this agent trusts a fixed list of command keys (commands.trusted_keys)",
+            )
+        try:
+            keyset = ring.check(token, now=time.time(), clock_skew=self.config.commands.clock_skew)
+        except KeySetRejected as exc:
+            self.audit.append("keyset_rejected", reason=exc.code, detail=exc.detail)
+            self.log.warning("keyset_rejected", reason=exc.code, detail=exc.detail)
+            return KeySetStatus(
+                version=ring.version, accepted=False, reason=exc.code, detail=exc.detail
+            )
+        self.audit.append(
+            "keyset_accepted",
+            version=keyset.version,
+            previous_version=ring.version,
+            kids=sorted(keyset.keys.by_kid),
+            root_kid=keyset.root_kid,
+            root_rotated=keyset.root_kid != jwk_thumbprint(ring.root),
+            expires=int(keyset.expires_at),
+        )
+        state.store_keyset(
+            version=keyset.version,
+            token=token,
+            signer=json.dumps(public_jwk(ring.root)),
+            now=time.time(),
+        )
+        ring.install(keyset)
+        if self._parts is not None:
+            self._parts.processor.set_keys(keyset.trusted())
+        self.log.info("keyset_accepted", version=keyset.version)
+        return KeySetStatus(version=keyset.version, accepted=True)
 
     def _deliver(self, ref: str, token: str) -> bool:
         return self.parts.processor.handle_delivery(ref, token)

@@ -40,7 +40,7 @@ from agent.policy import Decision, Policy, Verdict
 from agent.receipts import ReceiptInvalid, ReceiptSigner
 from agent.results import fit_result
 from agent.state import AgentState, CommandRow
-from agent.verifier import CommandVerifier, peek, token_sha256
+from agent.verifier import CommandVerifier, TrustedKeys, peek, token_sha256
 
 MAX_AUDITED_PARAMS: Final = 1024
 """Claimed parameters larger than this (bytes of JSON) are audited as a hash and a size only:
@@ -137,6 +137,10 @@ class CommandProcessor:
         self._decided_with: dict[str, str] = {}
         self._stopping = False
         self.last_command: dict[str, object] | None = None
+
+    def set_keys(self, keys: TrustedKeys) -> None:
+        """Trust these command-signing keys from now on (a new key set was accepted)."""
+        self._verifier = self._verifier.with_keys(keys)
 
     # -- intake ---------------------------------------------------------------------------
 

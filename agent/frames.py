@@ -103,6 +103,26 @@ class CommandFrame(Frame):
 
 
 @dataclass(frozen=True, kw_only=True)
+class KeySetFrame(Frame):
+    """Control plane -> agent: a new signed key set (docs/PROTOCOL.md §5.4)."""
+
+    type: ClassVar[str] = "keyset"
+    token: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeySetStatus(Frame):
+    """Agent -> control plane: the answer to ``keyset`` (informational, not acknowledged)."""
+
+    type: ClassVar[str] = "keyset_status"
+    version: int
+    """The version in force after the offer (0: none)."""
+    accepted: bool
+    reason: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Ack(Frame):
     """Control plane -> agent: the frame numbered ``seq`` is stored durably; stop resending it."""
 
@@ -336,6 +356,21 @@ def _command(body: Mapping[str, Any]) -> Frame:
     return CommandFrame(ref=_ident(body, "ref"), token=_req(body, "token", str))
 
 
+def _keyset_status(body: Mapping[str, Any]) -> Frame:
+    version = _req(body, "version", int)
+    if not 0 <= version < 2**53:
+        raise MalformedFrame("keyset_status frame: version is out of range")
+    reason = _opt(body, "reason", str)
+    if reason is not None and not CODE_PATTERN.fullmatch(reason):
+        raise MalformedFrame("keyset_status frame: field 'reason' is not a valid code")
+    return KeySetStatus(
+        version=version,
+        accepted=_req(body, "accepted", bool),
+        reason=reason,
+        detail=_text(_opt(body, "detail", str)),
+    )
+
+
 def _status(body: Mapping[str, Any]) -> Frame:
     state = _req(body, "state", str)
     if state not in COMMAND_STATES:
@@ -405,14 +440,16 @@ _PARSERS: Final[dict[str, Callable[[Mapping[str, Any]], Frame]]] = {
     "status": _status,
     "delivery_rejected": _delivery_rejected,
     "anchor": _anchor,
+    "keyset": lambda b: KeySetFrame(token=_req(b, "token", str)),
+    "keyset_status": _keyset_status,
     "ping": lambda b: Ping(id=_ping_id(b)),
     "pong": lambda b: Pong(id=_ping_id(b)),
     "error": _error,
 }
 
-TO_AGENT: Final = frozenset({"welcome", "command", "ack", "ping", "pong", "error"})
+TO_AGENT: Final = frozenset({"welcome", "command", "keyset", "ack", "ping", "pong", "error"})
 TO_CONTROL_PLANE: Final = frozenset(
-    {"hello", "status", "delivery_rejected", "anchor", "ping", "pong", "error"}
+    {"hello", "status", "delivery_rejected", "anchor", "keyset_status", "ping", "pong", "error"}
 )
 
 

@@ -31,6 +31,7 @@ from agent.frames import (
     ErrorFrame,
     Frame,
     Hello,
+    KeySetFrame,
     Ping,
     Pong,
     Welcome,
@@ -92,6 +93,11 @@ class CommandDelivered:
 
 
 @dataclass(frozen=True)
+class KeySetOffered:
+    token: str
+
+
+@dataclass(frozen=True)
 class Acked:
     seq: int
 
@@ -115,7 +121,15 @@ class CloseRequested:
     reason: str
 
 
-Event = Welcomed | CommandDelivered | Acked | PeerReportedError | FrameRefused | CloseRequested
+Event = (
+    Welcomed
+    | CommandDelivered
+    | KeySetOffered
+    | Acked
+    | PeerReportedError
+    | FrameRefused
+    | CloseRequested
+)
 
 
 class HeartbeatTimer:
@@ -218,6 +232,8 @@ class AgentSession:
         match frame:
             case CommandFrame(ref=ref, token=token):
                 return [CommandDelivered(ref, token)]
+            case KeySetFrame(token=token):
+                return [KeySetOffered(token)]
             case Ack(seq=seq):
                 return [Acked(seq)]
             case Ping(id=ping_id):
@@ -231,6 +247,10 @@ class AgentSession:
                 error = ProtocolError(f"unexpected {frame.type} frame", code="unexpected_frame")
                 self._queue(ErrorFrame(code=error.code, message=error.detail))
                 return [FrameRefused(error, _size(data)), *self._spend_error(self._now)]
+
+    def send(self, frame: Frame) -> None:
+        """Queue a frame of the agent's own (e.g. a ``keyset_status``) for the peer."""
+        self._queue(frame)
 
     def delivery_refused(self, now: float) -> list[Event]:
         """The agent refused a delivered command: that spends the peer's error budget too."""

@@ -57,6 +57,12 @@ CREATE TABLE IF NOT EXISTS commands (
 );
 CREATE INDEX IF NOT EXISTS commands_by_state ON commands (state, received_at);
 CREATE INDEX IF NOT EXISTS commands_by_ref ON commands (ref);
+CREATE TABLE IF NOT EXISTS keysets (
+    version     INTEGER PRIMARY KEY,
+    token       TEXT NOT NULL,
+    signer      TEXT NOT NULL,
+    accepted_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
     kind       TEXT NOT NULL,
@@ -339,6 +345,23 @@ class AgentState:
     def purged_until(self) -> float:
         """Every command that expired at or before this time may have been forgotten."""
         return self._purged_until
+
+    # -- key sets -------------------------------------------------------------------------
+
+    def store_keyset(self, *, version: int, token: str, signer: str, now: float) -> None:
+        """Keep an accepted key set with the root that signed it (a JWK, JSON)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO keysets (version, token, signer, accepted_at) VALUES (?, ?, ?, ?)",
+                (version, token, signer, now),
+            )
+
+    def latest_keyset(self) -> tuple[str, str] | None:
+        """The token and signer of the highest version accepted, if any."""
+        row = self._db.execute(
+            "SELECT token, signer FROM keysets ORDER BY version DESC LIMIT 1"
+        ).fetchone()
+        return (row["token"], row["signer"]) if row is not None else None
 
     # -- outbox ---------------------------------------------------------------------------
 

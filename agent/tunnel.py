@@ -41,6 +41,7 @@ from agent.frames import (
     Anchor,
     DeliveryRejected,
     Hello,
+    KeySetStatus,
     Status,
     encode,
 )
@@ -52,6 +53,7 @@ from agent.session import (
     CommandDelivered,
     Event,
     FrameRefused,
+    KeySetOffered,
     PeerReportedError,
     Welcomed,
 )
@@ -84,10 +86,11 @@ class Tunnel:
         control_plane: ControlPlaneConfig,
         settings: TunnelConfig,
         ssl_context: Callable[[], ssl.SSLContext],
-        hello: Hello,
+        hello: Hello | Callable[[], Hello],
         state: AgentState,
         audit: AuditLog,
         on_delivery: Callable[[str, str], bool],
+        on_keyset: Callable[[str], KeySetStatus] | None = None,
         log: structlog.typing.FilteringBoundLogger,
         agent_id: str,
         backoff: Backoff | None = None,
@@ -96,10 +99,11 @@ class Tunnel:
         self._cp = control_plane
         self._settings = settings
         self._ssl_context = ssl_context
-        self._hello = hello
+        self._hello = hello if callable(hello) else (lambda: hello)
         self._state = state
         self._audit = audit
         self._on_delivery = on_delivery
+        self._on_keyset = on_keyset or _no_keysets
         self._log = log
         self._agent_id = agent_id
         self._backoff = backoff or Backoff(settings.backoff)
@@ -186,7 +190,7 @@ class Tunnel:
                 max_size=WEBSOCKET_MAX_SIZE,
                 compression=None,
                 proxy=route.proxy,
-                user_agent_header=f"byoc-agent/{self._hello.agent_version}",
+                user_agent_header=f"byoc-agent/{self._hello().agent_version}",
                 **direct,
             )
         except Exception as exc:
@@ -303,7 +307,7 @@ class Tunnel:
         self._log.info("connected", url=self._cp.url, peer_cert_sha256=peer.sha256)
         loop = asyncio.get_running_loop()
         session = AgentSession(
-            hello=self._hello, heartbeat=self._settings.heartbeat, now=loop.time()
+            hello=self._hello(), heartbeat=self._settings.heartbeat, now=loop.time()
         )
         tasks: list[asyncio.Task[str]] = []
         try:
@@ -389,6 +393,11 @@ class Tunnel:
                     self._welcomed(welcome.agent_id, welcome.server_time)
                 case CommandDelivered(ref=ref, token=token):
                     if not self._on_delivery(ref, token):  # refused: spends the error budget
+                        pending.extend(session.delivery_refused(asyncio.get_running_loop().time()))
+                case KeySetOffered(token=token):
+                    answer = self._on_keyset(token)
+                    session.send(answer)
+                    if not answer.accepted and answer.reason != "already_current":
                         pending.extend(session.delivery_refused(asyncio.get_running_loop().time()))
                 case Acked(seq=seq):
                     self._acknowledged(seq)
@@ -486,6 +495,15 @@ class Tunnel:
         elif isinstance(frame, DeliveryRejected):
             frame = dataclasses.replace(frame, detail=frame.detail[:200], jti=None)
         return encode(frame)
+
+
+def _no_keysets(token: str) -> KeySetStatus:
+    return KeySetStatus(
+        version=0,
+        accepted=False,
+        reason="keysets_not_enabled",
+        detail="this agent trusts a fixed list of command keys (commands.trusted_keys)",
+    )
 
 
 def _closed_after_tls_handshake(exc: BaseException) -> bool:

@@ -10,6 +10,7 @@ Order of checks (docs/PROTOCOL.md §5.2); the first failure decides the rejectio
  3. ``alg`` is ``EdDSA`` (``none``, ``HS*``, ``RS*``... refused)   -> ``unsupported_alg``
  4. ``typ`` is ``byoc-command+jwt``                              -> ``bad_typ``
  5. ``kid`` names a trusted command-signing key                  -> ``unknown_kid``
+    (its key set has not expired)                                 -> ``keyset_expired``
  6. Ed25519 signature over the signing input (PyJWT)             -> ``bad_signature``
  7. payload: a JSON object with the required claims and types    -> ``invalid_claims``
  8. ``iss`` is an accepted issuer                                -> ``bad_issuer``
@@ -76,6 +77,8 @@ class TrustedKeys:
     """The command-signing keys this agent trusts, by ``kid`` (RFC 7638 thumbprint)."""
 
     by_kid: Mapping[str, Ed25519PublicKey]
+    expires_at: float | None = None
+    """When they stop being trusted (the expiry of the key set that lists them), if ever."""
 
     @classmethod
     def of(cls, keys: Iterable[Ed25519PublicKey]) -> TrustedKeys:
@@ -212,6 +215,11 @@ class CommandVerifier:
         key = self._keys.by_kid.get(kid)
         if key is None:
             raise CommandRejected("unknown_kid", f"kid {kid[:64]!r} is not a trusted signing key")
+        expires = self._keys.expires_at
+        if expires is not None and now - self._settings.clock_skew >= expires:
+            raise CommandRejected(
+                "keyset_expired", "the key set that trusted this key has expired; push a new one"
+            )
         try:
             decoded = self._jws.decode_complete(token, key, algorithms=list(ALLOWED_ALGORITHMS))
         except jwt.InvalidSignatureError as exc:

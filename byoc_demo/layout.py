@@ -109,6 +109,8 @@ def write_agent_files(
     connect_to: str | None = None,
     proxy: str | None = None,
     proxy_credentials_file: Path | None = None,
+    root_key: Path | None = None,
+    keyset: Path | None = None,
 ) -> DemoPaths:
     """Write an agent configuration and policy under ``root``; return where everything is.
 
@@ -144,6 +146,12 @@ def write_agent_files(
         f"{key} = {_toml(value)}\n" for key, value in optional.items() if value is not None
     )
     host = f"[{control_plane_host}]" if ":" in control_plane_host else control_plane_host
+    if root_key is None:  # a fixed list of command keys
+        command_keys = f"trusted_keys = [{_toml(str(pki / 'command-signing.pub'))}]"
+    else:  # key sets signed by an offline root (key rotation)
+        command_keys = f"root_key = {_toml(str(root_key))}"
+        if keyset is not None:
+            command_keys += f"\nkeyset = {_toml(str(keyset))}"
     paths.config.write_text(
         f"""\
 # byoc-agent configuration (demo). Reference: systemd/agent.toml.
@@ -170,7 +178,7 @@ backoff_cap = {backoff_cap}
 tls_rejected_retry = {tls_rejected_retry}
 
 [commands]
-trusted_keys = [{_toml(str(pki / "command-signing.pub"))}]
+{command_keys}
 issuers = [{_toml(DEMO_ISSUER)}]
 max_lifetime = {max_lifetime}
 clock_skew = {clock_skew}

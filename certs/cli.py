@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from certs.errors import PKIError
+from certs.keyset import load_ed25519_private, load_ed25519_public, make_root_key, sign_keyset
 from certs.pki import PKIPaths, init_pki, issue_agent_cert, load_certificate, load_pki
 
 PROG = "byoc-certs"
@@ -35,6 +36,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _init(root, args.agent, args.dns, args.ip, force=args.force)
         if args.command == "agent":
             return _agent(root, args.id, days=args.days)
+        if args.command == "root-key":
+            for path in make_root_key(root):
+                print(f"created {path}")
+            return 0
+        if args.command == "keyset":
+            return _keyset(root, args)
         return _show(root)
     except PKIError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -59,7 +66,34 @@ def _parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show", help="list the certificates of a PKI")
     show.add_argument("dir", type=Path, metavar="DIR")
+
+    root_key = sub.add_parser("root-key", help="make the offline root key that signs key sets")
+    root_key.add_argument("dir", type=Path, metavar="DIR")
+
+    keyset = sub.add_parser("keyset", help="sign a key set: the command keys agents trust")
+    keyset.add_argument("dir", type=Path, metavar="DIR", help="where root.key is")
+    keyset.add_argument("--version", type=int, required=True, help="strictly increasing")
+    keyset.add_argument(
+        "--key", type=Path, action="append", required=True, metavar="PUB", help="repeatable"
+    )
+    keyset.add_argument("--days", type=float, default=90.0, help="lifetime (default 90)")
+    keyset.add_argument("--root-key", type=Path, help="default: DIR/root.key")
+    keyset.add_argument("--next-root", type=Path, metavar="PUB", help="rotate the root to this key")
+    keyset.add_argument("--out", type=Path, required=True)
     return parser
+
+
+def _keyset(root: Path, args: argparse.Namespace) -> int:
+    token = sign_keyset(
+        root=load_ed25519_private(args.root_key or root / "root.key"),
+        version=args.version,
+        keys=[load_ed25519_public(path) for path in args.key],
+        lifetime=args.days * 86400,
+        next_root=load_ed25519_public(args.next_root) if args.next_root else None,
+    )
+    args.out.write_text(token + "\n")
+    print(f"signed key set version {args.version} ({len(args.key)} key(s)) -> {args.out}")
+    return 0
 
 
 def _init(

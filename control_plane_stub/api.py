@@ -4,6 +4,8 @@
     GET  /v1/agents                                   all agents ever seen
     GET  /v1/agents/{agent_id}?wait_connected=S       one agent; optionally wait until connected
     GET  /v1/agents/{agent_id}/anchors                audit chain heads the agent reported
+    POST /v1/agents/{agent_id}/keyset                 {"token"}: offer a signed key set
+    GET  /v1/agents/{agent_id}/keyset?wait_answer=S   what was offered and what the agent said
     POST /v1/agents/{agent_id}/commands               {"type", "params", "ttl"?}: sign and queue
     POST /v1/agents/{agent_id}/commands/signed        {"token"}: relay a token signed elsewhere
     GET  /v1/commands?agent_id=&final=1&limit=        newest first
@@ -24,6 +26,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+import jwt
 from aiohttp import web
 
 from agent.config import AGENT_ID_PATTERN
@@ -132,6 +135,8 @@ class OperatorApi:
                 web.get("/v1/agents", self.list_agents),
                 web.get("/v1/agents/{agent_id}", self.get_agent),
                 web.get("/v1/agents/{agent_id}/anchors", self.list_anchors),
+                web.post("/v1/agents/{agent_id}/keyset", self.push_keyset),
+                web.get("/v1/agents/{agent_id}/keyset", self.get_keyset),
                 web.post("/v1/agents/{agent_id}/commands", self.send_command),
                 web.post("/v1/agents/{agent_id}/commands/signed", self.relay_command),
                 web.get("/v1/commands", self.list_commands),
@@ -159,6 +164,39 @@ class OperatorApi:
 
     async def list_anchors(self, request: web.Request) -> web.Response:
         return web.json_response({"anchors": self._store.anchors(_agent_id(request))})
+
+    async def push_keyset(self, request: web.Request) -> web.Response:
+        agent_id = _agent_id(request)
+        body = await _json_body(request)
+        token = body.get("token")
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
+            raise BadRequest("'token' must be a signed key set")
+        try:  # for display and delivery decisions only: the agent is the one that verifies
+            claims = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError as exc:
+            raise BadRequest(f"not a JWS: {exc}") from exc
+        version = claims.get("version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise BadRequest("the key set has no integer version")
+        self._store.offer_keyset(agent_id, version, token)
+        sent = await self._hub.push_keyset(agent_id, token)
+        return web.json_response({"version": version, "sent": sent}, status=202)
+
+    async def get_keyset(self, request: web.Request) -> web.Response:
+        agent_id = _agent_id(request)
+        if self._store.keyset(agent_id) is None:
+            raise UnknownAgent(f"no key set was offered to {agent_id!r}")
+        wait = _number(request, "wait_answer", 0.0, MAX_WAIT)
+
+        def answered() -> bool:
+            offered = self._store.keyset(agent_id)
+            return offered is not None and offered["last_result"] is not None
+
+        await self._until(answered, wait)
+        keyset = self._store.keyset(agent_id)
+        assert keyset is not None  # noqa: S101  # offers are never deleted
+        keyset.pop("token", None)
+        return web.json_response({"keyset": keyset})
 
     async def send_command(self, request: web.Request) -> web.Response:
         agent_id = _agent_id(request)

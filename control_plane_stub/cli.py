@@ -9,6 +9,7 @@
     cp-stub sign --key PEM --issuer NAME AGENT TYPE [--param K=JSON ...]   sign offline, print token
     cp-stub results [--agent AGENT]
     cp-stub show REF [--token]
+    cp-stub push-keyset AGENT FILE [--wait]       offer a signed key set (key rotation)
     cp-stub anchor AGENT                          latest audit head (for audit verify --anchor)
     cp-stub wait REF [--for final]
 
@@ -181,6 +182,25 @@ async def cmd_show(args: argparse.Namespace, client: StubClient) -> int:
     return 0
 
 
+async def cmd_push_keyset(args: argparse.Namespace, client: StubClient) -> int:
+    token = (await asyncio.to_thread(Path(args.file).read_text)).strip()
+    pushed = await client.push_keyset(args.agent, token)
+    state = "sent" if pushed["sent"] else "queued until the agent connects"
+    print(f"key set version {pushed['version']} {state}")
+    if not args.wait:
+        return 0
+    keyset = await client.keyset(args.agent, wait_answer=args.timeout)
+    answer = keyset["last_result"]
+    if answer is None:
+        print("no answer from the agent yet", file=sys.stderr)
+        return EXIT_TIMEOUT
+    if answer["accepted"]:
+        print(f"{args.agent} accepted: key set version {answer['version']} in force")
+        return 0
+    print(f"{args.agent} refused it: {answer['reason']}: {answer.get('detail')}")
+    return EXIT_NOT_SUCCEEDED
+
+
 async def cmd_anchor(args: argparse.Namespace, client: StubClient) -> int:
     anchors = await client.anchors(args.agent)
     if args.json:
@@ -301,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", action="store_true", help="print only the command's token")
     p.add_argument("ref")
     p.set_defaults(func=cmd_show, client=True)
+
+    p = sub.add_parser("push-keyset", help="offer a signed key set (byoc-certs keyset) to an agent")
+    client_options(p)
+    p.add_argument("agent")
+    p.add_argument("file")
+    p.add_argument("--wait", action="store_true", help="wait for the agent's answer")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=cmd_push_keyset, client=True)
 
     p = sub.add_parser("anchor", help="the latest audit chain head an agent reported (SEQ:HASH)")
     client_options(p)

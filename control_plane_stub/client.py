@@ -96,6 +96,18 @@ class StubClient:
         )
         return dict(payload["agent"])
 
+    async def push_keyset(self, agent_id: str, token: str) -> dict[str, Any]:
+        return await self._call("POST", f"/v1/agents/{agent_id}/keyset", body={"token": token})
+
+    async def keyset(self, agent_id: str, *, wait_answer: float = 0.0) -> dict[str, Any]:
+        payload = await self._call(
+            "GET",
+            f"/v1/agents/{agent_id}/keyset",
+            params={"wait_answer": str(wait_answer)},
+            wait=wait_answer,
+        )
+        return dict(payload["keyset"])
+
     async def anchors(self, agent_id: str) -> list[dict[str, Any]]:
         return list((await self._call("GET", f"/v1/agents/{agent_id}/anchors"))["anchors"])
 

@@ -32,6 +32,8 @@ from agent.frames import (
     ErrorFrame,
     Frame,
     Hello,
+    KeySetFrame,
+    KeySetStatus,
     Ping,
     Pong,
     Status,
@@ -78,6 +80,14 @@ class Hub:
         self._closing: set[asyncio.Task[None]] = set()
 
     # -- used by the API ------------------------------------------------------------------
+
+    async def push_keyset(self, agent_id: str, token: str) -> bool:
+        """Send a key set to the agent now if it is connected (else it goes on connect)."""
+        link = self.links.get(agent_id)
+        if link is None:
+            return False
+        await self._send(link, KeySetFrame(token=token))
+        return True
 
     def kick(self, agent_id: str) -> None:
         link = self.links.get(agent_id)
@@ -147,6 +157,10 @@ class Hub:
             ),
         )
         log.info("agent_connected", cert_sha256=peer.sha256, version=hello.agent_version)
+        offered = self._store.keyset(agent_id)
+        held = hello.capabilities.get("keyset_version")
+        if offered is not None and isinstance(held, int) and held < int(str(offered["version"])):
+            await self._send(link, KeySetFrame(token=str(offered["token"])))
         await self.notify()
         reason = "closed"
         tasks = [
@@ -259,6 +273,15 @@ class Hub:
                 await self._send(link, Ack(seq=frame.seq))
                 if frame.reason in ("busy", "rate_limited"):  # not now: try again in a while
                     asyncio.get_running_loop().call_later(BUSY_RETRY, self._retry, link, frame.ref)
+                await self.notify()
+            case KeySetStatus():
+                self._store.keyset_answered(link.agent_id, frame.to_json())
+                log.info(
+                    "keyset_status",
+                    version=frame.version,
+                    accepted=frame.accepted,
+                    reason=frame.reason,
+                )
                 await self.notify()
             case Ping(id=ping_id):
                 await self._send(link, Pong(id=ping_id))

@@ -76,6 +76,14 @@ CREATE TABLE IF NOT EXISTS agent_certs (
     der        BLOB NOT NULL,
     first_seen REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS keysets (
+    agent_id      TEXT PRIMARY KEY,
+    version       INTEGER NOT NULL,
+    token         TEXT NOT NULL,
+    offered_at    REAL NOT NULL,
+    agent_version INTEGER,
+    last_result   TEXT
+);
 CREATE TABLE IF NOT EXISTS anchors (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     agent_id    TEXT NOT NULL,
@@ -241,6 +249,33 @@ class StubStore:
         if row is None:
             return None
         return {"token": row["token"], "status": row["status"], "recorded_at": row["recorded_at"]}
+
+    def offer_keyset(self, agent_id: str, version: int, token: str) -> None:
+        """The key set to give this agent (replacing any earlier offer)."""
+        self._db.execute(
+            """INSERT INTO keysets (agent_id, version, token, offered_at) VALUES (?, ?, ?, ?)
+               ON CONFLICT (agent_id) DO UPDATE SET version = excluded.version,
+                   token = excluded.token, offered_at = excluded.offered_at,
+                   last_result = NULL""",
+            (agent_id, version, token, time.time()),
+        )
+
+    def keyset(self, agent_id: str) -> dict[str, object] | None:
+        row = self._db.execute("SELECT * FROM keysets WHERE agent_id = ?", (agent_id,)).fetchone()
+        if row is None:
+            return None
+        return {
+            "version": row["version"],
+            "token": row["token"],
+            "agent_version": row["agent_version"],
+            "last_result": json.loads(row["last_result"]) if row["last_result"] else None,
+        }
+
+    def keyset_answered(self, agent_id: str, result: Mapping[str, object]) -> None:
+        self._db.execute(
+            "UPDATE keysets SET agent_version = ?, last_result = ? WHERE agent_id = ?",
+            (result.get("version"), json.dumps(dict(result)), agent_id),
+        )
 
     def record_anchor(self, agent_id: str, audit_seq: int, audit_hash: str, at: float) -> bool:
         """Keep an audit chain head the agent reported. Returns False when it conflicts with an
