@@ -4,12 +4,26 @@ Everything runs as separate processes on loopback, exactly as a user would start
 ``byoc-certs init``, ``cp-stub serve``, ``byoc-agent run`` (which supervises the demo workload
 replicas), ``byoc-agent approve`` and ``byoc-agent audit verify``. Each step prints one line; the
 exit status is 0 only if every step ended as expected.
+
+Options (all optional; without them, the behaviour above) move the pair apart, e.g. into two
+network namespaces with a firewall between them (``tests/test_outbound_netns.py``)::
+
+    ip netns exec CP_NS python -m byoc_demo DIR \
+        --agent-netns AGENT_NS --stub-host 10.213.0.1 --server-name localhost
+
+``--agent-netns`` runs every agent-side command (``byoc-agent run``, ``approve``, ``audit
+verify``) under ``ip netns exec``; the stub and the scenario itself (which talks to the stub's
+operator API on loopback) stay where this process runs. ``--stub-host`` is the address the stub
+listens on for agents and the agent dials; ``--server-name`` the name the agent verifies the
+stub's certificate for (the development certificate is for localhost, 127.0.0.1 and ::1).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import ipaddress
 import os
 import shutil
 import signal
@@ -24,6 +38,7 @@ from typing import Any, TextIO
 
 import psutil
 
+from agent.config import load_config
 from byoc_demo.layout import BROKEN_VERSION, DEMO_AGENT_ID, DemoPaths, write_agent_files
 from control_plane_stub.client import StubClient
 from control_plane_stub.errors import ApiError
@@ -35,11 +50,62 @@ class ScenarioFailed(Exception):
     pass
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def _host_in_url(host: str) -> str:
+    return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+
+
+_TCP_LISTEN = "0A"  # include/net/tcp_states.h, as /proc/net/tcp prints it
+
+
+def listening_sockets(pid: int) -> list[str]:
+    """Measured, not claimed: the TCP sockets process ``pid`` listens on, and its UDP sockets
+    that accept datagrams from anyone (bound, not connected), as ``ip:port``.
+
+    Read from ``/proc/PID/net/*``, which list the sockets of *that process's* network namespace.
+    (psutil's ``net_connections`` reads ``/proc/net/*``, the namespace of the process asking, so
+    for a process in another namespace it finds none of its sockets: a false "none".) Raises
+    ``OSError`` when the process cannot be inspected; that is never reported as "none"."""
+    inodes: set[str] = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in os.listdir(fd_dir):
+        with contextlib.suppress(FileNotFoundError):  # closed while we looked
+            target = os.readlink(fd_dir / fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    found: list[str] = []
+    for proto in ("tcp", "tcp6", "udp", "udp6"):
+        lines = Path(f"/proc/{pid}/net/{proto}").read_text().splitlines()[1:]
+        for line in lines:
+            fields = line.split()
+            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+            if inode not in inodes:
+                continue
+            listening = (
+                state == _TCP_LISTEN if proto.startswith("tcp") else remote.endswith(":0000")
+            )
+            if listening:
+                ip, port = _proc_net_address(local)
+                shown = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+                found.append(shown if proto.startswith("tcp") else f"udp {shown}")
+    return sorted(found)
+
+
+def _proc_net_address(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """``0100007F:1F90`` -> (127.0.0.1, 8080): the address is printed as native-endian 32-bit
+    words, the port as a number."""
+    hex_ip, hex_port = text.split(":")
+    packed = b"".join(
+        int(hex_ip[i : i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(hex_ip), 8)
+    )
+    return ipaddress.ip_address(packed), int(hex_port, 16)
 
 
 def _module_cmd(module: str, *args: str) -> list[str]:
@@ -70,13 +136,39 @@ def start_process(name: str, argv: Sequence[str], log: Path) -> Process:
 
 
 class Scenario:
-    def __init__(self, root: Path, out: TextIO) -> None:
+    def __init__(
+        self,
+        root: Path,
+        out: TextIO,
+        *,
+        agent_netns: str | None = None,
+        stub_host: str | None = None,
+        server_name: str | None = None,
+    ) -> None:
+        """``agent_netns``: run the agent-side commands in this network namespace.
+        ``stub_host``: the address the stub listens on and the agent dials (default: the stub
+        on 127.0.0.1, the agent dialling ``localhost``). ``server_name``: the name the agent
+        verifies the stub's certificate for (default: the URL's host)."""
         self.root = root
         self.out = out
+        self.agent_netns = agent_netns
+        self.stub_host = stub_host
+        self.server_name = server_name
         self.processes: list[Process] = []
         self.failures: list[str] = []
         self.paths: DemoPaths | None = None
         self.api_url = ""
+        self.agent_url = ""
+
+    @property
+    def apart(self) -> bool:
+        """Whether the pair is not simply on this host's loopback (any option given)."""
+        return self.agent_netns is not None or self.stub_host is not None
+
+    def agent_side(self, argv: Sequence[str]) -> list[str]:
+        """A command the customer runs on the agent's host (in the agent's namespace, if any)."""
+        prefix = ["ip", "netns", "exec", self.agent_netns] if self.agent_netns else []
+        return [*prefix, *argv]
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -100,7 +192,8 @@ class Scenario:
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        agent_port, api_port = free_port(), free_port()
+        listen_host = self.stub_host or "127.0.0.1"
+        agent_port, api_port = free_port(listen_host), free_port()
         self.api_url = f"http://127.0.0.1:{api_port}"
         self.processes.append(
             start_process(
@@ -111,7 +204,7 @@ class Scenario:
                     "--pki",
                     str(pki),
                     "--agents",
-                    f"127.0.0.1:{agent_port}",
+                    f"{_host_in_url(listen_host)}:{agent_port}",
                     "--api",
                     f"127.0.0.1:{api_port}",
                     "--db",
@@ -125,28 +218,36 @@ class Scenario:
             self.root / "agent",
             pki=pki,
             control_plane_port=agent_port,
+            control_plane_host=self.stub_host or "localhost",
             port_range=(base, base + 99),
+            server_name=self.server_name,
         )
+        self.agent_url = load_config(self.paths.config).control_plane.url
         self.processes.append(
             start_process(
                 "byoc-agent",
-                _module_cmd("agent.cli", "run", "--config", str(self.paths.config)),
+                self.agent_side(
+                    _module_cmd("agent.cli", "run", "--config", str(self.paths.config))
+                ),
                 self.root / "logs" / "agent.log",
             )
         )
         return agent_port
 
     def agent_listening_sockets(self) -> list[str]:
-        """Measured, not claimed: the agent process's listening TCP/UDP sockets."""
+        """Measured, not claimed: the agent process's listening sockets (see
+        :func:`listening_sockets`), in whatever network namespace it runs."""
         agent = next(p for p in self.processes if p.name == "byoc-agent")
-        connections = psutil.Process(agent.popen.pid).net_connections(kind="inet")
-        return [
-            f"{c.laddr.ip}:{c.laddr.port}" for c in connections if c.status == psutil.CONN_LISTEN
-        ]
+        # `ip netns exec` execs the command in place, so the pid is the agent's; make sure.
+        cmdline = psutil.Process(agent.popen.pid).cmdline()
+        if "agent.cli" not in cmdline:
+            raise ScenarioFailed(f"pid {agent.popen.pid} is not the agent: {cmdline}")
+        return listening_sockets(agent.popen.pid)
 
     def run_cli(self, module: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run one of the agent's CLI commands, as the operator on the agent's host would."""
         return subprocess.run(
-            _module_cmd(module, *args),
+            self.agent_side(_module_cmd(module, *args)),
             check=False,
             capture_output=True,
             text=True,
@@ -166,12 +267,13 @@ class Scenario:
         await api.wait_ready(30)
         agent = await api.agent(DEMO_AGENT_ID, wait_connected=30)
         listening = self.agent_listening_sockets()
+        seen_from = f"; the stub sees it at {agent.get('peer')}" if self.apart else ""
         self.step(
             0,
             "agent dials out, mutual TLS",
             f"{'connected' if agent['connected'] else 'NOT connected'}; agent cert sha256 "
             f"{str(agent['cert_sha256'])[:16]}…; agent's listening sockets: "
-            f"{', '.join(listening) or 'none'}",
+            f"{', '.join(listening) or 'none'}{seen_from}",
             bool(agent["connected"]) and not listening,
         )
         first = await self.final(api, await api.send(DEMO_AGENT_ID, "scale", {"replicas": 3}))
@@ -303,21 +405,73 @@ async def _with_client(url: str, body: Callable[[StubClient], Awaitable[None]]) 
         await body(api)
 
 
+def _ip_address(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {value!r}") from None
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m byoc_demo",
+        description="Run the demo: a stub control plane drives an agent over mutual TLS.",
+    )
+    parser.add_argument(
+        "dir",
+        nargs="?",
+        default=os.environ.get("BYOC_DEMO_DIR", ".demo"),
+        help="where the demo keeps its state and logs, emptied first (default: $BYOC_DEMO_DIR "
+        "or .demo)",
+    )
+    parser.add_argument(
+        "--agent-netns",
+        metavar="NAME",
+        help="run the agent-side commands (byoc-agent run, approve, audit verify) in this "
+        "network namespace, under `ip netns exec NAME`; the stub and this scenario (which uses "
+        "the stub's operator API on loopback) stay in this process's namespace",
+    )
+    parser.add_argument(
+        "--stub-host",
+        metavar="ADDR",
+        type=_ip_address,
+        help="the IP address the stub listens on for agents and the agent dials (default: the "
+        "stub on 127.0.0.1, the agent dialling localhost)",
+    )
+    parser.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="the name the agent verifies the stub's certificate for, [control_plane] "
+        "server_name (default: the host it dials; the development certificate is for "
+        "localhost, 127.0.0.1 and ::1)",
+    )
+    return parser.parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    root = Path(argv[0] if argv else os.environ.get("BYOC_DEMO_DIR", ".demo")).resolve()
-    scenario = Scenario(root, sys.stdout)
+    args = parse_args(argv)
+    root = Path(args.dir).resolve()
+    scenario = Scenario(
+        root,
+        sys.stdout,
+        agent_netns=args.agent_netns,
+        stub_host=args.stub_host,
+        server_name=args.server_name,
+    )
     scenario.say("BYOC agent demo: stub control plane -> outbound mTLS tunnel -> agent -> workload")
     started = time.monotonic()
     try:
-        agent_port = scenario.setup()
+        scenario.setup()
+        tls_name = f" (certificate checked for {args.server_name})" if args.server_name else ""
+        where = f"; agent in network namespace {args.agent_netns}" if args.agent_netns else ""
         scenario.say(
-            f"  control plane stub: wss://localhost:{agent_port}/v1/agent, "
-            f"operator API {scenario.api_url}"
+            f"  control plane stub: {scenario.agent_url}{tls_name}, "
+            f"operator API {scenario.api_url}{where}"
         )
         asyncio.run(_with_client(scenario.api_url, scenario.run_steps))
         scenario.shutdown()  # the agent's last audit record is written when it stops
         scenario.verify_audit()
-    except (ScenarioFailed, ApiError, OSError, subprocess.SubprocessError) as exc:
+    except (ScenarioFailed, ApiError, OSError, subprocess.SubprocessError, psutil.Error) as exc:
         scenario.failures.append(f"{type(exc).__name__}: {exc}")
     finally:
         with contextlib.suppress(Exception):

@@ -110,7 +110,7 @@ class Hub:
         if not AGENT_ID_PATTERN.fullmatch(agent_id):
             await websocket.close(CloseCode.PROTOCOL_ERROR, "certificate CN is not an agent id")
             return
-        log = self._log.bind(agent_id=agent_id, peer=str(websocket.remote_address))
+        log = self._log.bind(agent_id=agent_id, peer=_address(websocket.remote_address))
         hello = await self._handshake(websocket, log)
         if hello is None:
             return
@@ -143,7 +143,7 @@ class Hub:
         self._store.agent_connected(
             agent_id,
             cert_sha256=peer.sha256,
-            peer=str(websocket.remote_address),
+            peer=_address(websocket.remote_address),
             agent_version=hello.agent_version,
             capabilities=hello.capabilities,
         )
@@ -346,3 +346,11 @@ class Hub:
                 link.sent.add(record.ref)
                 log.info("command_sent", ref=record.ref, jti=record.jti, type=record.type)
             await self.notify()
+
+
+def _address(remote: object) -> str:
+    """``host:port`` (``[v6]:port``) for logs and the agent registry."""
+    if isinstance(remote, tuple) and len(remote) >= 2:
+        host = str(remote[0])
+        return f"[{host}]:{remote[1]}" if ":" in host else f"{host}:{remote[1]}"
+    return str(remote)
