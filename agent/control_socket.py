@@ -106,7 +106,8 @@ class ControlSocketServer:
 
     async def _answer(self, reader: asyncio.StreamReader, operator: Operator) -> dict[str, object]:
         try:
-            line = await asyncio.wait_for(reader.readline(), timeout=10)
+            async with asyncio.timeout(10):
+                line = await reader.readline()
         except (TimeoutError, ValueError, asyncio.LimitOverrunError):
             return {"ok": False, "error": "bad_request", "message": "no request line"}
         try:

@@ -39,7 +39,7 @@ from agent.control_socket import ControlSocketServer
 from agent.drivers import load_driver_factory
 from agent.drivers.base import Driver, DriverEnvironment
 from agent.errors import AgentError, AuditError, CommandRejected, ConfigError
-from agent.executor import CommandLimits, CommandProcessor, Operator
+from agent.executor import CommandLimits, CommandProcessor, DeliveryOutcome, Operator
 from agent.frames import MAX_FRAME_TO_AGENT, PROTOCOL_VERSION, Hello, KeySetStatus
 from agent.keyset import KeyRing, KeySetRejected, key_from_jwk, public_jwk, read_keyset
 from agent.policy_file import PolicyFile
@@ -366,7 +366,7 @@ class Agent:
         self.log.info("keyset_accepted", version=keyset.version)
         return KeySetStatus(version=keyset.version, accepted=True)
 
-    def _deliver(self, ref: str, token: str) -> bool:
+    def _deliver(self, ref: str, token: str) -> DeliveryOutcome:
         return self.parts.processor.handle_delivery(ref, token)
 
     def _healthy(self) -> bool:
@@ -418,7 +418,7 @@ class Agent:
                 self.audit.append(event, **fields)
 
     def _audit_stopped(self, state: AgentState) -> None:
-        unsent = state.outbox_size()
+        unsent = state.unsent_results()
         self._audit_if_possible("agent_stopped", reason=self._stop_reason, unsent_frames=unsent)
         self.log.info("agent_stopped", unsent_frames=unsent)
 
@@ -477,7 +477,7 @@ class Agent:
             "running_commands": parts.processor.running,
             "queued_commands": parts.processor.queued,
             "last_command": parts.processor.last_command,
-            "unsent_frames": parts.state.outbox_size(),
+            "unsent_frames": parts.state.unsent_results(),
             "audit_head": {"seq": head.seq, "hash": head.hash},
             "policy_sha256": parts.policy.current.sha256,
             "workload": parts.driver.describe(),

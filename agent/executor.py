@@ -26,7 +26,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import structlog
 
@@ -41,6 +41,10 @@ from agent.receipts import ReceiptInvalid, ReceiptSigner
 from agent.results import fit_result
 from agent.state import AgentState, CommandRow
 from agent.verifier import CommandVerifier, TrustedKeys, peek, token_sha256
+
+DeliveryOutcome = Literal["accepted", "deferred", "refused"]
+BENIGN_REFUSALS: Final = frozenset({"shutting_down", "busy", "rate_limited", "duplicate_delivery"})
+"""Refusals that are no fault of the peer's: they do not spend its error budget."""
 
 MAX_AUDITED_PARAMS: Final = 1024
 """Claimed parameters larger than this (bytes of JSON) are audited as a hash and a size only:
@@ -144,8 +148,10 @@ class CommandProcessor:
 
     # -- intake ---------------------------------------------------------------------------
 
-    def handle_delivery(self, ref: str, token: str) -> bool:
-        """Process one ``command`` frame; True if the command was accepted.
+    def handle_delivery(self, ref: str, token: str) -> DeliveryOutcome:
+        """Process one ``command`` frame: ``accepted``, ``deferred`` (refused for now, or a
+        redelivery: no fault of the peer's) or ``refused`` (a bad delivery: spends the peer's
+        error budget).
 
         Never raises, except AuditError: every outcome is audited and reported, and without an
         audit log nothing may happen at all."""
@@ -178,7 +184,7 @@ class CommandProcessor:
                 self._on_outbox()
             else:  # a peer that never acknowledges cannot make the outbox grow without bound
                 self._log.warning("refusal_not_queued", ref=ref, reason="outbox full")
-            return False
+            return "deferred" if exc.code in BENIGN_REFUSALS else "refused"
         self._audit.append(
             "command_verification",
             ref=ref,
@@ -192,7 +198,7 @@ class CommandProcessor:
         self._log.info("command_accepted", jti=row.jti, ref=ref, type=row.type)
         self.last_command = {"jti": row.jti, "type": row.type, "received_at": now}
         self._decide(row)
-        return True
+        return "accepted"
 
     def _verify_and_claim(self, ref: str, token: str, now: float) -> CommandRow:
         if self._stopping:

@@ -421,3 +421,11 @@ class AgentState:
 
     def outbox_size(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def unsent_results(self) -> int:
+        """Unacknowledged frames that report on deliveries and commands (anchors excluded: they
+        are best effort, and a control plane that ignores them must not hold up a stop)."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM outbox WHERE kind != ?", (Anchor.type,)
+        ).fetchone()
+        return int(row[0])

@@ -15,8 +15,10 @@ import contextlib
 import dataclasses
 import ssl
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import structlog
@@ -34,6 +36,7 @@ from agent.backoff import Backoff
 from agent.config import ControlPlaneConfig, TunnelConfig
 from agent.egress import route_for
 from agent.errors import AuditError, ConfigError, TLSRejected
+from agent.executor import DeliveryOutcome
 from agent.frames import (
     FINAL_STATES,
     MAX_FRAME_TO_AGENT,
@@ -89,7 +92,7 @@ class Tunnel:
         hello: Hello | Callable[[], Hello],
         state: AgentState,
         audit: AuditLog,
-        on_delivery: Callable[[str, str], bool],
+        on_delivery: Callable[[str, str], DeliveryOutcome],
         on_keyset: Callable[[str], KeySetStatus] | None = None,
         log: structlog.typing.FilteringBoundLogger,
         agent_id: str,
@@ -133,10 +136,11 @@ class Tunnel:
         self._outbox_changed.set()
 
     async def wait_flushed(self) -> bool:
-        """Wait until every queued frame is acknowledged; False if the tunnel is down.
+        """Wait until every queued result (status, refusal) is acknowledged; False if the tunnel
+        is down. Anchors are best effort and not waited for.
 
         Bound it with ``asyncio.timeout``."""
-        while self._state.outbox_size() > 0:
+        while self._state.unsent_results() > 0:
             if not self.ready.is_set():
                 return False
             self._acked.clear()
@@ -162,7 +166,8 @@ class Tunnel:
             self.reconnects += 1
             self._log.info("reconnect_scheduled", delay_s=round(delay, 3))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await stop.wait()
 
     # -- one connection -------------------------------------------------------------------
 
@@ -200,6 +205,7 @@ class Tunnel:
         finally:
             self.ready.clear()
             self.connection = None
+            self._acked.set()  # wake wait_flushed(): no ack will come on this connection
         # Reset the backoff only for a connection that stayed up: one that a peer keeps
         # refusing right after the welcome must not turn into a reconnect storm.
         if self._ready_since is not None and (
@@ -345,13 +351,19 @@ class Tunnel:
             return task.result()
         if isinstance(exc, ConnectionClosed | OSError | TimeoutError):
             return f"connection lost: {exc!r}"
-        self._log.error("tunnel_task_failed", error=repr(exc), exc_info=exc)
-        return f"internal error: {exc!r}"
+        # A bug, possibly triggered by the peer: record where it happened, not its message
+        # (which could carry what the peer sent, a token for instance).
+        where = _raised_at(exc)
+        self._log.error("tunnel_task_failed", error=type(exc).__name__, raised_at=where)
+        return f"internal error: {type(exc).__name__} at {where}"
 
     async def _send(self, websocket: ClientConnection, text: str) -> None:
         async with self._send_lock:
             # A peer that stops reading must not stall us forever: time out and reconnect.
-            await asyncio.wait_for(websocket.send(text), self._settings.send_timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that arrives as the send completes, leaving the connection task hung for good.
+            async with asyncio.timeout(self._settings.send_timeout):
+                await websocket.send(text)
 
     async def _flush(self, websocket: ClientConnection, session: AgentSession) -> None:
         for text in session.data_to_send():
@@ -392,7 +404,7 @@ class Tunnel:
                 case Welcomed(welcome=welcome):
                     self._welcomed(welcome.agent_id, welcome.server_time)
                 case CommandDelivered(ref=ref, token=token):
-                    if not self._on_delivery(ref, token):  # refused: spends the error budget
+                    if self._on_delivery(ref, token) == "refused":  # spends the error budget
                         pending.extend(session.delivery_refused(asyncio.get_running_loop().time()))
                 case KeySetOffered(token=token):
                     answer = self._on_keyset(token)
@@ -400,7 +412,8 @@ class Tunnel:
                     if not answer.accepted and answer.reason != "already_current":
                         pending.extend(session.delivery_refused(asyncio.get_running_loop().time()))
                 case Acked(seq=seq):
-                    self._acknowledged(seq)
+                    if not self._acknowledged(seq):
+                        pending.extend(session.delivery_refused(asyncio.get_running_loop().time()))
                 case FrameRefused(error=error, size=size):
                     self._audit.append(
                         "frame_rejected", reason=error.code, detail=error.detail, size=size
@@ -428,16 +441,17 @@ class Tunnel:
         self._log.info("session_ready", agent_id=seen_id)
         self._on_state(f"connected to {self._cp.url}")
 
-    def _acknowledged(self, seq: int) -> None:
-        if seq > self._last_sent:  # not sent on this connection: an early ack must not lose it
+    def _acknowledged(self, seq: int) -> bool:
+        """Apply an ack; False if it is for a frame not sent on this connection (a peer bug,
+        which must not lose the frame and spends the peer's error budget)."""
+        if seq > self._last_sent:
             self._log.warning("ack_for_unsent_frame", seq=seq, last_sent=self._last_sent)
-            return
+            return False
         row = self._state.ack(seq)
         self._acked.set()
-        if row is None:
-            return
-        if row.kind == Anchor.type:
-            return  # no record: it would move the head the anchor just reported
+        if row is None or row.kind == Anchor.type:
+            # A repeated ack, or an anchor's (whose record would move the head it reported).
+            return True
         if row.kind == Status.type and row.state in FINAL_STATES:
             self._audit.append("result_delivered", jti=row.jti, state=row.state, frame_seq=seq)
         elif row.kind != Status.type:
@@ -448,6 +462,7 @@ class Tunnel:
                 reason=row.body.get("reason"),
                 frame_seq=seq,
             )
+        return True
 
     async def _tick(
         self, websocket: ClientConnection, session: AgentSession, rearm: asyncio.Event
@@ -459,7 +474,8 @@ class Tunnel:
             rearm.clear()
             delay = max(0.0, session.next_deadline() - loop.time())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(rearm.wait(), delay)
+                async with asyncio.timeout(delay):  # not wait_for: see _send
+                    await rearm.wait()
             outcome = await self._react(websocket, session, session.tick(loop.time()))
             if outcome is not None:
                 return outcome
@@ -471,8 +487,9 @@ class Tunnel:
             self._outbox_changed.clear()
             rows = self._state.outbox_after(self._last_sent)
             for row in rows:
-                await self._send(websocket, self._encode_row(row))
+                # Counted as sent before the send completes: its ack may arrive first.
                 self._last_sent = row.seq
+                await self._send(websocket, self._encode_row(row))
             if not rows:
                 await self._outbox_changed.wait()
 
@@ -495,6 +512,15 @@ class Tunnel:
         elif isinstance(frame, DeliveryRejected):
             frame = dataclasses.replace(frame, detail=frame.detail[:200], jti=None)
         return encode(frame)
+
+
+def _raised_at(exc: BaseException) -> str:
+    """``file:line`` of the innermost frame of an exception's traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "?"
+    last = frames[-1]
+    return f"{Path(last.filename).name}:{last.lineno}"
 
 
 def _no_keysets(token: str) -> KeySetStatus:

@@ -93,6 +93,7 @@ def write_agent_files(
     policy: str | None = None,
     heartbeat_interval: float = 15.0,
     heartbeat_timeout: float = 45.0,
+    handshake_timeout: float = 10.0,
     backoff_base: float = 0.5,
     backoff_cap: float = 10.0,
     tls_rejected_retry: float = 300.0,
@@ -173,6 +174,7 @@ client_key = {_toml(str(pki / "agents" / f"{agent_id}.key"))}
 [tunnel]
 heartbeat_interval = {heartbeat_interval}
 heartbeat_timeout = {heartbeat_timeout}
+handshake_timeout = {handshake_timeout}
 backoff_base = {backoff_base}
 backoff_cap = {backoff_cap}
 tls_rejected_retry = {tls_rejected_retry}

@@ -220,7 +220,8 @@ class Hub:
 
     async def _send(self, link: AgentLink, frame: Frame) -> None:
         async with link.send_lock:
-            await asyncio.wait_for(link.websocket.send(encode(frame)), self._settings.send_timeout)
+            async with asyncio.timeout(self._settings.send_timeout):  # not wait_for (3.11)
+                await link.websocket.send(encode(frame))
 
     async def _read(self, link: AgentLink, log: structlog.typing.FilteringBoundLogger) -> str:
         async for message in link.websocket:
@@ -265,6 +266,7 @@ class Hub:
                         detail="the agent's audit log differs from an anchor held here",
                     )
                 await self._send(link, Ack(seq=frame.seq))
+                await self.notify()
             case DeliveryRejected():
                 self._store.apply_delivery_rejected(link.agent_id, frame)
                 log.info(

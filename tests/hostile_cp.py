@@ -33,6 +33,7 @@ from agent.frames import (
     PROTOCOL_VERSION,
     TO_CONTROL_PLANE,
     Ack,
+    Anchor,
     CommandFrame,
     DeliveryRejected,
     Frame,
@@ -295,7 +296,7 @@ class HostileControlPlane:
         match frame:
             case Ping(id=ping_id):
                 await connection.websocket.send(encode(Pong(id=ping_id)))
-            case Status(seq=seq) | DeliveryRejected(seq=seq) if self.auto_ack:
+            case Status(seq=seq) | DeliveryRejected(seq=seq) | Anchor(seq=seq) if self.auto_ack:
                 await connection.websocket.send(encode(Ack(seq=seq)))
             case _:
                 pass

@@ -79,7 +79,9 @@ CLOSE_UNSUPPORTED_PROTOCOL: Final = 4002
 CLOSE_HANDSHAKE_TIMEOUT: Final = 4003
 
 # Frame types the control plane receives after the handshake, and those it never accepts.
-_CP_ACCEPTS: Final = frozenset({"status", "delivery_rejected", "ping", "pong", "error"})
+_CP_ACCEPTS: Final = frozenset(
+    {"status", "delivery_rejected", "anchor", "keyset_status", "ping", "pong", "error"}
+)
 
 
 class MalformedFrame(ValueError):
@@ -202,6 +204,19 @@ def validate_agent_frame(frame: dict[str, Any]) -> None:
         _require(frame, "at", _is_num, "a number")
         _optional(frame, "jti", lambda v: isinstance(v, str), "a string")
         _truncate(frame, "detail")
+    elif kind == "anchor":  # §6.5, §7.7a
+        _require(frame, "seq", _seq, "a positive integer")
+        _require(frame, "audit_seq", _seq, "a positive integer")
+        _require(
+            frame,
+            "audit_hash",
+            lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
+            "64 lowercase hex digits",
+        )
+        _require(frame, "at", _is_num, "a number")
+    elif kind == "keyset_status":  # §7.7c
+        _require(frame, "version", _is_int, "an integer")
+        _require(frame, "accepted", lambda v: isinstance(v, bool), "a boolean")
     elif kind == "error":
         _require(frame, "code", _code, "a code")
         _require(frame, "message", lambda v: isinstance(v, str), "a string")
@@ -400,6 +415,8 @@ class IndependentControlPlane:
         """Outbox frames stored but not applied (unknown ref, other agent, jti mismatch)."""
         self.seen_rejections: set[tuple[str, str, str]] = set()
         self.ack_counts: dict[tuple[str, int], int] = {}
+        self.anchors: list[tuple[str, int, str]] = []
+        """(agent, audit_seq, audit_hash) of every anchor received (§6.5)."""
         self.connections: list[AgentConnection] = []
         self.active: dict[str, AgentConnection] = {}
         self.refused_requests: list[str] = []
@@ -784,6 +801,10 @@ class IndependentControlPlane:
             await self.send(conn, {"type": "pong", "id": frame["id"]})
         elif kind in ("status", "delivery_rejected"):
             self._store(conn.agent_id, frame)
+            if self.ack_enabled:
+                await self._ack(conn, frame["seq"])
+        elif kind == "anchor":  # kept, then acknowledged like any outbox frame (§6.5)
+            self.anchors.append((conn.agent_id, frame["audit_seq"], frame["audit_hash"]))
             if self.ack_enabled:
                 await self._ack(conn, frame["seq"])
 

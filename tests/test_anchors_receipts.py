@@ -109,8 +109,8 @@ async def test_the_stub_keeps_the_audit_head_and_verify_checks_the_log_against_i
 ) -> None:
     running = await start_agent(port=stub.agent_port, driver=RecordingDriver())
     await run_one(api)
-    async with asyncio.timeout(scaled(10)):  # every frame acknowledged, the anchor included
-        assert await running.agent.parts.tunnel.wait_flushed()
+    async with asyncio.timeout(scaled(10)), stub.hub.changed:  # the anchor has arrived
+        await stub.hub.changed.wait_for(lambda: bool(stub.store.anchors("agent-1")))
     code = await asyncio.to_thread(
         stub_cli, ["anchor", "--api", f"http://127.0.0.1:{stub.api_port}", "agent-1"]
     )

@@ -26,6 +26,8 @@ from agent.frames import (
     ErrorFrame,
     Frame,
     Hello,
+    KeySetFrame,
+    KeySetStatus,
     Ping,
     Pong,
     Status,
@@ -56,6 +58,8 @@ SAMPLES: list[Frame] = [
     ),
     Status(seq=5, ref="d-1", jti="j-1", state="succeeded", at=5.5, result={}, receipt="a.b.c"),
     Anchor(seq=6, audit_seq=42, audit_hash="ab" * 32, at=6.0),
+    KeySetFrame(token="a.b.c"),
+    KeySetStatus(version=3, accepted=False, reason="rollback", detail="older"),
     Hello(protocol=1, agent_version="0.1.0", heartbeat_interval=15.0),
     DeliveryRejected(seq=3, ref="d-2", reason="bad_signature", detail="nope", at=3.0),
     DeliveryRejected(seq=4, ref="d-3", reason="expired", detail="late", at=4.0, jti="j-3"),
@@ -109,12 +113,13 @@ def test_sample_list_covers_every_frame_type() -> None:
 
 
 def test_direction_sets() -> None:
-    assert {"welcome", "command", "ack", "ping", "pong", "error"} == TO_AGENT
+    assert {"welcome", "command", "keyset", "ack", "ping", "pong", "error"} == TO_AGENT
     assert {
         "hello",
         "status",
         "delivery_rejected",
         "anchor",
+        "keyset_status",
         "ping",
         "pong",
         "error",
