@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from typing import ClassVar, Final
 
 from agent.errors import CommandRejected
+from agent.targets import Target, TargetError, parse_target
 
 MAX_REPLICAS: Final = 1000
 VERSION_PATTERN: Final = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}")
 TARGET_PATTERN: Final = re.compile(r"[a-z][a-z0-9_]{0,31}")
 DEFAULT_METRICS_TARGETS: Final = ("workload", "host")
+MAX_STREAM_DURATION: Final = 86_400
+"""The longest ``max_duration`` a grant may ask for (seconds); the policy usually allows less."""
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,22 @@ class CollectMetrics:
         return {"targets": list(self.targets)}
 
 
-Command = Scale | Upgrade | CollectMetrics
-COMMAND_TYPES: Final = (Scale.type, Upgrade.type, CollectMetrics.type)
+@dataclass(frozen=True)
+class OpenStream:
+    """A stream grant: carry one TCP connection to ``target`` through the agent for at most
+    ``max_duration`` seconds (docs/PROTOCOL.md §12)."""
+
+    type: ClassVar[str] = "open_stream"
+    mutating: ClassVar[bool] = False
+    target: Target
+    max_duration: int
+
+    def params(self) -> dict[str, object]:
+        return {"target": str(self.target), "max_duration": self.max_duration}
+
+
+Command = Scale | Upgrade | CollectMetrics | OpenStream
+COMMAND_TYPES: Final = (Scale.type, Upgrade.type, CollectMetrics.type, OpenStream.type)
 
 
 def _only_keys(params: Mapping[str, object], allowed: set[str], kind: str) -> None:
@@ -111,10 +128,27 @@ def _parse_collect_metrics(params: Mapping[str, object]) -> CollectMetrics:
     return CollectMetrics(targets=tuple(targets))
 
 
+def _parse_open_stream(params: Mapping[str, object]) -> OpenStream:
+    _only_keys(params, {"target", "max_duration"}, "open_stream")
+    try:
+        target = parse_target(params.get("target"))
+    except TargetError as exc:
+        raise CommandRejected("invalid_params", f"open_stream: {exc}") from exc
+    if "max_duration" not in params:
+        raise CommandRejected("invalid_params", "open_stream: missing parameter 'max_duration'")
+    duration = _int(params["max_duration"], "max_duration", "open_stream")
+    if not 1 <= duration <= MAX_STREAM_DURATION:
+        raise CommandRejected(
+            "invalid_params", f"open_stream: max_duration must be in 1..{MAX_STREAM_DURATION}"
+        )
+    return OpenStream(target=target, max_duration=duration)
+
+
 _PARSERS: Final[dict[str, Callable[[Mapping[str, object]], Command]]] = {
     Scale.type: _parse_scale,
     Upgrade.type: _parse_upgrade,
     CollectMetrics.type: _parse_collect_metrics,
+    OpenStream.type: _parse_open_stream,
 }
 
 

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from agent.backoff import BackoffSettings
 from agent.errors import ConfigError
 from agent.session import HeartbeatSettings
+from agent.streams import StreamSettings
 from agent.toml_tables import Table
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/byoc-agent/agent.toml")
@@ -88,6 +89,7 @@ class AgentConfig:
     commands: CommandsConfig
     driver_kind: str
     driver_settings: Mapping[str, object]
+    streams: StreamSettings = field(default_factory=StreamSettings)
 
 
 def _path(base: Path, value: str) -> Path:
@@ -213,7 +215,10 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
     except (RecursionError, ValueError) as exc:  # absurd nesting, 5,000-digit integers
         raise ConfigError(f"{source}: not a usable configuration: {type(exc).__name__}") from exc
     root = Table(
-        "config", doc, {"agent", "control_plane", "tunnel", "commands", "driver"}, ConfigError
+        "config",
+        doc,
+        {"agent", "control_plane", "tunnel", "commands", "streams", "driver"},
+        ConfigError,
     )
     base = source.parent
     agent = Table(
@@ -281,6 +286,9 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
         },
         ConfigError,
     )
+    streams = Table(
+        "streams", doc.get("streams", {}), {"max_streams", "connect_timeout"}, ConfigError
+    )
     driver_table = doc.get("driver", {"kind": "process"})
     if not isinstance(driver_table, dict):
         raise ConfigError("[driver] must be a table")
@@ -309,6 +317,10 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
         commands=_commands(commands, base),
         driver_kind=driver_kind,
         driver_settings=driver_settings,
+        streams=StreamSettings(
+            max_streams=streams.integer("max_streams", 64, low=1, high=10_000),
+            connect_timeout=streams.number("connect_timeout", 10.0, low=0.1, high=300.0),
+        ),
     )
 
 

@@ -46,6 +46,7 @@ from agent.policy_file import PolicyFile
 from agent.receipts import ReceiptKeyFiles
 from agent.sdnotify import SystemdNotifier, run_watchdog
 from agent.state import AgentState
+from agent.streams import StreamManager
 from agent.tls import certificate_common_name, check_private_key_file, client_context
 from agent.tunnel import Tunnel
 from agent.verifier import CommandVerifier, TrustedKeys, VerifierSettings, jwk_thumbprint
@@ -200,6 +201,12 @@ class Agent:
             log=self.log.bind(component="tunnel"),
             agent_id=self.agent_id,
             on_state=self._notifier.status,
+            on_session_end=lambda: streams.abort_all("session_lost"),
+        )
+        streams = StreamManager(
+            settings=config.streams,
+            dial=tunnel.open_stream_connection,
+            log=self.log.bind(component="streams"),
         )
         processor = CommandProcessor(
             verifier=verifier,
@@ -219,6 +226,7 @@ class Agent:
             receipt_signer=ReceiptKeyFiles(
                 self.agent_id, config.control_plane.client_cert, config.control_plane.client_key
             ),
+            streams=streams,
         )
         processor.recover()
         control = ControlSocketServer(
@@ -233,6 +241,7 @@ class Agent:
             tunnel=tunnel,
             processor=processor,
             control=control,
+            streams=streams,
         )
         if install_signal_handlers:
             self._install_signal_handlers()
@@ -401,6 +410,7 @@ class Agent:
             queued=parts.processor.queued,
         )
         self.log.info("agent_stopping", reason=self._stop_reason)
+        parts.streams.abort_all("agent_stopping")  # a stream has no result to finish
         await parts.processor.drain(self.config.shutdown_grace)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FLUSH_ON_STOP):
@@ -481,6 +491,8 @@ class Agent:
             "audit_head": {"seq": head.seq, "hash": head.hash},
             "policy_sha256": parts.policy.current.sha256,
             "workload": parts.driver.describe(),
+            "streams": parts.streams.describe(),
+            "tasks": len(asyncio.all_tasks()),
             "time": time.time(),
         }
 
@@ -493,6 +505,7 @@ class _Parts:
     tunnel: Tunnel
     processor: CommandProcessor
     control: ControlSocketServer
+    streams: StreamManager
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ from typing import Any, Final, Literal
 import structlog
 
 from agent.audit_log import AuditLog
-from agent.commands import CollectMetrics, Command, Scale, Upgrade, parse_command
+from agent.commands import CollectMetrics, Command, OpenStream, Scale, Upgrade, parse_command
 from agent.drivers.base import Driver, ExecContext
 from agent.errors import CommandRejected, DriverError, StateError
 from agent.frames import FINAL_STATES
@@ -40,6 +40,7 @@ from agent.policy import Decision, Policy, Verdict
 from agent.receipts import ReceiptInvalid, ReceiptSigner
 from agent.results import fit_result
 from agent.state import AgentState, CommandRow
+from agent.streams import StreamManager
 from agent.verifier import CommandVerifier, TrustedKeys, peek, token_sha256
 
 DeliveryOutcome = Literal["accepted", "deferred", "refused"]
@@ -119,6 +120,7 @@ class CommandProcessor:
         agent_uid: int,
         limits: CommandLimits | None = None,
         receipt_signer: Callable[[], ReceiptSigner | None] = lambda: None,
+        streams: StreamManager | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._verifier = verifier
@@ -132,6 +134,7 @@ class CommandProcessor:
         self._agent_uid = agent_uid
         self._limits = limits or CommandLimits()
         self._receipt_signer = receipt_signer
+        self._streams = streams
         self._rate = TokenBucket(rate=self._limits.rate, burst=self._limits.burst)
         self._clock = clock
         self._mutations = asyncio.Lock()
@@ -217,6 +220,16 @@ class CommandProcessor:
         if len(self._tasks) + len(self._expiry) >= self._max_pending:
             raise CommandRejected(
                 "busy", f"{self._max_pending} commands are already pending; deliver again later"
+            )
+        if (
+            verified.cmd.get("type") == OpenStream.type
+            and self._streams is not None
+            and not self._streams.has_room()
+        ):
+            raise CommandRejected(
+                "busy",
+                f"{self._streams.settings.max_streams} streams are already open; "
+                "deliver again later",
             )
         earlier = self._state.by_ref(ref)
         if earlier is not None and earlier.token_sha256 != verified.token_sha256:
@@ -402,7 +415,11 @@ class CommandProcessor:
             self._audit.append(event, jti=jti, **fields)
 
         ctx = ExecContext(jti=jti, audit=audit, log=self._log.bind(jti=jti))
-        deadline = asyncio.timeout(self._limits.timeout)
+        limit = self._limits.timeout
+        if isinstance(command, OpenStream) and self._streams is not None:
+            # A stream ends itself at max_duration; this only backs that up.
+            limit = command.max_duration + 3 * self._streams.settings.connect_timeout + 5
+        deadline = asyncio.timeout(limit)
         try:
             async with deadline:
                 result = await self._call_driver(command, ctx)
@@ -415,7 +432,7 @@ class CommandProcessor:
                 started,
                 "failed",
                 reason="timeout",
-                detail=f"the driver did not finish within {self._limits.timeout:g}s",
+                detail=f"the command did not finish within {limit:g}s",
                 result={},
             )
         except DriverError as exc:
@@ -458,6 +475,10 @@ class CommandProcessor:
                 return await self._driver.upgrade(version, ctx)
             case CollectMetrics(targets=targets):
                 return await self._driver.collect_metrics(targets, ctx)
+            case OpenStream():
+                if self._streams is None:
+                    raise DriverError("streams_unavailable", "this agent carries no streams")
+                return await self._streams.run(ctx.jti, command, self._policy(), ctx)
 
     def _finish_execution(
         self,

@@ -24,6 +24,12 @@ Example (the full reference is in README.md, "Policy")::
     allow = true
     targets = ["workload", "host"]
 
+    [open_stream]               # streams: TCP connections carried through the agent
+    allow = true
+    targets = ["127.0.0.1:9091", "10.0.0.0/8:5432", "db.internal:5432"]
+    max_duration = 3600         # seconds; a grant asking for longer is refused
+    require_approval = false
+
     [approvals]                 # who may approve or deny on the host
     users = ["alice"]
     groups = ["byoc-operators"]
@@ -46,17 +52,29 @@ from typing import Final
 
 from agent.commands import (
     MAX_REPLICAS,
+    MAX_STREAM_DURATION,
     TARGET_PATTERN,
     VERSION_PATTERN,
     CollectMetrics,
     Command,
+    OpenStream,
     Scale,
     Upgrade,
 )
-from agent.errors import PolicyError
+from agent.errors import CommandRejected, PolicyError
+from agent.targets import (
+    IPAddress,
+    TargetError,
+    TargetRule,
+    allowed_by_name,
+    check_resolved,
+    forbidden,
+    parse_rule,
+)
 from agent.toml_tables import Table
 
 POLICY_FORMAT_VERSION: Final = 1
+_SECTIONS: Final = ("scale", "upgrade", "collect_metrics", "open_stream", "approvals")
 
 
 class Verdict(StrEnum):
@@ -103,6 +121,14 @@ class CollectMetricsRules:
     require_approval: bool = False
 
 
+@dataclass(frozen=True, kw_only=True)
+class OpenStreamRules:
+    allow: bool = True
+    targets: tuple[TargetRule, ...] = ()
+    max_duration: int = 3600
+    require_approval: bool = False
+
+
 _COMMON = {"allow", "require_approval"}
 
 
@@ -111,6 +137,7 @@ class Policy:
     scale: ScaleRules | None = None
     upgrade: UpgradeRules | None = None
     collect_metrics: CollectMetricsRules | None = None
+    open_stream: OpenStreamRules | None = None
     approvals: ApprovalRules | None = None
     sha256: str = ""
     """SHA-256 of the file's bytes: audit records name the policy that decided."""
@@ -123,7 +150,7 @@ class Policy:
             raise PolicyError(f"not valid TOML: {exc}") from exc
         except (RecursionError, ValueError) as exc:  # absurd nesting, 5,000-digit integers
             raise PolicyError(f"not a usable policy: {type(exc).__name__}") from exc
-        unknown = sorted(set(doc) - {"version", "scale", "upgrade", "collect_metrics", "approvals"})
+        unknown = sorted(set(doc) - {"version", *_SECTIONS})
         if unknown:
             raise PolicyError(f"unknown top-level key(s) {unknown}")
         version = doc.get("version")
@@ -139,6 +166,7 @@ class Policy:
             collect_metrics=(
                 _metrics_rules(doc["collect_metrics"]) if "collect_metrics" in doc else None
             ),
+            open_stream=_stream_rules(doc["open_stream"]) if "open_stream" in doc else None,
             approvals=_approval_rules(doc["approvals"]) if "approvals" in doc else None,
             sha256=hashlib.sha256(data).hexdigest(),
         )
@@ -151,6 +179,17 @@ class Policy:
                 return _decide_upgrade(self.upgrade, command)
             case CollectMetrics():
                 return _decide_metrics(self.collect_metrics, command)
+            case OpenStream():
+                return _decide_stream(self.open_stream, command)
+
+    def stream_addresses(self, command: OpenStream, resolved: list[IPAddress]) -> list[IPAddress]:
+        """Of the addresses a stream's target resolved to, the ones it may connect to (the
+        second half of the decision, made at connect time). Raises CommandRejected
+        (``target_forbidden``) when none is allowed, or the policy no longer allows streams."""
+        rules = self.open_stream
+        if rules is None or not rules.allow:
+            raise CommandRejected("policy_denied", _disabled("open_stream", rules).reason)
+        return check_resolved(command.target, resolved, rules.targets)
 
     def may_approve(
         self, *, user: str, uid: int, groups: Iterable[str], agent_uid: int
@@ -186,6 +225,13 @@ class Policy:
                 "allow": self.upgrade.allow,
                 "versions": sorted(self.upgrade.versions),
                 "require_approval": self.upgrade.require_approval,
+            }
+        if self.open_stream is not None:
+            out["open_stream"] = {
+                "allow": self.open_stream.allow,
+                "targets": [str(rule) for rule in self.open_stream.targets],
+                "max_duration": self.open_stream.max_duration,
+                "require_approval": self.open_stream.require_approval,
             }
         if self.approvals is not None:
             out["approvals"] = {
@@ -239,6 +285,22 @@ def _metrics_rules(table: object) -> CollectMetricsRules:
     return CollectMetricsRules(
         allow=s.boolean("allow", True),
         targets=frozenset(s.strings("targets", pattern=TARGET_PATTERN)),
+        require_approval=s.boolean("require_approval", False),
+    )
+
+
+def _stream_rules(table: object) -> OpenStreamRules:
+    s = _section("open_stream", table, {"targets", "max_duration"})
+    rules: list[TargetRule] = []
+    for text in s.strings("targets", pattern=re.compile(r"[^\s]{1,300}")):
+        try:
+            rules.append(parse_rule(text))
+        except TargetError as exc:
+            raise PolicyError(f"open_stream.targets: {exc}") from exc
+    return OpenStreamRules(
+        allow=s.boolean("allow", True),
+        targets=tuple(rules),
+        max_duration=s.integer("max_duration", 3600, low=1, high=MAX_STREAM_DURATION),
         require_approval=s.boolean("require_approval", False),
     )
 
@@ -316,3 +378,34 @@ def _decide_metrics(rules: CollectMetricsRules | None, command: CollectMetrics) 
             f"metrics target(s) {refused} not allowed by the policy",
         )
     return _approval("collect_metrics", rules.require_approval)
+
+
+def _decide_stream(rules: OpenStreamRules | None, command: OpenStream) -> Decision:
+    if rules is None or not rules.allow:
+        return _disabled("open_stream", rules)
+    if command.max_duration > rules.max_duration:
+        return Decision(
+            Verdict.DENY,
+            "open_stream.max_duration",
+            f"a stream of {command.max_duration}s is longer than the policy maximum of "
+            f"{rules.max_duration}s",
+        )
+    rule = allowed_by_name(command.target, rules.targets)
+    if rule is None:
+        return Decision(
+            Verdict.DENY,
+            "open_stream.targets",
+            f"target {command.target} is not allowed by the policy"
+            + (" (link-local or instance-metadata address)" if _forbidden(command) else ""),
+        )
+    if rules.require_approval:
+        return Decision(
+            Verdict.REQUIRE_APPROVAL,
+            "open_stream.require_approval",
+            f"a stream to {command.target} needs local approval",
+        )
+    return Decision(Verdict.ALLOW, "open_stream.targets", f"{command.target} matches {rule}")
+
+
+def _forbidden(command: OpenStream) -> bool:
+    return command.target.address is not None and forbidden(command.target.address)

@@ -34,7 +34,7 @@ from websockets.protocol import State
 from agent.audit_log import AuditLog
 from agent.backoff import Backoff
 from agent.config import ControlPlaneConfig, TunnelConfig
-from agent.egress import route_for
+from agent.egress import Route, route_for
 from agent.errors import AuditError, ConfigError, TLSRejected
 from agent.executor import DeliveryOutcome
 from agent.frames import (
@@ -60,6 +60,7 @@ from agent.session import (
     PeerReportedError,
     Welcomed,
 )
+from agent.splice import MAX_STREAM_MESSAGE, STREAM_QUEUE
 from agent.state import AgentState, OutboxRow
 from agent.tls import PeerCertificate, classify_tls_failure
 
@@ -98,6 +99,7 @@ class Tunnel:
         agent_id: str,
         backoff: Backoff | None = None,
         on_state: Callable[[str], object] | None = None,
+        on_session_end: Callable[[], object] | None = None,
     ) -> None:
         self._cp = control_plane
         self._settings = settings
@@ -111,6 +113,7 @@ class Tunnel:
         self._agent_id = agent_id
         self._backoff = backoff or Backoff(settings.backoff)
         self._on_state = on_state or (lambda _text: None)
+        self._on_session_end = on_session_end or (lambda: None)
         self._outbox_changed = asyncio.Event()
         self._acked = asyncio.Event()
         self._send_lock = asyncio.Lock()
@@ -181,22 +184,9 @@ class Tunnel:
             self._log.error("connection_settings_unusable", error=str(exc))
             return self._backoff.tls_rejected_delay()
         self.route = route.describe()
-        direct: dict[str, Any] = {}  # create_connection() keywords for a private endpoint
-        if route.host is not None:
-            direct = {"host": route.host, "port": route.port}
         try:
-            websocket = await connect(
-                self._cp.url,
-                ssl=context,
-                server_hostname=self._cp.verify_name,
-                open_timeout=self._cp.connect_timeout,
-                ping_interval=None,  # heartbeats are the protocol's own (session.py)
-                close_timeout=5,
-                max_size=WEBSOCKET_MAX_SIZE,
-                compression=None,
-                proxy=route.proxy,
-                user_agent_header=f"byoc-agent/{self._hello().agent_version}",
-                **direct,
+            websocket = await self._connect(
+                self._cp.url, context, route, max_size=WEBSOCKET_MAX_SIZE, max_queue=16
             )
         except Exception as exc:
             return self._connect_failed(exc)
@@ -205,6 +195,7 @@ class Tunnel:
         finally:
             self.ready.clear()
             self.connection = None
+            self._on_session_end()  # streams it authorised end with it
             self._acked.set()  # wake wait_flushed(): no ack will come on this connection
         # Reset the backoff only for a connection that stayed up: one that a peer keeps
         # refusing right after the welcome must not turn into a reconnect storm.
@@ -214,6 +205,41 @@ class Tunnel:
             self._backoff.reset()
         self._ready_since = None
         return self._backoff.next_delay()
+
+    async def _connect(
+        self, url: str, context: ssl.SSLContext, route: Route, *, max_size: int, max_queue: int
+    ) -> ClientConnection:
+        direct: dict[str, Any] = {}  # create_connection() keywords for a private endpoint
+        if route.host is not None:
+            direct = {"host": route.host, "port": route.port}
+        return await connect(
+            url,
+            ssl=context,
+            server_hostname=self._cp.verify_name,
+            open_timeout=self._cp.connect_timeout,
+            ping_interval=None,  # heartbeats are the protocol's own (session.py)
+            close_timeout=5,
+            max_size=max_size,
+            max_queue=max_queue,
+            compression=None,
+            proxy=route.proxy,
+            user_agent_header=f"byoc-agent/{self._hello().agent_version}",
+            **direct,
+        )
+
+    async def open_stream_connection(self, stream_id: str) -> ClientConnection:
+        """Dial the stream connection for ``stream_id`` (docs/PROTOCOL.md §12): same identity,
+        same route, same checks as the tunnel; only while the tunnel session is up."""
+        if not self.ready.is_set():
+            raise ConnectionError("the tunnel is not connected")
+        route = route_for(self._cp)
+        return await self._connect(
+            f"{self._cp.url.rstrip('/')}/streams/{stream_id}",
+            self._ssl_context(),
+            route,
+            max_size=MAX_STREAM_MESSAGE,
+            max_queue=STREAM_QUEUE,
+        )
 
     def _connect_failed(self, exc: Exception) -> float:
         rejected = classify_tls_failure(exc)

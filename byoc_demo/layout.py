@@ -37,19 +37,27 @@ require_approval = false
 allow = true
 targets = ["workload", "host"]
 
+[open_stream]               # streams: the control plane reaching a port here, through the agent
+allow = true
+targets = ["127.0.0.1:21000-21999"]   # the demo workload's replicas (their /metrics)
+max_duration = 600
+require_approval = false
+
 [approvals]                 # who may approve or deny pending commands on this host
 users = ["root"]
 groups = ["byoc-operators"]
 """
 
 
-def demo_policy(approver: str | None = None) -> str:
+def demo_policy(approver: str | None = None, stream_ports: tuple[int, int] = (21000, 21999)) -> str:
     """The reference policy, with the user running the demo allowed to approve.
 
     In the demo the agent runs as that same user, which a production policy should not allow
     (its workload may share the agent's user); see README.md, "Policy"."""
     user = approver or getpass.getuser()
-    return REFERENCE_POLICY.replace('users = ["root"]', f"users = [{_toml(user)}]")
+    return REFERENCE_POLICY.replace('users = ["root"]', f"users = [{_toml(user)}]").replace(
+        "127.0.0.1:21000-21999", f"127.0.0.1:{stream_ports[0]}-{stream_ports[1]}"
+    )
 
 
 def _toml(value: object) -> str:
@@ -128,7 +136,7 @@ def write_agent_files(
         state_dir=root / "state",
         control_socket=run / "control.sock",
     )
-    paths.policy.write_text(demo_policy() if policy is None else policy)
+    paths.policy.write_text(demo_policy(stream_ports=port_range) if policy is None else policy)
     versions = {version: {"argv": workload_argv()} for version in GOOD_VERSIONS}
     versions[BROKEN_VERSION] = {
         "argv": workload_argv(("--fail-health", "schema migration 0042 failed"))

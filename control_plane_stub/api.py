@@ -8,6 +8,11 @@
     GET  /v1/agents/{agent_id}/keyset?wait_answer=S   what was offered and what the agent said
     POST /v1/agents/{agent_id}/commands               {"type", "params", "ttl"?}: sign and queue
     POST /v1/agents/{agent_id}/commands/signed        {"token"}: relay a token signed elsewhere
+    POST /v1/agents/{agent_id}/forwards               {"target", "listen", "max_duration"?}: a
+                                                      loopback listener whose connections are
+                                                      carried to target through the agent
+    GET  /v1/forwards                                 forwards and their counters
+    DELETE /v1/forwards/{id}                          stop a forward (closes its connections)
     GET  /v1/commands?agent_id=&final=1&limit=        newest first
     GET  /v1/commands/{ref}?wait_for=STATE&timeout=S&include_token=1
                                                       one command and its status history; with
@@ -29,15 +34,24 @@ from typing import Any, Final
 import jwt
 from aiohttp import web
 
+from agent.commands import MAX_STREAM_DURATION
 from agent.config import AGENT_ID_PATTERN
 from agent.frames import MAX_TOKEN_CHARS
 from agent.verifier import peek
-from control_plane_stub.errors import BadRequest, StubError, UnknownAgent, UnknownCommand
+from control_plane_stub.errors import (
+    BadRequest,
+    StubError,
+    UnknownAgent,
+    UnknownCommand,
+    UnknownForward,
+)
 from control_plane_stub.hub import Hub
 from control_plane_stub.signer import DEFAULT_TTL, CommandSigner
 from control_plane_stub.store import RANK, StubStore
+from control_plane_stub.streams import StreamBroker
 
 MAX_WAIT: Final = 600.0
+DEFAULT_STREAM_DURATION: Final = 3600
 WAIT_TARGETS: Final = {
     "received": RANK["received"],
     "pending_approval": RANK["pending_approval"],
@@ -83,7 +97,7 @@ async def _same_machine_only(request: web.Request, handler: Handler) -> web.Stre
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except (UnknownAgent, UnknownCommand) as exc:
+    except (UnknownAgent, UnknownCommand, UnknownForward) as exc:
         return web.json_response({"error": "not_found", "message": str(exc)}, status=404)
     except BadRequest as exc:
         return web.json_response({"error": "bad_request", "message": str(exc)}, status=400)
@@ -122,7 +136,10 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 
 
 class OperatorApi:
-    def __init__(self, store: StubStore, hub: Hub, signer: CommandSigner) -> None:
+    def __init__(
+        self, store: StubStore, hub: Hub, signer: CommandSigner, streams: StreamBroker
+    ) -> None:
+        self._streams = streams
         self._store = store
         self._hub = hub
         self._signer = signer
@@ -139,6 +156,9 @@ class OperatorApi:
                 web.get("/v1/agents/{agent_id}/keyset", self.get_keyset),
                 web.post("/v1/agents/{agent_id}/commands", self.send_command),
                 web.post("/v1/agents/{agent_id}/commands/signed", self.relay_command),
+                web.post("/v1/agents/{agent_id}/forwards", self.start_forward),
+                web.get("/v1/forwards", self.list_forwards),
+                web.delete("/v1/forwards/{forward_id}", self.stop_forward),
                 web.get("/v1/commands", self.list_commands),
                 web.get("/v1/commands/{ref}", self.get_command),
             ]
@@ -243,6 +263,31 @@ class OperatorApi:
         )
         self._hub.kick(agent_id)
         return web.json_response({"command": record.to_json()}, status=201)
+
+    async def start_forward(self, request: web.Request) -> web.Response:
+        agent_id = _agent_id(request)
+        body = await _json_body(request)
+        target = body.get("target")
+        listen = body.get("listen", "127.0.0.1:0")
+        max_duration = body.get("max_duration", DEFAULT_STREAM_DURATION)
+        if not isinstance(target, str) or not isinstance(listen, str):
+            raise BadRequest("'target' and 'listen' must be strings (host:port)")
+        if (
+            not isinstance(max_duration, int)
+            or isinstance(max_duration, bool)
+            or not 1 <= max_duration <= MAX_STREAM_DURATION
+        ):
+            raise BadRequest(f"'max_duration' must be an integer in 1..{MAX_STREAM_DURATION}")
+        forward = await self._streams.start_forward(agent_id, target, listen, max_duration)
+        return web.json_response({"forward": forward.to_json()}, status=201)
+
+    async def list_forwards(self, request: web.Request) -> web.Response:
+        forwards = [f.to_json() for f in self._streams.forwards.values()]
+        return web.json_response({"forwards": forwards})
+
+    async def stop_forward(self, request: web.Request) -> web.Response:
+        forward = await self._streams.stop_forward(request.match_info["forward_id"])
+        return web.json_response({"forward": forward.to_json()})
 
     async def list_commands(self, request: web.Request) -> web.Response:
         agent_id = request.query.get("agent_id")

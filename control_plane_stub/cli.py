@@ -12,6 +12,8 @@
     cp-stub push-keyset AGENT FILE [--wait]       offer a signed key set (key rotation)
     cp-stub anchor AGENT                          latest audit head (for audit verify --anchor)
     cp-stub wait REF [--for final]
+    cp-stub forward AGENT --target HOST:PORT [--listen 127.0.0.1:PORT]   carry local connections
+                                                  to a target through the agent (streams)
 
 Client commands talk to ``--api`` (default ``$CP_STUB_API`` or http://127.0.0.1:8080).
 With ``--wait``, the exit status is 0 when the command succeeded, 3 when it ended otherwise
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -43,6 +46,8 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NOT_SUCCEEDED = 3
 EXIT_TIMEOUT = 4
+FORWARD_CHECK = 5.0
+"""Seconds between checks that the stub still holds a running forward."""
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -131,6 +136,39 @@ async def cmd_send(args: argparse.Namespace, client: StubClient) -> int:
         command_type, params = "collect_metrics", {"targets": args.target or ["workload", "host"]}
     command = await client.send(args.agent, command_type, params, ttl=args.ttl)
     return await _finish(client, command, args)
+
+
+async def cmd_forward(args: argparse.Namespace, client: StubClient) -> int:
+    forward = await client.start_forward(
+        args.agent, args.target, listen=args.listen, max_duration=args.max_duration
+    )
+    print(
+        f"forwarding {forward['listen']} -> agent {args.agent} -> {forward['target']} "
+        f"(forward {forward['id']}; Ctrl-C to stop)",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    gone = False
+    while not stop.is_set():  # also notice a stub that restarted (and lost the forward)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FORWARD_CHECK):
+                await stop.wait()
+        if not stop.is_set() and forward["id"] not in {f["id"] for f in await client.forwards()}:
+            gone = True
+            break
+    if gone:
+        print("cp-stub: the forward is gone (the stub restarted?)", file=sys.stderr)
+        return EXIT_FAILURE
+    final = await client.stop_forward(forward["id"])
+    print(
+        f"stopped: {final['connections']} connection(s), {final['bytes_to_agent']} bytes to "
+        f"the agent, {final['bytes_from_agent']} bytes back",
+        flush=True,
+    )
+    return 0
 
 
 async def cmd_send_signed(args: argparse.Namespace, client: StubClient) -> int:
@@ -309,6 +347,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("agent")
     p.add_argument("token")
     p.set_defaults(func=cmd_send_signed, client=True)
+
+    p = sub.add_parser(
+        "forward",
+        help="carry connections to a local port to a target in the agent's network",
+        description="Listen on a loopback port; each connection to it becomes one stream "
+        "(a signed open_stream grant) carried by the agent to TARGET. Runs until Ctrl-C.",
+    )
+    client_options(p)
+    p.add_argument("agent")
+    p.add_argument("--target", required=True, help="HOST:PORT as seen from the agent")
+    p.add_argument(
+        "--listen", default="127.0.0.1:0", help="loopback HOST:PORT (port 0: pick a free one)"
+    )
+    p.add_argument("--max-duration", type=int, default=3600, help="seconds per connection")
+    p.set_defaults(func=cmd_forward, client=True)
 
     p = sub.add_parser("results", help="recent commands and their results")
     client_options(p)

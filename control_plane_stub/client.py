@@ -153,6 +153,19 @@ class StubClient:
             "GET", f"/v1/commands/{ref}", params=params, wait=wait_seconds if wait_for else 0.0
         )
 
+    async def start_forward(
+        self, agent_id: str, target: str, *, listen: str, max_duration: int
+    ) -> dict[str, Any]:
+        body: dict[str, object] = {"target": target, "listen": listen, "max_duration": max_duration}
+        payload = await self._call("POST", f"/v1/agents/{agent_id}/forwards", body=body)
+        return dict(payload["forward"])
+
+    async def forwards(self) -> list[dict[str, Any]]:
+        return list((await self._call("GET", "/v1/forwards"))["forwards"])
+
+    async def stop_forward(self, forward_id: str) -> dict[str, Any]:
+        return dict((await self._call("DELETE", f"/v1/forwards/{forward_id}"))["forward"])
+
 
 def describe(command: dict[str, Any], *, samples: int = 3) -> str:
     """One readable line for a command record."""

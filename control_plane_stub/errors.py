@@ -19,6 +19,10 @@ class UnknownCommand(StubError, LookupError):
     pass
 
 
+class UnknownForward(StubError, LookupError):
+    pass
+
+
 class BadRequest(StubError, ValueError):
     pass
 

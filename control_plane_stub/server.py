@@ -14,14 +14,17 @@ from aiohttp import web
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
+from agent.errors import TLSRejected
 from agent.frames import MAX_FRAME_TO_CONTROL_PLANE
 from agent.session import HeartbeatSettings
-from agent.tls import server_context
+from agent.splice import STREAM_QUEUE
+from agent.tls import PeerCertificate, server_context
 from control_plane_stub.api import OperatorApi
 from control_plane_stub.errors import StubConfigError
 from control_plane_stub.hub import Hub, HubSettings
 from control_plane_stub.signer import CommandSigner
 from control_plane_stub.store import StubStore
+from control_plane_stub.streams import STREAM_PREFIX, StreamBroker
 
 AGENT_PATH: Final = "/v1/agent"
 
@@ -54,10 +57,12 @@ class StubConfig:
             )
 
 
-def _only_agent_path(connection: ServerConnection, request: Request) -> Response | None:
-    if request.path != AGENT_PATH:
-        return connection.respond(404, f"agents connect to {AGENT_PATH}\n")
-    return None
+def _peer_agent_id(connection: ServerConnection) -> str | None:
+    try:
+        peer = PeerCertificate.from_ssl_object(connection.transport.get_extra_info("ssl_object"))
+    except TLSRejected:
+        return None
+    return peer.subject_cn
 
 
 class StubServer:
@@ -67,7 +72,8 @@ class StubServer:
         self.store = StubStore(config.db)
         self.signer = CommandSigner.from_file(config.signing_key, issuer=config.issuer)
         self.hub = Hub(self.store, HubSettings(heartbeat=config.heartbeat), self.log)
-        self.api = OperatorApi(self.store, self.hub, self.signer)
+        self.streams = StreamBroker(self.store, self.hub, self.signer, self.log)
+        self.api = OperatorApi(self.store, self.hub, self.signer, self.streams)
         self._ws: Server | None = None
         self._runner: web.AppRunner | None = None
         self.agent_port = 0
@@ -79,12 +85,13 @@ class StubServer:
             cert=config.server_cert, key=config.server_key, client_ca=config.agent_ca
         )
         self._ws = await serve(
-            self.hub.handler,
+            self._route,
             config.agent_host,
             config.agent_port,
             ssl=context,
-            process_request=_only_agent_path,
+            process_request=self._check_path,
             max_size=MAX_FRAME_TO_CONTROL_PLANE,
+            max_queue=STREAM_QUEUE,  # per connection: bounds what a stream buffers here
             ping_interval=None,  # the protocol's own heartbeats (hub.py)
             compression=None,
             server_header="cp-stub",
@@ -102,7 +109,29 @@ class StubServer:
             signing_kid=self.signer.kid,
         )
 
+    def _check_path(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Before the WebSocket handshake: the control path, or a stream this agent is expected
+        to dial (404 otherwise, so the agent fails fast)."""
+        if request.path == AGENT_PATH:
+            return None
+        if request.path.startswith(STREAM_PREFIX):
+            stream_id = request.path.removeprefix(STREAM_PREFIX)
+            agent_id = _peer_agent_id(connection)
+            if agent_id is not None and self.streams.expected(stream_id, agent_id):
+                return None
+            return connection.respond(404, "no such stream for this agent\n")
+        return connection.respond(404, f"agents connect to {AGENT_PATH}\n")
+
+    async def _route(self, websocket: ServerConnection) -> None:
+        path = websocket.request.path if websocket.request is not None else ""
+        if path.startswith(STREAM_PREFIX):
+            agent_id = _peer_agent_id(websocket) or ""
+            await self.streams.attach(websocket, path.removeprefix(STREAM_PREFIX), agent_id)
+        else:
+            await self.hub.handler(websocket)
+
     async def close(self) -> None:
+        await self.streams.close()
         if self._ws is not None:
             self._ws.close()
             await self._ws.wait_closed()

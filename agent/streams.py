@@ -1,0 +1,227 @@
+"""Streams: one TCP connection carried between the control plane and a target inside the
+customer's network, through the agent (docs/PROTOCOL.md §12).
+
+A stream is the execution of an ``open_stream`` grant, after the same verification, policy and
+approval as any command. The agent resolves the target, keeps only the addresses the policy
+allows (link-local and metadata addresses need a rule that names them), connects to the target,
+then dials a *second outbound* WebSocket connection to the control plane, ``<url>/streams/<jti>``,
+with the same client certificate and route (proxy, private endpoint) as the tunnel. Bytes travel
+as binary messages; an empty message ends one direction (like a TCP FIN), so half-closed
+protocols work. Nothing listens on the agent's side: the outbound-only property holds.
+
+Why a connection per stream rather than multiplexing inside the tunnel: TCP gives each stream its
+own flow control and the tunnel never waits behind bulk data (commands and heartbeats keep their
+latency while a stream is saturated); load balancers and proxies see ordinary WebSocket
+connections. Buffers are bounded per stream: at most ``read_chunk`` bytes read from the target
+and ``STREAM_QUEUE`` messages of at most ``MAX_STREAM_MESSAGE`` bytes from the control plane are
+held; past that, reading stops and TCP pushes back on the sender.
+
+A stream ends when both directions have ended, when either side closes or fails, at
+``max_duration``, when the tunnel session that authorised it is lost, or when the agent stops.
+Each end is audited with the bytes each way and why it ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+
+import structlog
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from agent.commands import OpenStream
+from agent.drivers.base import ExecContext
+from agent.errors import CommandRejected, DriverError
+from agent.policy import Policy
+from agent.splice import MAX_STREAM_MESSAGE, Splice, close_code
+from agent.targets import IPAddress, format_host_port, unmapped
+
+AGENT_SIDE_ENDS: Final = frozenset({"session_lost", "agent_stopping", "protocol_error"})
+"""Ends that make the command ``failed``: the stream was cut short on the agent's side or the
+control plane broke the protocol. Any other end (either side closed, max_duration) is a stream
+that did its job: ``succeeded``, with ``ended_by`` saying how."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamSettings:
+    max_streams: int = 64
+    """Open streams at any time; more grants are refused as ``busy`` until one ends."""
+    connect_timeout: float = 10.0
+    """Seconds to resolve and connect to the target, and to open the stream connection."""
+    read_chunk: int = MAX_STREAM_MESSAGE
+
+
+Dialer = Callable[[str], Awaitable[ClientConnection]]
+"""Opens the stream connection for a stream id (the grant's jti)."""
+
+
+class StreamManager:
+    def __init__(
+        self,
+        *,
+        settings: StreamSettings,
+        dial: Dialer,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self.settings = settings
+        self._dial = dial
+        self._log = log
+        self.active: dict[str, Splice] = {}
+        self.opened = 0
+        self.bytes_to_targets = 0
+        self.bytes_from_targets = 0
+
+    def has_room(self) -> bool:
+        return len(self.active) < self.settings.max_streams
+
+    def abort_all(self, reason: str) -> None:
+        """End every open stream (``session_lost``, ``agent_stopping``)."""
+        for stream in list(self.active.values()):
+            stream.abort(reason)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "open": len(self.active),
+            "max": self.settings.max_streams,
+            "opened_total": self.opened,
+            "bytes_to_targets": self.bytes_to_targets,
+            "bytes_from_targets": self.bytes_from_targets,
+        }
+
+    async def run(
+        self, jti: str, command: OpenStream, policy: Policy, ctx: ExecContext
+    ) -> dict[str, object]:
+        """Carry one stream from start to end; the result reports it. Raises DriverError when
+        the stream could not be set up (its ``result`` says how far it got)."""
+        target = str(command.target)
+        started = time.monotonic()
+        stream = Splice(peer="control_plane", local="target", read_chunk=self.settings.read_chunk)
+        self.active[jti] = stream
+        try:
+            reader, writer, address = await self._connect_target(command, policy, ctx, stream)
+            try:
+                websocket = await self._open_connection(jti, target, stream)
+            except BaseException:
+                writer.transport.abort()
+                raise
+            self.opened += 1
+            ctx.audit("stream_opened", target=target, address=address)
+            ctx.log.info("stream_opened", target=target, address=address)
+            ended_by = await stream.run(
+                websocket, reader, writer, deadline=started + command.max_duration
+            )
+        finally:
+            del self.active[jti]
+            self.bytes_to_targets += stream.to_socket
+            self.bytes_from_targets += stream.from_socket
+        duration_ms = int((time.monotonic() - started) * 1000)
+        result: dict[str, object] = {
+            "target": target,
+            "address": address,
+            "bytes_to_target": stream.to_socket,
+            "bytes_from_target": stream.from_socket,
+            "ended_by": ended_by,
+            "duration_ms": duration_ms,
+        }
+        ctx.audit(
+            "stream_closed",
+            target=target,
+            bytes_to_target=stream.to_socket,
+            bytes_from_target=stream.from_socket,
+            ended_by=ended_by,
+            duration_ms=duration_ms,
+        )
+        ctx.log.info("stream_closed", **result)
+        if ended_by in AGENT_SIDE_ENDS:
+            raise DriverError(ended_by, f"the stream to {target} ended: {ended_by}", result=result)
+        return result
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    async def _connect_target(
+        self, command: OpenStream, policy: Policy, ctx: ExecContext, stream: Splice
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+        target = command.target
+        timeout = self.settings.connect_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                resolved = await _resolve(command)
+        except TimeoutError as exc:
+            raise DriverError(
+                "target_unresolvable", f"resolving {target.host} took longer than {timeout:g}s"
+            ) from exc
+        except OSError as exc:
+            raise DriverError(
+                "target_unresolvable", f"cannot resolve {target.host}: {exc.strerror or exc}"
+            ) from exc
+        try:
+            usable = policy.stream_addresses(command, resolved)
+        except CommandRejected as exc:
+            ctx.audit("stream_refused", target=str(target), reason=exc.code, detail=exc.detail)
+            raise DriverError(exc.code, exc.detail) from exc
+        ctx.audit("stream_connecting", target=str(target), addresses=[str(a) for a in usable])
+        errors: list[str] = []
+        for address in usable:
+            shown = format_host_port(str(address), target.port)
+            try:
+                async with asyncio.timeout(timeout):
+                    reader, writer = await asyncio.open_connection(
+                        str(address), target.port, limit=self.settings.read_chunk
+                    )
+            except TimeoutError:
+                errors.append(f"{shown}: timed out after {timeout:g}s")
+                continue
+            except OSError as exc:
+                errors.append(f"{shown}: {exc.strerror or exc}")
+                continue
+            if stream.aborted.is_set():
+                writer.transport.abort()
+                raise DriverError(str(stream.abort_reason), "the stream was ended while connecting")
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return reader, writer, shown
+        raise DriverError("target_unreachable", f"cannot connect to {target}: {'; '.join(errors)}")
+
+    async def _open_connection(self, jti: str, target: str, stream: Splice) -> ClientConnection:
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                websocket = await self._dial(jti)
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            raise DriverError(
+                "stream_refused", f"the control plane refused the stream connection: HTTP {status}"
+            ) from exc
+        except (OSError, TimeoutError, ConnectionClosed) as exc:
+            raise DriverError(
+                "control_plane_unreachable",
+                f"cannot open the stream connection for {target}: {type(exc).__name__}: {exc}",
+            ) from exc
+        if stream.aborted.is_set():
+            reason = str(stream.abort_reason)
+            await websocket.close(close_code(reason), reason)
+            raise DriverError(str(stream.abort_reason), "the stream was ended while connecting")
+        return websocket
+
+    # -- data -----------------------------------------------------------------------------
+
+
+async def _resolve(command: OpenStream) -> list[IPAddress]:
+    target = command.target
+    if target.address is not None:
+        return [target.address]
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        target.host, target.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    seen: list[IPAddress] = []
+    for _family, _type, _proto, _name, sockaddr in infos:
+        address = unmapped(ipaddress.ip_address(sockaddr[0]))
+        if address not in seen:
+            seen.append(address)
+    return seen

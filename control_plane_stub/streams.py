@@ -1,0 +1,268 @@
+"""The stub's side of streams (docs/PROTOCOL.md §12): forwards, grants, and the stream
+connections agents dial back.
+
+A *forward* is a loopback listener in the stub process (``cp-stub forward``). Each connection
+accepted on it becomes one stream: the stub signs an ``open_stream`` grant for the agent (jti =
+stream id), queues it like any command, and waits until the agent dials
+``/v1/agent/streams/<jti>`` with the certificate of that same agent, or until the grant ends
+without a stream (refused by the policy, denied, expired, target unreachable). Then bytes flow
+between the local connection and the agent's stream connection (agent/splice.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import structlog
+from websockets.asyncio.server import ServerConnection
+
+from agent.splice import Splice
+from agent.targets import TargetError, format_host_port, parse_target
+from control_plane_stub.errors import BadRequest, UnknownCommand, UnknownForward
+from control_plane_stub.hub import Hub
+from control_plane_stub.signer import CommandSigner
+from control_plane_stub.store import StubStore
+
+GRANT_TTL: Final = 60
+"""Seconds a grant made for a forwarded connection is valid (time to approve it, if needed)."""
+STREAM_PREFIX: Final = "/v1/agent/streams/"
+MAX_FORWARDS: Final = 64
+
+
+@dataclass(eq=False)
+class _Waiting:
+    agent_id: str
+    arrived: asyncio.Future[ServerConnection]
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(eq=False)
+class Forward:
+    id: str
+    agent_id: str
+    target: str
+    max_duration: int
+    server: asyncio.Server
+    listen: str
+    connections: int = 0
+    open: int = 0
+    bytes_to_agent: int = 0
+    bytes_from_agent: int = 0
+    last_outcome: str | None = None
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "agent_id": self.agent_id,
+            "target": self.target,
+            "listen": self.listen,
+            "max_duration": self.max_duration,
+            "connections": self.connections,
+            "open": self.open,
+            "bytes_to_agent": self.bytes_to_agent,
+            "bytes_from_agent": self.bytes_from_agent,
+            "last_outcome": self.last_outcome,
+        }
+
+
+class StreamBroker:
+    def __init__(
+        self,
+        store: StubStore,
+        hub: Hub,
+        signer: CommandSigner,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self._store = store
+        self._hub = hub
+        self._signer = signer
+        self._log = log
+        self._waiting: dict[str, _Waiting] = {}
+        self.forwards: dict[str, Forward] = {}
+
+    # -- the agent's side -----------------------------------------------------------------
+
+    def expected(self, stream_id: str, agent_id: str) -> bool:
+        """Is this agent expected to dial this stream right now? (Checked before the
+        WebSocket handshake is accepted.)"""
+        waiting = self._waiting.get(stream_id)
+        return waiting is not None and waiting.agent_id == agent_id and not waiting.arrived.done()
+
+    async def attach(self, websocket: ServerConnection, stream_id: str, agent_id: str) -> None:
+        """Serve one stream connection from an agent until its stream ends."""
+        waiting = self._waiting.get(stream_id)
+        if waiting is None or waiting.agent_id != agent_id or waiting.arrived.done():
+            await websocket.close(4404, "no such stream")
+            return
+        waiting.arrived.set_result(websocket)
+        await waiting.finished.wait()
+
+    # -- forwards -------------------------------------------------------------------------
+
+    async def start_forward(
+        self, agent_id: str, target: str, listen: str, max_duration: int
+    ) -> Forward:
+        try:
+            parse_target(target)
+        except TargetError as exc:
+            raise BadRequest(str(exc)) from exc
+        pick_port = listen.endswith(":0")  # any free port
+        try:
+            host_target = parse_target(listen.removesuffix(":0") + ":1" if pick_port else listen)
+        except TargetError as exc:
+            raise BadRequest(f"listen: {exc}") from exc
+        port = 0 if pick_port else host_target.port
+        address = host_target.address
+        if address is None and host_target.host != "localhost":
+            raise BadRequest("listen must be a loopback address")
+        if address is not None and not address.is_loopback:
+            raise BadRequest(
+                "listen must be a loopback address: a forward is as open as its listener"
+            )
+        if len(self.forwards) >= MAX_FORWARDS:
+            raise BadRequest(f"at most {MAX_FORWARDS} forwards at a time")
+        forward_id = uuid.uuid4().hex[:12]
+        holder: list[Forward] = []
+
+        async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            forward = holder[0]
+            task = asyncio.current_task()
+            assert task is not None  # noqa: S101  # always inside the server's task
+            forward.tasks.add(task)
+            try:
+                await self._carry(forward, reader, writer)
+            finally:
+                forward.tasks.discard(task)
+
+        try:
+            server = await asyncio.start_server(accepted, host_target.host, port)
+        except OSError as exc:
+            raise BadRequest(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+        bound = server.sockets[0].getsockname()
+        forward = Forward(
+            id=forward_id,
+            agent_id=agent_id,
+            target=target,
+            max_duration=max_duration,
+            server=server,
+            listen=format_host_port(str(ipaddress.ip_address(bound[0])), bound[1]),
+        )
+        holder.append(forward)
+        self.forwards[forward_id] = forward
+        self._log.info(
+            "forward_started",
+            id=forward_id,
+            agent_id=agent_id,
+            target=target,
+            listen=forward.listen,
+        )
+        return forward
+
+    async def stop_forward(self, forward_id: str) -> Forward:
+        forward = self.forwards.pop(forward_id, None)
+        if forward is None:
+            raise UnknownForward(f"no forward {forward_id!r}")
+        forward.server.close()
+        for task in list(forward.tasks):
+            task.cancel()
+        await asyncio.gather(*forward.tasks, return_exceptions=True)
+        await forward.server.wait_closed()
+        self._log.info("forward_stopped", id=forward_id, connections=forward.connections)
+        return forward
+
+    async def close(self) -> None:
+        for forward_id in list(self.forwards):
+            await self.stop_forward(forward_id)
+        for waiting in self._waiting.values():
+            waiting.finished.set()
+
+    async def _carry(
+        self, forward: Forward, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        forward.connections += 1
+        forward.open += 1
+        try:
+            outcome = await self._stream(forward, reader, writer)
+        finally:
+            forward.open -= 1
+            writer.transport.abort()
+        forward.last_outcome = outcome
+        self._log.info("forwarded_connection_ended", id=forward.id, outcome=outcome)
+
+    async def _stream(
+        self, forward: Forward, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> str:
+        params: dict[str, object] = {"target": forward.target, "max_duration": forward.max_duration}
+        signed = self._signer.sign(
+            agent_id=forward.agent_id,
+            command_type="open_stream",
+            params=params,
+            now=time.time(),
+            ttl=GRANT_TTL,
+        )
+        waiting = _Waiting(
+            agent_id=forward.agent_id, arrived=asyncio.get_running_loop().create_future()
+        )
+        self._waiting[signed.jti] = waiting
+        try:
+            self._store.add_command(
+                ref=signed.jti,
+                agent_id=forward.agent_id,
+                token=signed.token,
+                origin="signed",
+                jti=signed.jti,
+                command_type="open_stream",
+                params=params,
+            )
+            self._hub.kick(forward.agent_id)
+            websocket = await self._wait_for_agent(signed.jti, waiting, signed.exp)
+            if websocket is None:
+                record = self._store.get(signed.jti)
+                return f"no stream: {record.state} {record.reason or ''}".strip()
+            splice = Splice(peer="agent", local="client")
+            try:
+                ended_by = await splice.run(websocket, reader, writer)
+            finally:
+                forward.bytes_to_agent += splice.from_socket
+                forward.bytes_from_agent += splice.to_socket
+            return ended_by
+        finally:
+            self._waiting.pop(signed.jti, None)
+            waiting.finished.set()
+            if not waiting.arrived.done():
+                waiting.arrived.cancel()
+
+    async def _wait_for_agent(
+        self, ref: str, waiting: _Waiting, exp: int
+    ) -> ServerConnection | None:
+        """The agent's stream connection, or None once the grant is final without one."""
+
+        def final() -> bool:
+            with contextlib.suppress(UnknownCommand):
+                return self._store.get(ref).final
+            return True
+
+        async def ended() -> None:
+            async with self._hub.changed:
+                await self._hub.changed.wait_for(final)
+
+        watcher = asyncio.create_task(ended())
+        arrived = waiting.arrived
+        either: list[asyncio.Future[Any]] = [arrived, watcher]
+        try:
+            # Past the grant's expiry (plus the agent's connect time) nothing can arrive.
+            timeout = max(1.0, exp - time.time() + 30.0)
+            await asyncio.wait(either, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        if arrived.done() and not arrived.cancelled():
+            return arrived.result()
+        return None
