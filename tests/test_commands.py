@@ -12,6 +12,7 @@ from agent.commands import (
     MAX_REPLICAS,
     CollectMetrics,
     Command,
+    OpenStream,
     Scale,
     Upgrade,
     parse_command,
@@ -61,8 +62,9 @@ def test_parse_each_type(cmd: dict[str, Any], expected: Command) -> None:
 
 
 def test_command_type_names_and_mutating_flags() -> None:
-    assert COMMAND_TYPES == ("scale", "upgrade", "collect_metrics")
-    assert (Scale.type, Upgrade.type, CollectMetrics.type) == COMMAND_TYPES
+    assert COMMAND_TYPES == ("scale", "upgrade", "collect_metrics", "open_stream")
+    assert (Scale.type, Upgrade.type, CollectMetrics.type, OpenStream.type) == COMMAND_TYPES
+    assert OpenStream.mutating is False
     assert Scale.mutating is True
     assert Upgrade.mutating is True
     assert CollectMetrics.mutating is False

@@ -60,6 +60,8 @@ from agent.commands import (
     TARGET_PATTERN,
     VERSION_PATTERN,
     CollectMetrics,
+    Command,
+    OpenStream,
     Scale,
     Upgrade,
     parse_command,
@@ -99,6 +101,7 @@ from agent.session import (
     Phase,
     Welcomed,
 )
+from agent.targets import allowed_by_name
 from agent.verifier import (
     COMMAND_TYP,
     REQUIRED_CLAIMS,
@@ -1733,14 +1736,45 @@ def _valid_policies(draw: st.DrawFn) -> bytes:
         lines += ["[collect_metrics]", f"targets = {json.dumps(targets)}"]
         lines.append(f"allow = {str(draw(st.booleans())).lower()}")
         lines.append(f"require_approval = {str(draw(st.booleans())).lower()}")
+    if draw(st.booleans()):
+        rules = draw(st.lists(st.sampled_from(_STREAM_RULES), unique=True, max_size=4))
+        lines += ["[open_stream]", f"targets = {json.dumps(rules)}"]
+        lines.append(f"max_duration = {draw(st.integers(1, 86_400))}")
+        lines.append(f"allow = {str(draw(st.booleans())).lower()}")
+        lines.append(f"require_approval = {str(draw(st.booleans())).lower()}")
     return ("\n".join(lines) + "\n").encode()
 
 
+_STREAM_RULES = [
+    "127.0.0.1:9091",
+    "10.0.0.0/8:5432",
+    "0.0.0.0/0:1-65535",
+    "169.254.169.254/32:80",
+    "[::/0]:443",
+    "db.internal:5432",
+]
+_STREAM_TARGETS = [
+    "127.0.0.1:9091",
+    "10.1.2.3:5432",
+    "169.254.169.254:80",
+    "[fd00:ec2::254]:443",
+    "[::ffff:10.0.0.1]:5432",
+    "db.internal:5432",
+    "DB.Internal.:5432",
+    "other.internal:5432",
+    "256.1.1.1:80",
+    "host:0",
+    "[::1]",
+]
+
+
 _params = st.dictionaries(
-    st.sampled_from(["replicas", "version", "targets", "extra"]),
+    st.sampled_from(["replicas", "version", "targets", "target", "max_duration", "extra"]),
     st.one_of(
         st.integers(min_value=-5, max_value=MAX_REPLICAS + 5),
+        st.integers(min_value=0, max_value=100_000),
         st.sampled_from(["1.0.0", "2.0.0", "2.1.0", "v9", "bad version", ""]),
+        st.sampled_from(_STREAM_TARGETS),
         st.lists(st.sampled_from(["workload", "host", "db", "Bad"]), max_size=9),
         _json_values,
     ),
@@ -1755,7 +1789,7 @@ _cmd_objects = st.one_of(
 )
 
 
-def _parse_or_code(cmd: Any) -> Scale | Upgrade | CollectMetrics | str:
+def _parse_or_code(cmd: Any) -> Command | str:
     try:
         return parse_command(cmd)
     except CommandRejected as exc:
@@ -1791,6 +1825,15 @@ def test_decide_on_arbitrary_commands(policy_text: bytes, cmd: Any) -> None:
         case CollectMetrics(targets=targets):
             metrics = policy.collect_metrics
             allowed = metrics is not None and metrics.allow and set(targets) <= metrics.targets
+            assert (decision.verdict is not Verdict.DENY) == allowed
+        case OpenStream(target=target, max_duration=duration):
+            streams = policy.open_stream
+            allowed = (
+                streams is not None
+                and streams.allow
+                and duration <= streams.max_duration
+                and allowed_by_name(target, streams.targets) is not None
+            )
             assert (decision.verdict is not Verdict.DENY) == allowed
 
 
