@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import hashlib
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
+from agent.cli import main as agent_cli
 from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubServer
 from tests.conftest import AgentStarter, RunningAgent, scaled
@@ -35,6 +38,9 @@ require_approval = {"true" if approval else "false"}
 [collect_metrics]
 allow = true
 targets = ["workload", "host"]
+
+[approvals]
+users = ["{getpass.getuser()}"]
 """
 
 
@@ -66,8 +72,11 @@ async def tcp_target(
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         holder[0].connections += 1
-        with contextlib.suppress(ConnectionError):
-            await handler(reader, writer)
+        try:
+            with contextlib.suppress(ConnectionError):
+                await handler(reader, writer)
+        finally:
+            writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     target = Target(port=server.sockets[0].getsockname()[1], server=server)
@@ -182,3 +191,199 @@ async def test_a_target_that_refuses_fails_the_stream_and_closes_the_client(
     command = await final_stream(api)
     assert command["state"] == "failed"
     assert command["reason"] == "target_unreachable"
+
+
+async def settled(condition: Callable[[], bool], within: float = 10.0) -> bool:
+    """Wait (bounded) until ``condition`` holds: sockets and tasks close on later loop turns."""
+    deadline = time.monotonic() + scaled(within)
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def open_sockets() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                count += 1
+    return count
+
+
+async def test_an_approved_stream_waits_for_a_person_on_the_host(
+    stub: StubServer, api: StubClient, start_agent: AgentStarter
+) -> None:
+    async with tcp_target() as target:
+        running = await started(
+            start_agent, stub, stream_policy(f"127.0.0.1:{target.port}", approval=True)
+        )
+        host, port, _ = await forward_to(api, f"127.0.0.1:{target.port}")
+        client = asyncio.create_task(exchange(host, port, b"SELECT 1;"))
+        pending = await running.audit.wait_for("policy_decision", verdict="require_approval")
+        assert target.connections == 0
+        socket = str(running.paths.control_socket)
+
+        assert (
+            await asyncio.to_thread(agent_cli, ["approve", str(pending["jti"]), "--socket", socket])
+            == 0
+        )
+
+        assert await client == b"SELECT 1;"
+        assert (await final_stream(api))["state"] == "succeeded"
+        assert target.connections == 1
+
+
+async def test_max_duration_ends_a_stream(
+    stub: StubServer, api: StubClient, start_agent: AgentStarter
+) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never answers, holds the connection open
+
+    async with tcp_target(silent) as target:
+        running = await started(start_agent, stub, stream_policy(f"127.0.0.1:{target.port}"))
+        host, port, _ = await forward_to(api, f"127.0.0.1:{target.port}", max_duration=1)
+        reader, writer = await asyncio.open_connection(host, port)
+        async with asyncio.timeout(scaled(20)):
+            assert await reader.read() == b""  # the stream ended by itself
+        writer.close()
+
+        command = await final_stream(api)
+        assert command["state"] == "succeeded"
+        assert command["result"]["ended_by"] == "max_duration"
+        closed = await running.audit.wait_for("stream_closed", jti=command["jti"])
+        assert 1000 <= int(str(closed["duration_ms"])) < 1000 * scaled(15)
+
+
+async def test_losing_the_tunnel_ends_its_streams(
+    stub: StubServer, api: StubClient, start_agent: AgentStarter
+) -> None:
+    async with tcp_target() as target:
+        running = await started(start_agent, stub, stream_policy(f"127.0.0.1:{target.port}"))
+        host, port, _ = await forward_to(api, f"127.0.0.1:{target.port}")
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"ping")
+        async with asyncio.timeout(scaled(20)):
+            assert await reader.readexactly(4) == b"ping"  # the stream is up
+            stub.hub.links[AGENT].websocket.transport.abort()  # the tunnel drops
+            rest = b""
+            with contextlib.suppress(ConnectionError):
+                rest = await reader.read()
+        assert rest == b""
+        writer.close()
+
+        command = await final_stream(api)  # reported once the agent is back
+        assert command["state"] == "failed"
+        assert command["reason"] == "session_lost"
+        assert running.agent.parts.streams.active == {}
+
+
+async def test_many_concurrent_streams_leave_no_task_or_socket_behind(
+    stub: StubServer, api: StubClient, start_agent: AgentStarter
+) -> None:
+    streams = 40
+    async with tcp_target() as target:
+        running = await started(
+            start_agent,
+            stub,
+            stream_policy(f"127.0.0.1:{target.port}"),
+            command_rate=1000.0,
+            command_burst=1000,
+        )
+        host, port, _ = await forward_to(api, f"127.0.0.1:{target.port}")
+        await exchange(host, port, b"warm-up")  # the first stream creates lasting state
+        assert await settled(lambda: not running.agent.parts.streams.active)
+        tasks_before = len(asyncio.all_tasks())
+        sockets_before = open_sockets()
+        payloads = [os.urandom(256 * 1024 + i) for i in range(streams)]
+
+        echoed = await asyncio.gather(*(exchange(host, port, p) for p in payloads))
+
+        assert echoed == payloads
+        assert target.connections == streams + 1
+        records = await api.commands(agent_id=AGENT, limit=streams + 1)
+        finals = [
+            (await api.command(r["ref"], wait_for="final", wait_seconds=scaled(20)))["command"]
+            for r in records
+        ]
+        assert [c["state"] for c in finals] == ["succeeded"] * (streams + 1)
+        assert await settled(lambda: len(asyncio.all_tasks()) <= tasks_before), (
+            f"{len(asyncio.all_tasks()) - tasks_before} tasks leaked"
+        )
+        assert await settled(lambda: open_sockets() <= sockets_before), (
+            f"{open_sockets() - sockets_before} sockets leaked"
+        )
+        assert running.agent.parts.streams.describe()["opened_total"] == streams + 1
+
+
+async def test_commands_keep_flowing_while_a_stream_is_saturated(
+    stub: StubServer, api: StubClient, start_agent: AgentStarter
+) -> None:
+    """Bulk bytes travel on their own connection: the tunnel never waits behind them. (The
+    latency figure is a benchmark: bench/, docs/BENCHMARKS.md.)"""
+    chunk = b"x" * 65536
+
+    async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            writer.write(chunk)
+            await writer.drain()
+
+    async with tcp_target(firehose) as target:
+        await started(start_agent, stub, stream_policy(f"127.0.0.1:{target.port}"))
+        host, port, _ = await forward_to(api, f"127.0.0.1:{target.port}")
+        reader, writer = await asyncio.open_connection(host, port)
+        received = 0
+        async with asyncio.timeout(scaled(30)):
+            while received < 64 * 1024 * 1024:  # the stream is saturated
+                received += len(await reader.read(1 << 20))
+            for _ in range(5):
+                sent = await api.send(AGENT, "collect_metrics", {"targets": ["host"]})
+                answer = await api.command(sent["ref"], wait_for="final", wait_seconds=10)
+                assert answer["command"]["state"] == "succeeded"
+                received += len(await reader.read(1 << 20))  # and keep it saturated
+        writer.close()
+
+
+async def test_a_slow_reader_never_makes_the_agent_buffer_without_limit(
+    stub: StubServer, api: StubClient, start_agent: AgentStarter
+) -> None:
+    """The operator's client reads nothing while the target has 256 MiB to send: the target
+    must be stopped by back-pressure long before, with only socket buffers and the bounded
+    per-stream queues in between."""
+    offered = 256 * 1024 * 1024
+    sent = 0
+    blocked = asyncio.Event()
+    chunk = b"y" * 65536
+
+    async def eager(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        while sent < offered:
+            writer.write(chunk)
+            sent += len(chunk)
+            try:
+                async with asyncio.timeout(scaled(1.0)):
+                    await writer.drain()
+            except TimeoutError:
+                blocked.set()  # nobody reads: back-pressure reached the target
+                await writer.drain()
+
+    async with tcp_target(eager) as target:
+        running = await started(start_agent, stub, stream_policy(f"127.0.0.1:{target.port}"))
+        host, port, _ = await forward_to(api, f"127.0.0.1:{target.port}")
+        reader, writer = await asyncio.open_connection(host, port)
+        async with asyncio.timeout(scaled(60)):
+            await blocked.wait()
+        in_flight = sent
+        # Socket buffers on loopback autotune to a few MiB each; four sockets and the bounded
+        # queues sit between the target and the reader.
+        assert in_flight < 48 * 1024 * 1024, f"{in_flight / 2**20:.0f} MiB left the target"
+        splice = next(iter(running.agent.parts.streams.active.values()))
+        assert splice.from_socket <= in_flight
+        got = 0
+        async with asyncio.timeout(scaled(60)):  # and it all arrives once the reader reads
+            while got < offered:
+                data = await reader.read(1 << 20)
+                assert data
+                got += len(data)
+        writer.close()
