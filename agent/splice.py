@@ -16,7 +16,6 @@ the amount of data carried.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Final
@@ -26,6 +25,8 @@ from websockets.exceptions import ConnectionClosed
 
 MAX_STREAM_MESSAGE: Final = 256 * 1024
 """The largest binary message either side may send on a stream connection."""
+CLOSE_WAIT: Final = 2.0
+"""Seconds to wait for the peer's close frame once a stream has ended normally."""
 STREAM_QUEUE: Final = 4
 """Messages a stream connection buffers before it stops reading (TCP then pushes back)."""
 
@@ -102,9 +103,21 @@ class Splice:
                 pending.cancel()
             await asyncio.gather(inbound, outbound, aborted, return_exceptions=True)
             writer.transport.abort()
-            with contextlib.suppress(Exception):
-                await websocket.close(close_code(ended_by), ended_by[:100])
+            await self._close(websocket, ended_by)
         return ended_by
+
+    @staticmethod
+    async def _close(websocket: Connection, ended_by: str) -> None:
+        """Close with the code that says why; do not wait long for the peer's half of the
+        closing handshake (after an abnormal end the pipe may be full): abort instead."""
+        # Both directions ended: the pipe is empty and the handshake is quick. Otherwise the
+        # pipe may be full (the peer stopped reading): give the close frame a moment only.
+        wait = CLOSE_WAIT if ended_by == "closed" or ended_by.endswith("_closed") else 0.25
+        try:
+            async with asyncio.timeout(wait):
+                await websocket.close(close_code(ended_by), ended_by[:100])
+        except (TimeoutError, OSError, ConnectionClosed):
+            websocket.transport.abort()
 
     async def _to_socket(self, websocket: Connection, writer: asyncio.StreamWriter) -> str:
         while True:
@@ -122,6 +135,8 @@ class Splice:
                 writer.write(message)
                 await writer.drain()
             except OSError:
+                return f"{self.local}_failed"
+            if writer.transport.is_closing():  # drain() does not raise once the peer reset
                 return f"{self.local}_failed"
             self.to_socket += len(message)
 
