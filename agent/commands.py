@@ -63,7 +63,7 @@ class CollectMetrics:
 @dataclass(frozen=True)
 class OpenStream:
     """A stream grant: carry one TCP connection to ``target`` through the agent for at most
-    ``max_duration`` seconds (docs/PROTOCOL.md §12)."""
+    ``max_duration`` seconds (docs/PROTOCOL.md §13)."""
 
     type: ClassVar[str] = "open_stream"
     mutating: ClassVar[bool] = False

@@ -1,6 +1,7 @@
 """Carry bytes between a TCP socket and a stream connection (a WebSocket), both ways, until the
 stream ends. The agent uses it between the target and the control plane; the stub control plane
-between an operator's local connection and the agent. docs/PROTOCOL.md §12.3 is the contract.
+between an operator's local connection and the agent. docs/PROTOCOL.md §13.3 is the
+contract.
 
 Framing: each binary message carries the next bytes of the stream; an empty binary message ends
 one direction (the receiver half-closes its socket, like a TCP FIN). A text message is a
@@ -32,7 +33,7 @@ STREAM_QUEUE: Final = 4
 
 
 class CloseCode:
-    """WebSocket close codes on a stream connection (docs/PROTOCOL.md §12.4)."""
+    """WebSocket close codes on a stream connection (docs/PROTOCOL.md §13.4)."""
 
     NORMAL = 1000
     GOING_AWAY = 1001  # the agent is stopping

@@ -1,5 +1,5 @@
 """Streams: one TCP connection carried between the control plane and a target inside the
-customer's network, through the agent (docs/PROTOCOL.md §12).
+customer's network, through the agent (docs/PROTOCOL.md §13).
 
 A stream is the execution of an ``open_stream`` grant, after the same verification, policy and
 approval as any command. The agent resolves the target, keeps only the addresses the policy

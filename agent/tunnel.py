@@ -228,7 +228,7 @@ class Tunnel:
         )
 
     async def open_stream_connection(self, stream_id: str) -> ClientConnection:
-        """Dial the stream connection for ``stream_id`` (docs/PROTOCOL.md §12): same identity,
+        """Dial the stream connection for ``stream_id`` (docs/PROTOCOL.md §13): same identity,
         same route, same checks as the tunnel; only while the tunnel session is up."""
         if not self.ready.is_set():
             raise ConnectionError("the tunnel is not connected")

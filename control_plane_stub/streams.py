@@ -1,4 +1,4 @@
-"""The stub's side of streams (docs/PROTOCOL.md §12): forwards, grants, and the stream
+"""The stub's side of streams (docs/PROTOCOL.md §13): forwards, grants, and the stream
 connections agents dial back.
 
 A *forward* is a loopback listener in the stub process (``cp-stub forward``). Each connection
