@@ -14,8 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from agent.cli import main as agent_cli
+from agent.tls import client_context
+from certs.pki import PKIPaths
 from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubServer
 from tests.conftest import AgentStarter, RunningAgent, scaled
@@ -387,3 +391,33 @@ async def test_a_slow_reader_never_makes_the_agent_buffer_without_limit(
                 assert data
                 got += len(data)
         writer.close()
+
+
+async def test_only_the_granted_agent_can_attach_to_a_stream(
+    stub: StubServer, api: StubClient, start_agent: AgentStarter, pki: PKIPaths
+) -> None:
+    """Another agent (its own valid certificate) that learns a stream id gets HTTP 404."""
+    async with tcp_target() as target:
+        running = await started(
+            start_agent, stub, stream_policy(f"127.0.0.1:{target.port}", approval=True)
+        )
+        host, port, _ = await forward_to(api, f"127.0.0.1:{target.port}")
+        client = asyncio.create_task(exchange(host, port, b"secret"))
+        pending = await running.audit.wait_for("policy_decision", verdict="require_approval")
+        stream_id = str(pending["jti"])
+        other = client_context(
+            ca_bundle=pki.server_ca_cert,
+            cert=pki.agent_cert("agent-2"),
+            key=pki.agent_key("agent-2"),
+        )
+        url = f"wss://localhost:{stub.agent_port}/v1/agent/streams/{stream_id}"
+
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(url, ssl=other):
+                pass
+
+        assert refused.value.response.status_code == 404
+        assert stub.streams.expected(stream_id, AGENT)  # still waiting for the right agent
+        client.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await client
