@@ -56,6 +56,16 @@ class Forward:
     bytes_from_agent: int = 0
     last_outcome: str | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    splices: set[Splice] = field(default_factory=set)
+
+    @property
+    def sent(self) -> int:
+        """Bytes carried to the agent so far, open streams included."""
+        return self.bytes_to_agent + sum(s.from_socket for s in self.splices)
+
+    @property
+    def received(self) -> int:
+        return self.bytes_from_agent + sum(s.to_socket for s in self.splices)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -66,8 +76,8 @@ class Forward:
             "max_duration": self.max_duration,
             "connections": self.connections,
             "open": self.open,
-            "bytes_to_agent": self.bytes_to_agent,
-            "bytes_from_agent": self.bytes_from_agent,
+            "bytes_to_agent": self.sent,
+            "bytes_from_agent": self.received,
             "last_outcome": self.last_outcome,
         }
 
@@ -227,9 +237,11 @@ class StreamBroker:
                 record = self._store.get(signed.jti)
                 return f"no stream: {record.state} {record.reason or ''}".strip()
             splice = Splice(peer="agent", local="client")
+            forward.splices.add(splice)
             try:
                 ended_by = await splice.run(websocket, reader, writer)
             finally:
+                forward.splices.discard(splice)
                 forward.bytes_to_agent += splice.from_socket
                 forward.bytes_from_agent += splice.to_socket
             return ended_by

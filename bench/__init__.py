@@ -1,0 +1,1 @@
+"""The benchmark suite (``make bench``; method and figures in docs/BENCHMARKS.md)."""
