@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from agent.backoff import BackoffSettings
 from agent.errors import ConfigError
+from agent.proxy_url import normalize_proxy_url
 from agent.session import HeartbeatSettings
 from agent.toml_tables import Table
 
@@ -121,7 +122,7 @@ def _control_plane(t: Table, base: Path) -> ControlPlaneConfig:
         server_name=t.optional_string("server_name"),
         connect_timeout=t.number("connect_timeout", 10.0, low=0.1, high=300.0),
         connect_to=_connect_to(t.optional_string("connect_to"), port),
-        proxy=_proxy(t.string("proxy", "environment")),
+        proxy=_proxy(t.string("proxy", "environment"), replaced=credentials is not None),
         proxy_credentials_file=_path(base, credentials) if credentials else None,
     )
 
@@ -141,17 +142,11 @@ def _connect_to(value: str | None, default_port: int) -> tuple[str, int] | None:
     return parts.hostname, port
 
 
-def _proxy(value: str) -> str:
+def _proxy(value: str, *, replaced: bool) -> str:
     if value in ("environment", "none"):
         return value
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(
-            "control_plane.proxy must be 'environment', 'none' or an http(s)://host:port URL"
-        )
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError("control_plane.proxy must not have a path, query or fragment")
-    return value
+    # Checked again (and the credentials file applied) for every connection: agent/egress.py.
+    return normalize_proxy_url(value, source="control_plane.proxy", credentials_replaced=replaced)
 
 
 def _tunnel(t: Table) -> TunnelConfig:
