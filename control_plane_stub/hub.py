@@ -257,13 +257,15 @@ class Hub:
                 await self._send(link, Ack(seq=frame.seq))  # stored durably first
                 await self.notify()
             case Anchor():
-                if not self._store.record_anchor(
+                conflict = self._store.record_anchor(
                     link.agent_id, frame.audit_seq, frame.audit_hash, frame.at
-                ):
+                )
+                if conflict is not None:
                     log.error(
                         "audit_anchor_conflict",
                         audit_seq=frame.audit_seq,
-                        detail="the agent's audit log differs from an anchor held here",
+                        reason=conflict,
+                        detail="the agent's audit log differs from the anchors held here",
                     )
                 await self._send(link, Ack(seq=frame.seq))
                 await self.notify()
