@@ -157,6 +157,7 @@ def _tunnel(t: Table) -> TunnelConfig:
             handshake_timeout=t.number("handshake_timeout", 10.0, low=0.1, high=300.0),
             max_peer_errors=t.integer("max_peer_errors", 100, low=1, high=1_000_000),
             peer_error_window=t.number("peer_error_window", 60.0, low=0.1, high=86_400.0),
+            max_peer_deferrals=t.integer("max_peer_deferrals", 1000, low=1, high=1_000_000),
         )
         backoff = BackoffSettings(
             base=t.number("backoff_base", 1.0, low=0.01, high=600.0),
@@ -256,6 +257,7 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
             "send_timeout",
             "max_peer_errors",
             "peer_error_window",
+            "max_peer_deferrals",
         },
         ConfigError,
     )

@@ -44,7 +44,9 @@ from agent.verifier import CommandVerifier, TrustedKeys, peek, token_sha256
 
 DeliveryOutcome = Literal["accepted", "deferred", "refused"]
 BENIGN_REFUSALS: Final = frozenset({"shutting_down", "busy", "rate_limited", "duplicate_delivery"})
-"""Refusals that are no fault of the peer's: they do not spend its error budget."""
+"""Refusals that are no fault of the peer's: they do not spend its error budget, only the much
+larger deferral budget (``tunnel.max_peer_deferrals``), which bounds the audit records they
+write."""
 
 MAX_AUDITED_PARAMS: Final = 1024
 """Claimed parameters larger than this (bytes of JSON) are audited as a hash and a size only:

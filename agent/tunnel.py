@@ -414,13 +414,20 @@ class Tunnel:
                 case Welcomed(welcome=welcome):
                     self._welcomed(welcome.agent_id, welcome.server_time)
                 case CommandDelivered(ref=ref, token=token):
-                    if self._on_delivery(ref, token) == "refused":  # spends the error budget
-                        pending.extend(session.delivery_refused(asyncio.get_running_loop().time()))
+                    outcome = self._on_delivery(ref, token)
+                    now = asyncio.get_running_loop().time()
+                    if outcome == "refused":  # spends the error budget
+                        pending.extend(session.delivery_refused(now))
+                    elif outcome == "deferred":  # audited too: spends the deferral budget
+                        pending.extend(session.delivery_deferred(now))
                 case KeySetOffered(token=token):
                     answer = self._on_keyset(token)
                     session.send(answer)
-                    if not answer.accepted and answer.reason != "already_current":
-                        pending.extend(session.delivery_refused(asyncio.get_running_loop().time()))
+                    now = asyncio.get_running_loop().time()
+                    if answer.reason == "already_current":
+                        pending.extend(session.delivery_deferred(now))
+                    elif not answer.accepted:
+                        pending.extend(session.delivery_refused(now))
                 case Acked(seq=seq):
                     if not self._acknowledged(seq):
                         pending.extend(session.delivery_refused(asyncio.get_running_loop().time()))
