@@ -33,12 +33,12 @@ import structlog
 from agent.audit_log import AuditLog
 from agent.commands import CollectMetrics, Command, Scale, Upgrade, parse_command
 from agent.drivers.base import Driver, ExecContext
-from agent.errors import CommandRejected, DriverError, StateError
+from agent.errors import AuditError, CommandRejected, DriverError, StateError
 from agent.frames import FINAL_STATES
 from agent.limits import TokenBucket
 from agent.policy import Decision, Policy, Verdict
 from agent.receipts import ReceiptInvalid, ReceiptSigner
-from agent.results import fit_result
+from agent.results import fit_result, well_formed
 from agent.state import AgentState, CommandRow
 from agent.verifier import CommandVerifier, TrustedKeys, peek, token_sha256
 
@@ -471,7 +471,39 @@ class CommandProcessor:
         detail: str | None,
         result: Mapping[str, Any],
     ) -> None:
+        """Record how the command ended. Never leaves it ``running``: if recording this outcome
+        fails (a result that cannot be encoded, say), it is finished as ``failed``
+        (``internal_error``) without a result instead; only an audit failure propagates."""
+        try:
+            self._record_finish(jti, started, state, reason=reason, detail=detail, result=result)
+        except Exception as exc:
+            if self._audit.failed or isinstance(exc, AuditError):
+                raise
+            self._log.error(
+                "finish_failed", jti=jti, outcome=state, error=type(exc).__name__, exc_info=exc
+            )
+            self._record_finish(
+                jti,
+                started,
+                "failed",
+                reason="internal_error",
+                detail=f"the outcome ({state}) could not be recorded: {type(exc).__name__}",
+                result={},
+            )
+
+    def _record_finish(
+        self,
+        jti: str,
+        started: float,
+        state: str,
+        *,
+        reason: str | None,
+        detail: str | None,
+        result: Mapping[str, Any],
+    ) -> None:
         wire_result = fit_result(result)  # strict JSON, within the frame limit
+        if detail is not None:
+            detail = well_formed(detail)
         self._audit.append(
             "execution_finished",
             jti=jti,

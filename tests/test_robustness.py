@@ -103,6 +103,48 @@ async def test_a_nan_in_a_result_is_sent_as_a_string(
     assert final["command"]["result"]["samples"][0]["value"] == "NaN"
 
 
+async def test_a_lone_surrogate_in_a_result_is_replaced_and_the_command_finishes(
+    stub: StubServer, api: StubClient, start_agent: AgentStarter
+) -> None:
+    """/tmp/review3/surrogate_result.py: a label holding a lone surrogate (a workload's
+    /metrics decoded loosely) made finishing raise, and the command stayed ``running``."""
+    sample = {"target": "workload", "name": "m", "labels": {"l\udfff": "x\ud800"}, "value": 1.0}
+    await start_agent(port=stub.agent_port, driver=MetricsFlood(samples=[sample]))
+    sent = await api.send("agent-1", "collect_metrics", {"targets": ["workload"]})
+    final = await api.command(sent["ref"], wait_for="final", wait_seconds=scaled(15))
+    assert final["command"]["state"] == "succeeded"
+    assert final["command"]["result"]["samples"][0]["labels"] == {"l\ufffd": "x\ufffd"}
+    assert final["receipt"]["status"] == "valid"  # signed over the repaired result
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no text for this one")
+
+
+@dataclass
+class UnrecordableResult(RecordingDriver):
+    async def collect_metrics(self, targets: Sequence[str], ctx: ExecContext) -> dict[str, object]:
+        return {"samples": [], "oddity": Unprintable()}
+
+
+async def test_a_result_that_cannot_be_recorded_still_finishes_the_command(
+    stub: StubServer, api: StubClient, start_agent: AgentStarter
+) -> None:
+    """Whatever goes wrong while recording an outcome, the command does not stay ``running``:
+    it ends ``failed`` (``internal_error``), audited, and the agent carries on."""
+    running = await start_agent(port=stub.agent_port, driver=UnrecordableResult())
+    sent = await api.send("agent-1", "collect_metrics", {"targets": ["workload"]})
+    final = await api.command(sent["ref"], wait_for="final", wait_seconds=scaled(15))
+    assert (final["command"]["state"], final["command"]["reason"]) == ("failed", "internal_error")
+    assert "could not be recorded: RuntimeError" in final["command"]["detail"]
+    (finished,) = running.audit.matching("execution_finished")
+    assert (finished["outcome"], finished["reason"]) == ("failed", "internal_error")
+    after = await api.send("agent-1", "scale", {"replicas": 2})
+    done = await api.command(after["ref"], wait_for="final", wait_seconds=scaled(15))
+    assert done["command"]["state"] == "succeeded"
+
+
 async def test_a_peer_that_drops_every_connection_gets_a_growing_backoff(
     hostile: HostileControlPlane, start_agent: AgentStarter
 ) -> None:
