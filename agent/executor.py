@@ -524,6 +524,7 @@ class CommandProcessor:
             fields["receipt"] = self._receipt(jti, state, now, fields)
         row = self._state.transition(jti, state, now=now, **fields)
         if state in FINAL_STATES:
+            self._decided_with.pop(jti, None)  # nothing is decided about it any more
             head = self._audit.head  # every record about this command is written by now
             self._state.queue_anchor(audit_seq=head.seq, audit_hash=head.hash, now=now)
         self._on_outbox()
