@@ -253,7 +253,8 @@ class Hub:
                     )
                 if frame.receipt is not None:
                     verdict = self._check_receipt(link.agent_id, frame)
-                    self._store.record_receipt(link.agent_id, frame.ref, frame.receipt, verdict)
+                    if not self._store.record_receipt(link.agent_id, frame, verdict):
+                        log.info("receipt_not_kept", ref=frame.ref, state=frame.state)
                 await self._send(link, Ack(seq=frame.seq))  # stored durably first
                 await self.notify()
             case Anchor():
@@ -326,6 +327,7 @@ class Hub:
                 "ref": frame.ref,
                 "state": frame.state,
                 "reason": frame.reason,
+                "at": frame.at,  # required in a status: the receipt is for this report
                 "result_sha256": result_sha256(frame.result),
             }
             wrong = sorted(key for key, value in expected.items() if claims.get(key) != value)

@@ -248,14 +248,37 @@ class StubStore:
         ).fetchall()
         return [bytes(row["der"]) for row in rows]
 
-    def record_receipt(self, agent_id: str, ref: str, token: str, status: str) -> None:
-        self._db.execute(
-            """INSERT INTO receipts (ref, agent_id, token, status, recorded_at)
-               SELECT ?, ?, ?, ?, ? WHERE EXISTS
-                   (SELECT 1 FROM commands WHERE ref = ? AND agent_id = ?)
-               ON CONFLICT (ref) DO NOTHING""",
-            (ref, agent_id, token, status, time.time(), ref, agent_id),
-        )
+    def record_receipt(self, agent_id: str, frame: Status, verdict: str) -> bool:
+        """Keep the receipt a final status came with, if that status is the report held for
+        the command: same ``jti``, ``state``, ``reason`` and ``result``. A receipt that came with
+        a status :meth:`apply_status` did not take (another final state arriving after the
+        first, a resend that differs from what is held, another agent's) is not kept, so a
+        receipt always speaks for what is stored. A resend identical to the held report is
+        (that keeps a receipt whose first delivery was lost to a crash). The first receipt
+        kept stays. Returns whether this one was kept."""
+        assert frame.receipt is not None  # noqa: S101  # the caller checks
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT state, jti, reason, result FROM commands WHERE ref = ? AND agent_id = ?",
+                (frame.ref, agent_id),
+            ).fetchone()
+            if row is None:
+                return False
+            held = json.loads(row["result"]) if row["result"] is not None else None
+            same = (row["state"], row["jti"], row["reason"]) == (
+                frame.state,
+                frame.jti,
+                frame.reason,
+            ) and (frame.result is None or held == json.loads(json.dumps(frame.result)))
+            if not same:
+                return False
+            return bool(
+                db.execute(
+                    """INSERT INTO receipts (ref, agent_id, token, status, recorded_at)
+                       VALUES (?, ?, ?, ?, ?) ON CONFLICT (ref) DO NOTHING""",
+                    (frame.ref, agent_id, frame.receipt, verdict, time.time()),
+                ).rowcount
+            )
 
     def receipt(self, ref: str) -> dict[str, object] | None:
         row = self._db.execute("SELECT * FROM receipts WHERE ref = ?", (ref,)).fetchone()

@@ -91,6 +91,80 @@ def test_a_receipt_from_another_key_or_for_another_report_is_not_valid(
     store.close()
 
 
+def test_a_receipt_for_another_time_is_a_mismatch(tmp_path: Path, pki: PKIPaths) -> None:
+    """/tmp/review3/receipt_at.py: a receipt signed for one report (``at`` 1000.0) was
+    accepted as ``valid`` for another status with the same outcome but another time."""
+    store = StubStore(tmp_path / "stub.db")
+    cert = x509.load_pem_x509_certificate(pki.agent_cert("agent-1").read_bytes())
+    store.remember_certificate("agent-1", "sha", cert.public_bytes(Encoding.DER))
+    hub = Hub(store, HubSettings(), structlog.get_logger())
+    own = ReceiptSigner.from_files("agent-1", pki.agent_cert("agent-1"), pki.agent_key("agent-1"))
+    result = {"replicas": 3}
+    receipt = own.sign(jti="j", ref="r", state="succeeded", reason=None, result=result, at=1000.0)
+
+    def status(at: float) -> Status:
+        return Status(
+            seq=1, ref="r", jti="j", state="succeeded", at=at, result=result, receipt=receipt
+        )
+
+    assert hub._check_receipt("agent-1", status(1000.0)) == "valid"
+    assert hub._check_receipt("agent-1", status(1_999_999_999.0)) == "mismatch: at"
+    store.close()
+
+
+def test_a_receipt_is_kept_only_with_the_report_held_for_the_command(
+    tmp_path: Path, pki: PKIPaths
+) -> None:
+    """A receipt that came with a status the store did not take (another final state after
+    the first, a resend that differs from it) would speak for a report that is not stored."""
+    store = StubStore(tmp_path / "stub.db")
+    store.add_command(
+        ref="r",
+        agent_id="agent-1",
+        token="t",
+        origin="signed",
+        jti="j",
+        command_type="scale",
+        params={"replicas": 3},
+    )
+    own = ReceiptSigner.from_files("agent-1", pki.agent_cert("agent-1"), pki.agent_key("agent-1"))
+
+    def status(state: str, result: dict[str, object], *, signed: bool = True) -> Status:
+        receipt = own.sign(jti="j", ref="r", state=state, reason=None, result=result, at=5.0)
+        return Status(
+            seq=1,
+            ref="r",
+            jti="j",
+            state=state,
+            at=5.0,
+            result=result,
+            receipt=receipt if signed else None,
+        )
+
+    # The final report arrives without a receipt (the agent's key was unusable at that time).
+    assert store.apply_status("agent-1", status("succeeded", {"replicas": 3}, signed=False))
+    # Out of order: another final state, which the store does not apply.
+    failed = status("failed", {})
+    store.apply_status("agent-1", failed)
+    assert store.get("r").state == "succeeded"
+    assert store.record_receipt("agent-1", failed, "valid") is False
+    # A resend that differs from the report held: ignored, and so is its receipt.
+    other = status("succeeded", {"replicas": 99})
+    assert store.apply_status("agent-1", other) is False
+    assert store.record_receipt("agent-1", other, "valid") is False
+    assert store.receipt("r") is None
+    # Another agent cannot attach a receipt to this command either.
+    same = status("succeeded", {"replicas": 3})
+    assert store.record_receipt("agent-2", same, "valid") is False
+    # A resend identical to the report held brings the receipt that speaks for it.
+    assert store.apply_status("agent-1", same) is False  # a duplicate for the history
+    assert store.record_receipt("agent-1", same, "valid") is True
+    held = store.receipt("r")
+    assert held is not None
+    assert held["token"] == same.receipt
+    store.close()
+
+
 def test_result_hash_is_over_the_canonical_form() -> None:
     assert (
         result_sha256({"b": 1.0, "a": [1e21, 0.1]})
