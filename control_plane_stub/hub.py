@@ -106,9 +106,17 @@ class Hub:
         except TLSRejected:
             await websocket.close(CloseCode.PROTOCOL_ERROR, "client certificate required")
             return
-        agent_id = peer.subject_cn or ""
+        agent_id = peer.subject_cn or ""  # None: no CN, or several (no single identity)
         if not AGENT_ID_PATTERN.fullmatch(agent_id):
-            await websocket.close(CloseCode.PROTOCOL_ERROR, "certificate CN is not an agent id")
+            self._log.warning(
+                "agent_certificate_refused",
+                cert_sha256=peer.sha256,
+                peer=_address(websocket.remote_address),
+                detail="the subject must have exactly one CN, an agent id",
+            )
+            await websocket.close(
+                CloseCode.PROTOCOL_ERROR, "certificate must have exactly one CN, an agent id"
+            )
             return
         log = self._log.bind(agent_id=agent_id, peer=_address(websocket.remote_address))
         hello = await self._handshake(websocket, log)
