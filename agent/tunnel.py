@@ -183,6 +183,8 @@ class Tunnel:
             route = route_for(self._cp)
         except ConfigError as exc:
             # Our own texts, which show proxy URLs redacted only (agent/proxy_url.py).
+            self._route = Route(proxy=None)
+            self.route = "none (the connection settings are unusable)"
             self.last_error = str(exc)
             self._log.error("connection_settings_unusable", error=str(exc))
             return self._backoff.tls_rejected_delay()

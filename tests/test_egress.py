@@ -496,6 +496,7 @@ async def test_proxy_credentials_never_reach_last_error_or_logs(
     shown = await attempt_once(tunnel)
     assert tunnel.last_error is not None
     assert not [text for text in shown if "SECRET" in text]
+    assert tunnel.route.startswith(("via proxy http://***@127.0.0.1:", "none "))
 
 
 async def test_credentials_file_password_never_reaches_last_error_or_logs(
