@@ -5,7 +5,8 @@ Used where a value is hashed or signed and must be re-derived by a peer that par
 of their names; no insignificant whitespace; strings are escaped minimally (``"``, ``\\``, and
 control characters) and otherwise kept as UTF-8; numbers are written as ECMAScript's
 ``Number.prototype.toString`` writes them (RFC 8785 §3.2.2.3): the shortest digits that round-
-trip, with an exponent only below 1e-6 or from 1e21 on.
+trip, with an exponent only below 1e-6 or from 1e21 on. Every number is an IEEE-754 double, so
+an integer beyond 2^53 is written as the double it rounds to.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ _ESCAPES = {
     "\r": "\\r",
     "\t": "\\t",
 }
+
+
+_EXACT_INTS = 2**53
+"""Integers up to this magnitude are exact as doubles and written as they are."""
 
 
 def _string(text: str) -> str:
@@ -73,7 +78,14 @@ def _encode(value: object) -> str:
     if value is False:
         return "false"
     if isinstance(value, int):
-        return str(value)
+        if abs(value) <= _EXACT_INTS:
+            return str(value)
+        # RFC 8785 numbers are IEEE-754 doubles: a larger integer is written as the double it
+        # rounds to, as JSON.stringify would (9007199254740993 -> 9007199254740992).
+        try:
+            return number(float(value))
+        except OverflowError as exc:
+            raise ValueError("integer out of the range of an IEEE-754 double") from exc
     if isinstance(value, float):
         return number(value)
     if isinstance(value, str):

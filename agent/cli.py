@@ -5,7 +5,7 @@
     byoc-agent pending [--json]
     byoc-agent approve JTI [--note TEXT]
     byoc-agent deny JTI [--note TEXT]
-    byoc-agent audit verify PATH
+    byoc-agent audit verify PATH [--anchor SEQ:HASH ...] [--anchors-file FILE]
     byoc-agent policy check PATH
     byoc-agent keys kid PUBLIC_KEY_PEM
 
@@ -136,9 +136,30 @@ def _anchor(value: str) -> tuple[int, str]:
     return int(seq), digest.lower()
 
 
+def _anchors_file(value: str) -> list[tuple[int, str]]:
+    """``SEQ:HASH`` lines (``cp-stub anchor AGENT --all``); blank lines and ``#`` comments are
+    skipped; ``-`` reads standard input."""
+    try:
+        text = sys.stdin.read() if value == "-" else Path(value).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read anchors from {value}: {exc}") from exc
+    lines = (line.strip() for line in text.splitlines())
+    return [_anchor(line) for line in lines if line and not line.startswith("#")]
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    anchors = dict(args.anchor or [])
+    anchors: dict[int, str] = {}
+    for seq, digest in [*(args.anchor or []), *(args.anchors_file or [])]:
+        if anchors.setdefault(seq, digest) != digest:
+            # The control plane was given two chain heads for one seq: whichever the log has
+            # now, it was rewritten after one of them was taken.
+            print(
+                f"{path}: FAILED: the anchors disagree: seq {seq} has two hashes "
+                "(the log was rewritten after one of them was taken)",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
     try:
         summary = verify_file(path, anchors).summary
     except AuditIntegrityError as exc:
@@ -228,7 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="SEQ:HASH",
         help="a chain head held by the control plane (`cp-stub anchor AGENT`); detects a "
-        "truncated or rewritten tail",
+        "truncated or rewritten tail; may be repeated",
+    )
+    p.add_argument(
+        "--anchors-file",
+        type=_anchors_file,
+        action="extend",
+        metavar="FILE",
+        help="SEQ:HASH lines, e.g. every anchor the control plane holds (`cp-stub anchor AGENT "
+        "--all > FILE`; - for standard input): also detects a log cut and grown again past "
+        "the latest anchor",
     )
     p.set_defaults(func=cmd_audit_verify)
 

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from agent.backoff import BackoffSettings
 from agent.errors import ConfigError
+from agent.proxy_url import normalize_proxy_url
 from agent.session import HeartbeatSettings
 from agent.streams import StreamSettings
 from agent.toml_tables import Table
@@ -123,7 +124,7 @@ def _control_plane(t: Table, base: Path) -> ControlPlaneConfig:
         server_name=t.optional_string("server_name"),
         connect_timeout=t.number("connect_timeout", 10.0, low=0.1, high=300.0),
         connect_to=_connect_to(t.optional_string("connect_to"), port),
-        proxy=_proxy(t.string("proxy", "environment")),
+        proxy=_proxy(t.string("proxy", "environment"), replaced=credentials is not None),
         proxy_credentials_file=_path(base, credentials) if credentials else None,
     )
 
@@ -143,17 +144,11 @@ def _connect_to(value: str | None, default_port: int) -> tuple[str, int] | None:
     return parts.hostname, port
 
 
-def _proxy(value: str) -> str:
+def _proxy(value: str, *, replaced: bool) -> str:
     if value in ("environment", "none"):
         return value
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(
-            "control_plane.proxy must be 'environment', 'none' or an http(s)://host:port URL"
-        )
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError("control_plane.proxy must not have a path, query or fragment")
-    return value
+    # Checked again (and the credentials file applied) for every connection: agent/egress.py.
+    return normalize_proxy_url(value, source="control_plane.proxy", credentials_replaced=replaced)
 
 
 def _tunnel(t: Table) -> TunnelConfig:
@@ -164,6 +159,7 @@ def _tunnel(t: Table) -> TunnelConfig:
             handshake_timeout=t.number("handshake_timeout", 10.0, low=0.1, high=300.0),
             max_peer_errors=t.integer("max_peer_errors", 100, low=1, high=1_000_000),
             peer_error_window=t.number("peer_error_window", 60.0, low=0.1, high=86_400.0),
+            max_peer_deferrals=t.integer("max_peer_deferrals", 1000, low=1, high=1_000_000),
         )
         backoff = BackoffSettings(
             base=t.number("backoff_base", 1.0, low=0.01, high=600.0),
@@ -266,6 +262,7 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
             "send_timeout",
             "max_peer_errors",
             "peer_error_window",
+            "max_peer_deferrals",
         },
         ConfigError,
     )

@@ -313,19 +313,46 @@ class Agent:
 
     def _load_keyring(self, state: AgentState) -> KeyRing:
         """The configured root, and the highest key set accepted before (re-checked against the
-        root that signed it, kept beside it)."""
+        root that signed it, kept beside it).
+
+        The configured root wins: the stored sets are kept only if they descend from it (it
+        signed one of them, or the latest names it as the next root, i.e. the root was rotated
+        through key sets and the configuration updated to match). Otherwise the customer has
+        replaced the root (feared stolen, say): the stored sets and their version floor are
+        discarded, audited as ``keyset_root_replaced``, and trust starts again from the
+        configured root (and the ``keyset`` file, if configured)."""
         assert self.config.commands.root_key is not None  # noqa: S101  # checked by the caller
         anchor = load_trusted_keys((self.config.commands.root_key,))
         (root,) = anchor.by_kid.values()
+        configured_kid = jwk_thumbprint(root)
         stored = state.latest_keyset()
         if stored is None:
             return KeyRing(root)
         token, signer = stored
         try:
             current = read_keyset(token, signer=key_from_jwk(json.loads(signer), "signer"))
+            signers = {
+                jwk_thumbprint(key_from_jwk(json.loads(jwk), "signer"))
+                for jwk in state.keyset_signers()
+            }
         except (KeySetRejected, ValueError) as exc:
             raise ConfigError(f"the stored key set no longer verifies: {exc}") from exc
-        return KeyRing(root, current)
+        if configured_kid in signers or configured_kid == current.root_kid:
+            return KeyRing(root, current)
+        self.audit.append(
+            "keyset_root_replaced",
+            root_kid=configured_kid,
+            previous_root_kid=current.root_kid,
+            discarded_version=current.version,
+        )
+        self.log.warning(
+            "keyset_root_replaced",
+            root_kid=configured_kid,
+            previous_root_kid=current.root_kid,
+            discarded_version=current.version,
+        )
+        state.discard_keysets()
+        return KeyRing(root)
 
     def _bootstrap_keyset(self, state: AgentState, path: Path) -> None:
         try:

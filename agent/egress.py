@@ -9,8 +9,13 @@ picked up), from ``[control_plane]``:
 - ``proxy = "none"``: always direct;
 - ``proxy = "http://host:port"`` (or ``https://``): this proxy.
 
+Whatever its source, the proxy URL is put in normal form first
+(:func:`agent.proxy_url.normalize_proxy_url`): a scheme-less value means ``http://``, and a SOCKS
+or other scheme is refused with a :class:`ConfigError` rather than failing obscurely later.
+
 Proxy credentials come from the proxy URL or, better, from ``proxy_credentials_file`` (one line
-``user:password``, mode 0600 or it is refused), and never reach a log: :func:`redact_url`.
+``user:password``, mode 0600 or it is refused), and never reach a log: :func:`redact_url` hides
+the user name and the password, :meth:`Route.scrub` hides them in error texts.
 TLS is end to end through the proxy: the proxy sees only the host name in ``CONNECT``.
 
 ``connect_to`` dials another address than the URL's host (a VPC/PrivateLink endpoint); the
@@ -21,6 +26,7 @@ connections only: through a proxy, the proxy resolves the URL's host.
 from __future__ import annotations
 
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +35,10 @@ from websockets.uri import parse_uri
 
 from agent.config import ControlPlaneConfig
 from agent.errors import ConfigError
+from agent.proxy_url import normalize_proxy_url, redact_url, scrub
 from agent.tls import check_private_key_file
+
+__all__ = ["Route", "redact_url", "route_for"]
 
 
 @dataclass(frozen=True)
@@ -47,25 +56,19 @@ class Route:
             return f"direct to {self.host}:{self.port}"
         return "direct"
 
-
-def redact_url(url: str) -> str:
-    """The URL without its password (for logs and audit records)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    def scrub(self, text: str) -> str:
+        """``text`` (an error message) without this route's proxy URL or credentials."""
+        return scrub(text, self.proxy)
 
 
 def _with_credentials(proxy: str, file: Path) -> str:
     check_private_key_file(file)  # same rule as a key: readable by the agent's user only
     try:
-        user, sep, password = file.read_text().strip().partition(":")
+        user, sep, password = file.read_text(encoding="utf-8").strip().partition(":")
     except OSError as exc:
         raise ConfigError(f"cannot read proxy credentials {file}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"proxy credentials {file} are not UTF-8 text") from exc
     if not sep or not user:
         raise ConfigError(f"proxy credentials {file} must hold one line 'user:password'")
     parts = urllib.parse.urlsplit(proxy)
@@ -81,12 +84,15 @@ def _with_credentials(proxy: str, file: Path) -> str:
 
 def route_for(cp: ControlPlaneConfig) -> Route:
     """The route for the next connection attempt (reads the environment and files now)."""
+    replaced = cp.proxy_credentials_file is not None
     if cp.proxy == "none":
         proxy = None
     elif cp.proxy == "environment":
-        proxy = get_proxy(parse_uri(cp.url))  # HTTPS_PROXY, honouring NO_PROXY
+        proxy = _from_environment(cp.url, credentials_replaced=replaced)
     else:
-        proxy = cp.proxy
+        proxy = normalize_proxy_url(
+            cp.proxy, source="control_plane.proxy", credentials_replaced=replaced
+        )
     if proxy is not None:
         if cp.proxy_credentials_file is not None:
             proxy = _with_credentials(proxy, cp.proxy_credentials_file)
@@ -95,3 +101,22 @@ def route_for(cp: ControlPlaneConfig) -> Route:
         host, port = cp.connect_to
         return Route(proxy=None, host=host, port=port)
     return Route(proxy=None)
+
+
+_ENVIRONMENT_NAMES = {"wss": "WSS_PROXY", "socks": "SOCKS_PROXY", "https": "HTTPS_PROXY"}
+"""The variables websockets' ``get_proxy`` reads for a wss:// URL, in its order of priority
+(either case; lower case wins when both are set)."""
+
+
+def _from_environment(url: str, *, credentials_replaced: bool) -> str | None:
+    """The proxy the environment selects for ``url`` (honouring ``NO_PROXY``), normalised."""
+    proxy = get_proxy(parse_uri(url))
+    if proxy is None:
+        return None
+    found = urllib.request.getproxies()
+    name = next((v for k, v in _ENVIRONMENT_NAMES.items() if k in found), "HTTPS_PROXY")
+    return normalize_proxy_url(
+        proxy,
+        source=f"the proxy from the environment ({name})",
+        credentials_replaced=credentials_replaced,
+    )

@@ -33,19 +33,21 @@ import structlog
 from agent.audit_log import AuditLog
 from agent.commands import CollectMetrics, Command, OpenStream, Scale, Upgrade, parse_command
 from agent.drivers.base import Driver, ExecContext
-from agent.errors import CommandRejected, DriverError, StateError
+from agent.errors import AuditError, CommandRejected, DriverError, StateError
 from agent.frames import FINAL_STATES
 from agent.limits import TokenBucket
 from agent.policy import Decision, Policy, Verdict
 from agent.receipts import ReceiptInvalid, ReceiptSigner
-from agent.results import fit_result
+from agent.results import fit_result, well_formed
 from agent.state import AgentState, CommandRow
 from agent.streams import StreamManager
 from agent.verifier import CommandVerifier, TrustedKeys, peek, token_sha256
 
 DeliveryOutcome = Literal["accepted", "deferred", "refused"]
 BENIGN_REFUSALS: Final = frozenset({"shutting_down", "busy", "rate_limited", "duplicate_delivery"})
-"""Refusals that are no fault of the peer's: they do not spend its error budget."""
+"""Refusals that are no fault of the peer's: they do not spend its error budget, only the much
+larger deferral budget (``tunnel.max_peer_deferrals``), which bounds the audit records they
+write."""
 
 MAX_AUDITED_PARAMS: Final = 1024
 """Claimed parameters larger than this (bytes of JSON) are audited as a hash and a size only:
@@ -490,7 +492,39 @@ class CommandProcessor:
         detail: str | None,
         result: Mapping[str, Any],
     ) -> None:
+        """Record how the command ended. Never leaves it ``running``: if recording this outcome
+        fails (a result that cannot be encoded, say), it is finished as ``failed``
+        (``internal_error``) without a result instead; only an audit failure propagates."""
+        try:
+            self._record_finish(jti, started, state, reason=reason, detail=detail, result=result)
+        except Exception as exc:
+            if self._audit.failed or isinstance(exc, AuditError):
+                raise
+            self._log.error(
+                "finish_failed", jti=jti, outcome=state, error=type(exc).__name__, exc_info=exc
+            )
+            self._record_finish(
+                jti,
+                started,
+                "failed",
+                reason="internal_error",
+                detail=f"the outcome ({state}) could not be recorded: {type(exc).__name__}",
+                result={},
+            )
+
+    def _record_finish(
+        self,
+        jti: str,
+        started: float,
+        state: str,
+        *,
+        reason: str | None,
+        detail: str | None,
+        result: Mapping[str, Any],
+    ) -> None:
         wire_result = fit_result(result)  # strict JSON, within the frame limit
+        if detail is not None:
+            detail = well_formed(detail)
         self._audit.append(
             "execution_finished",
             jti=jti,
@@ -511,6 +545,7 @@ class CommandProcessor:
             fields["receipt"] = self._receipt(jti, state, now, fields)
         row = self._state.transition(jti, state, now=now, **fields)
         if state in FINAL_STATES:
+            self._decided_with.pop(jti, None)  # nothing is decided about it any more
             head = self._audit.head  # every record about this command is written by now
             self._state.queue_anchor(audit_seq=head.seq, audit_hash=head.hash, now=now)
         self._on_outbox()

@@ -5,7 +5,9 @@ A result travels in a ``status`` frame, which must be strict JSON and at most
 measured, so before a result is committed it is:
 
 - made strict JSON: NaN and infinities become the strings ``"NaN"``, ``"+Inf"``, ``"-Inf"``
-  (as metric samples already use), anything not JSON becomes its ``str()``;
+  (as metric samples already use), anything not JSON becomes its ``str()``, and a lone
+  surrogate in a string (or a key) becomes U+FFFD, so the result encodes as UTF-8 (the wire,
+  the receipt's RFC 8785 hash) whatever the driver read;
 - kept under a byte budget: a result with a ``samples`` list keeps the first samples that fit
   and says so (``truncated``, ``samples_total``); any other result over budget is replaced by a
   short note (``truncated``, ``result_bytes``).
@@ -27,21 +29,34 @@ from agent.frames import MAX_FRAME_TO_CONTROL_PLANE
 RESULT_BUDGET: Final = MAX_FRAME_TO_CONTROL_PLANE - 16 * 1024
 
 
+def well_formed(text: str) -> str:
+    """``text`` with every lone surrogate replaced by U+FFFD (a surrogate pair becomes the
+    character it encodes): a string that encodes as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
+
+
 def strict_json(value: object) -> object:
-    """A copy of ``value`` that ``json.dumps(..., allow_nan=False)`` accepts."""
+    """A copy of ``value`` that ``json.dumps(..., allow_nan=False)`` accepts and whose text
+    encodes as UTF-8."""
     if isinstance(value, float):
         if math.isnan(value):
             return "NaN"
         if math.isinf(value):
             return "+Inf" if value > 0 else "-Inf"
         return value
-    if value is None or isinstance(value, str | int | bool):
+    if isinstance(value, str):
+        return well_formed(value)
+    if value is None or isinstance(value, int | bool):
         return value
     if isinstance(value, Mapping):
-        return {str(key): strict_json(item) for key, item in value.items()}
+        return {well_formed(str(key)): strict_json(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [strict_json(item) for item in value]
-    return str(value)
+    return well_formed(str(value))
 
 
 def _size(value: object) -> int:

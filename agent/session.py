@@ -62,14 +62,20 @@ class HeartbeatSettings:
     max_peer_errors: int = 100
     """Refused frames and deliveries one connection may cause per ``peer_error_window``."""
     peer_error_window: float = 60.0
+    max_peer_deferrals: int = 1000
+    """Deliveries refused as no fault of the peer's (a redelivery, ``rate_limited``, ``busy``,
+    ``shutting_down``) and re-offers of the key set in force one connection may cause per
+    ``peer_error_window``: each writes audit records, so they are bounded too, more loosely."""
 
     def __post_init__(self) -> None:
         if not 0 < self.interval < self.timeout:
             raise ValueError("heartbeat: need 0 < interval < timeout")
         if self.handshake_timeout <= 0:
             raise ValueError("heartbeat: handshake_timeout must be positive")
-        if self.max_peer_errors < 1 or self.peer_error_window <= 0:
-            raise ValueError("need max_peer_errors >= 1 and peer_error_window > 0")
+        if self.max_peer_errors < 1 or self.max_peer_deferrals < 1:
+            raise ValueError("need max_peer_errors >= 1 and max_peer_deferrals >= 1")
+        if self.peer_error_window <= 0:
+            raise ValueError("need peer_error_window > 0")
 
 
 class Phase(Enum):
@@ -180,6 +186,9 @@ class AgentSession:
         self._errors = ErrorBudget(
             limit=heartbeat.max_peer_errors, window=heartbeat.peer_error_window
         )
+        self._deferrals = ErrorBudget(
+            limit=heartbeat.max_peer_deferrals, window=heartbeat.peer_error_window
+        )
         self._outgoing: deque[str] = deque([encode(hello)])
 
     # -- output ---------------------------------------------------------------------------
@@ -255,6 +264,19 @@ class AgentSession:
     def delivery_refused(self, now: float) -> list[Event]:
         """The agent refused a delivered command: that spends the peer's error budget too."""
         return self._spend_error(now)
+
+    def delivery_deferred(self, now: float) -> list[Event]:
+        """The agent refused a delivery, or a key set, for a reason that is no fault of the
+        peer's (a redelivery, ``rate_limited``, ``busy``, ``already_current``...). Each was
+        audited, so they have a budget of their own, larger than the error budget: a peer over
+        it is closed with the same code (4005)."""
+        if self.phase is Phase.CLOSED or not self._deferrals.spend(now):
+            return []
+        return self._close(
+            CloseCode.TOO_MANY_ERRORS,
+            f"more than {self._deferrals.limit} deferred deliveries or re-offered key sets "
+            f"in {self._settings.peer_error_window:.0f}s",
+        )
 
     def _spend_error(self, now: float) -> list[Event]:
         if self.phase is Phase.CLOSED or not self._errors.spend(now):

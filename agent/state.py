@@ -356,6 +356,17 @@ class AgentState:
                 (version, token, signer, now),
             )
 
+    def keyset_signers(self) -> list[str]:
+        """The roots (JWKs, JSON) that signed the key sets accepted so far."""
+        rows = self._db.execute("SELECT DISTINCT signer FROM keysets").fetchall()
+        return [str(row["signer"]) for row in rows]
+
+    def discard_keysets(self) -> None:
+        """Forget every accepted key set, and so the version floor they set (the configured root
+        was replaced: version numbers belonged to the old one)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM keysets")
+
     def latest_keyset(self) -> tuple[str, str] | None:
         """The token and signer of the highest version accepted, if any."""
         row = self._db.execute(

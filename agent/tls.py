@@ -76,6 +76,7 @@ class PeerCertificate:
     sha256: str
     """Lowercase hex SHA-256 of the DER certificate: the fingerprint in audit records."""
     subject_cn: str | None
+    """The subject's common name; None if it has none or more than one."""
     issuer_cn: str | None
     not_after: datetime
     serial: int
@@ -100,8 +101,10 @@ class PeerCertificate:
 
 
 def _common_name(name: x509.Name) -> str | None:
+    """The name's common name if it has exactly one; None if it has none or several (which of
+    two CNs would be the identity is a guess: docs/PROTOCOL.md §2 requires exactly one)."""
     values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not values:
+    if len(values) != 1:
         return None
     value = values[0].value
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
@@ -115,7 +118,10 @@ def certificate_common_name(path: Path) -> str:
         raise ConfigError(f"cannot read certificate {path}: {exc}") from exc
     name = _common_name(cert.subject)
     if not name:
-        raise ConfigError(f"certificate {path} has no subject common name")
+        count = len(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME))
+        raise ConfigError(
+            f"certificate {path} has {count} subject common names; exactly one is required"
+        )
     return name
 
 

@@ -123,6 +123,9 @@ class Tunnel:
         self.last_error: str | None = None
         self.route = "direct"
         """How the last attempt went out (redacted): direct, direct to X, via proxy Y."""
+        self._route = Route(proxy=None)
+        """The last attempt's route: its proxy URL (credentials included) is scrubbed from every
+        error text kept in ``last_error`` or logged."""
         self._closed_after_handshake = 0
         self._ready_since: float | None = None
         self._stable_after = max(STABLE_AFTER, 2 * settings.heartbeat.interval)
@@ -161,8 +164,10 @@ class Tunnel:
             except AuditError:
                 raise
             except Exception as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                self._log.exception("tunnel_attempt_failed")
+                self.last_error = self._route.scrub(f"{type(exc).__name__}: {exc}")
+                self._log.error(
+                    "tunnel_attempt_failed", error=self.last_error, raised_at=_raised_at(exc)
+                )
                 delay = self._backoff.next_delay()
             if stop.is_set():
                 break
@@ -180,9 +185,13 @@ class Tunnel:
             context = self._ssl_context()
             route = route_for(self._cp)
         except ConfigError as exc:
+            # Our own texts, which show proxy URLs redacted only (agent/proxy_url.py).
+            self._route = Route(proxy=None)
+            self.route = "none (the connection settings are unusable)"
             self.last_error = str(exc)
             self._log.error("connection_settings_unusable", error=str(exc))
             return self._backoff.tls_rejected_delay()
+        self._route = route
         self.route = route.describe()
         try:
             websocket = await self._connect(
@@ -282,7 +291,9 @@ class Tunnel:
             )
             self._log.error("connect_refused", status=exc.response.status_code)
             return self._backoff.tls_rejected_delay()
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        # A library's error text may quote the proxy URL, credentials and all (websockets'
+        # InvalidProxy does): scrub it before it is kept or logged.
+        self.last_error = self._route.scrub(f"{type(exc).__name__}: {exc}")
         delay = self._backoff.next_delay()
         self._log.warning(
             "connect_failed",
@@ -295,21 +306,22 @@ class Tunnel:
 
     def _tls_rejected(self, rejected: TLSRejected) -> float:
         delay = self._backoff.tls_rejected_delay()
-        self.last_error = str(rejected)
+        detail = self._route.scrub(str(rejected))
+        self.last_error = detail
         side = "control_plane_refused_agent" if rejected.by_peer else "agent_refused_control_plane"
         self._audit.append(
             "connection_failed",
             url=self._cp.url,
             reason="tls_rejected",
             side=side,
-            detail=str(rejected),
+            detail=detail,
         )
         # Loud: this does not fix itself; an operator has to look at certificates.
         self._on_state(f"certificate rejected ({side}); next attempt in {delay:.0f}s")
         self._log.error(
             "tls_certificate_rejected",
             side=side,
-            detail=str(rejected),
+            detail=detail,
             url=self._cp.url,
             retry_in_s=round(delay, 1),
         )
@@ -430,13 +442,20 @@ class Tunnel:
                 case Welcomed(welcome=welcome):
                     self._welcomed(welcome.agent_id, welcome.server_time)
                 case CommandDelivered(ref=ref, token=token):
-                    if self._on_delivery(ref, token) == "refused":  # spends the error budget
-                        pending.extend(session.delivery_refused(asyncio.get_running_loop().time()))
+                    outcome = self._on_delivery(ref, token)
+                    now = asyncio.get_running_loop().time()
+                    if outcome == "refused":  # spends the error budget
+                        pending.extend(session.delivery_refused(now))
+                    elif outcome == "deferred":  # audited too: spends the deferral budget
+                        pending.extend(session.delivery_deferred(now))
                 case KeySetOffered(token=token):
                     answer = self._on_keyset(token)
                     session.send(answer)
-                    if not answer.accepted and answer.reason != "already_current":
-                        pending.extend(session.delivery_refused(asyncio.get_running_loop().time()))
+                    now = asyncio.get_running_loop().time()
+                    if answer.reason == "already_current":
+                        pending.extend(session.delivery_deferred(now))
+                    elif not answer.accepted:
+                        pending.extend(session.delivery_refused(now))
                 case Acked(seq=seq):
                     if not self._acknowledged(seq):
                         pending.extend(session.delivery_refused(asyncio.get_running_loop().time()))

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, one run: a smoke test")
     parser.add_argument("--only", default=",".join(SUITES), help="comma-separated suite names")
     parser.add_argument("--runs", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/latest.json"))
     args = parser.parse_args(argv)
     settings = suites.Settings.quick() if args.quick else suites.Settings()
     if args.runs is not None:

@@ -105,6 +105,7 @@ def write_agent_files(
     backoff_base: float = 0.5,
     backoff_cap: float = 10.0,
     tls_rejected_retry: float = 300.0,
+    max_peer_deferrals: int = 1000,
     shutdown_grace: float = 30.0,
     max_lifetime: float = 900.0,
     clock_skew: float = 60.0,
@@ -186,6 +187,7 @@ handshake_timeout = {handshake_timeout}
 backoff_base = {backoff_base}
 backoff_cap = {backoff_cap}
 tls_rejected_retry = {tls_rejected_retry}
+max_peer_deferrals = {max_peer_deferrals}
 
 [commands]
 {command_keys}

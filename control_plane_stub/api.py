@@ -3,7 +3,10 @@
     GET  /v1/healthz
     GET  /v1/agents                                   all agents ever seen
     GET  /v1/agents/{agent_id}?wait_connected=S       one agent; optionally wait until connected
-    GET  /v1/agents/{agent_id}/anchors                audit chain heads the agent reported
+    GET  /v1/agents/{agent_id}/anchors?limit=&before= audit chain heads the agent reported,
+                                                      highest seq first, at most limit (100,
+                                                      up to 1000) a page; "next" is the before=
+                                                      cursor of the next page, null at the end
     POST /v1/agents/{agent_id}/keyset                 {"token"}: offer a signed key set
     GET  /v1/agents/{agent_id}/keyset?wait_answer=S   what was offered and what the agent said
     POST /v1/agents/{agent_id}/commands               {"type", "params", "ttl"?}: sign and queue
@@ -52,6 +55,8 @@ from control_plane_stub.streams import StreamBroker
 
 MAX_WAIT: Final = 600.0
 DEFAULT_STREAM_DURATION: Final = 3600
+ANCHORS_PAGE: Final = 100
+MAX_ANCHORS_PAGE: Final = 1000
 WAIT_TARGETS: Final = {
     "received": RANK["received"],
     "pending_approval": RANK["pending_approval"],
@@ -183,7 +188,12 @@ class OperatorApi:
         return web.json_response({"agent": agent})
 
     async def list_anchors(self, request: web.Request) -> web.Response:
-        return web.json_response({"anchors": self._store.anchors(_agent_id(request))})
+        limit = int(_number(request, "limit", ANCHORS_PAGE, MAX_ANCHORS_PAGE))
+        if limit < 1:
+            raise BadRequest("limit must be at least 1")
+        page = self._store.anchors(_agent_id(request), limit, before=request.query.get("before"))
+        after = page[-1]["cursor"] if len(page) == limit else None
+        return web.json_response({"anchors": page, "next": after})
 
     async def push_keyset(self, request: web.Request) -> web.Response:
         agent_id = _agent_id(request)

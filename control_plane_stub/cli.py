@@ -10,7 +10,8 @@
     cp-stub results [--agent AGENT]
     cp-stub show REF [--token]
     cp-stub push-keyset AGENT FILE [--wait]       offer a signed key set (key rotation)
-    cp-stub anchor AGENT                          latest audit head (for audit verify --anchor)
+    cp-stub anchor AGENT [--all]                  latest audit head (for audit verify --anchor),
+                                                  or every one held (for --anchors-file)
     cp-stub wait REF [--for final]
     cp-stub forward AGENT --target HOST:PORT [--listen 127.0.0.1:PORT]   carry local connections
                                                   to a target through the agent (streams)
@@ -31,7 +32,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from agent.errors import ConfigError
 from agent.logs import configure_logging
@@ -239,8 +240,14 @@ async def cmd_push_keyset(args: argparse.Namespace, client: StubClient) -> int:
     return EXIT_NOT_SUCCEEDED
 
 
+ANCHOR_CONFLICTS: Final = {
+    "hash_differs": "was reported with another hash than one held: the log was rewritten",
+    "head_moved_back": "arrived after a higher seq: the log was cut and has grown again",
+}
+
+
 async def cmd_anchor(args: argparse.Namespace, client: StubClient) -> int:
-    anchors = await client.anchors(args.agent)
+    anchors = await client.anchors(args.agent, every=args.all)
     if args.json:
         print(json.dumps(anchors, indent=2))
         return 0
@@ -249,9 +256,10 @@ async def cmd_anchor(args: argparse.Namespace, client: StubClient) -> int:
         return EXIT_FAILURE
     conflicts = [a for a in anchors if a["conflict"]]
     for anchor in conflicts:
-        print(f"CONFLICT: seq {anchor['audit_seq']} was reported with two hashes", file=sys.stderr)
-    latest = anchors[0]
-    print(f"{latest['audit_seq']}:{latest['audit_hash']}")
+        why = ANCHOR_CONFLICTS.get(str(anchor.get("conflict_reason")), "conflicts")
+        print(f"CONFLICT: seq {anchor['audit_seq']} {why}", file=sys.stderr)
+    for anchor in reversed(anchors) if args.all else anchors[:1]:
+        print(f"{anchor['audit_seq']}:{anchor['audit_hash']}")
     return EXIT_FAILURE if conflicts else 0
 
 
@@ -386,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("anchor", help="the latest audit chain head an agent reported (SEQ:HASH)")
     client_options(p)
     p.add_argument("agent")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="every anchor held, one SEQ:HASH a line, lowest first (for byoc-agent audit "
+        "verify --anchors-file): a log cut and regrown passes against the latest alone",
+    )
     p.set_defaults(func=cmd_anchor, client=True)
 
     p = sub.add_parser("wait", help="wait until a command gets to a state")

@@ -108,8 +108,20 @@ class StubClient:
         )
         return dict(payload["keyset"])
 
-    async def anchors(self, agent_id: str) -> list[dict[str, Any]]:
-        return list((await self._call("GET", f"/v1/agents/{agent_id}/anchors"))["anchors"])
+    async def anchors(self, agent_id: str, *, every: bool = False) -> list[dict[str, Any]]:
+        """The anchors held for an agent, highest ``audit_seq`` first: the latest 100, or
+        ``every`` one (fetched page by page)."""
+        path = f"/v1/agents/{agent_id}/anchors"
+        if not every:
+            return list((await self._call("GET", path))["anchors"])
+        anchors: list[dict[str, Any]] = []
+        params = {"limit": "1000"}
+        while True:
+            page = await self._call("GET", path, params=params)
+            anchors.extend(page["anchors"])
+            if page.get("next") is None:
+                return anchors
+            params["before"] = str(page["next"])
 
     async def send(
         self, agent_id: str, command_type: str, params: dict[str, object], *, ttl: int = 300

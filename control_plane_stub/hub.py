@@ -106,9 +106,17 @@ class Hub:
         except TLSRejected:
             await websocket.close(CloseCode.PROTOCOL_ERROR, "client certificate required")
             return
-        agent_id = peer.subject_cn or ""
+        agent_id = peer.subject_cn or ""  # None: no CN, or several (no single identity)
         if not AGENT_ID_PATTERN.fullmatch(agent_id):
-            await websocket.close(CloseCode.PROTOCOL_ERROR, "certificate CN is not an agent id")
+            self._log.warning(
+                "agent_certificate_refused",
+                cert_sha256=peer.sha256,
+                peer=_address(websocket.remote_address),
+                detail="the subject must have exactly one CN, an agent id",
+            )
+            await websocket.close(
+                CloseCode.PROTOCOL_ERROR, "certificate must have exactly one CN, an agent id"
+            )
             return
         log = self._log.bind(agent_id=agent_id, peer=_address(websocket.remote_address))
         hello = await self._handshake(websocket, log)
@@ -253,17 +261,20 @@ class Hub:
                     )
                 if frame.receipt is not None:
                     verdict = self._check_receipt(link.agent_id, frame)
-                    self._store.record_receipt(link.agent_id, frame.ref, frame.receipt, verdict)
+                    if not self._store.record_receipt(link.agent_id, frame, verdict):
+                        log.info("receipt_not_kept", ref=frame.ref, state=frame.state)
                 await self._send(link, Ack(seq=frame.seq))  # stored durably first
                 await self.notify()
             case Anchor():
-                if not self._store.record_anchor(
+                conflict = self._store.record_anchor(
                     link.agent_id, frame.audit_seq, frame.audit_hash, frame.at
-                ):
+                )
+                if conflict is not None:
                     log.error(
                         "audit_anchor_conflict",
                         audit_seq=frame.audit_seq,
-                        detail="the agent's audit log differs from an anchor held here",
+                        reason=conflict,
+                        detail="the agent's audit log differs from the anchors held here",
                     )
                 await self._send(link, Ack(seq=frame.seq))
                 await self.notify()
@@ -324,6 +335,7 @@ class Hub:
                 "ref": frame.ref,
                 "state": frame.state,
                 "reason": frame.reason,
+                "at": frame.at,  # required in a status: the receipt is for this report
                 "result_sha256": result_sha256(frame.result),
             }
             wrong = sorted(key for key, value in expected.items() if claims.get(key) != value)

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 from agent import sqlite_db
 from agent.frames import FINAL_STATES, DeliveryRejected, Status
-from control_plane_stub.errors import StubError, UnknownCommand
+from control_plane_stub.errors import BadRequest, StubError, UnknownCommand
 
 RANK: Final = {
     "queued": 0,
@@ -32,6 +32,19 @@ RANK: Final = {
 
 TRANSIENT_REFUSALS: Final = ("busy", "rate_limited", "shutting_down")
 """Refusals that say "not now": the command is delivered again on the next connection."""
+
+_HASH_DIFFERS: Final = 1
+_HEAD_MOVED_BACK: Final = 2
+_ANCHOR_CONFLICTS: Final = {_HASH_DIFFERS: "hash_differs", _HEAD_MOVED_BACK: "head_moved_back"}
+"""``anchors.conflict``: 0 (none) or one of these."""
+
+
+def _anchor_cursor(cursor: str) -> tuple[int, int]:
+    seq, sep, row_id = cursor.partition(".")
+    if not (sep and seq.isdigit() and row_id.isdigit() and len(cursor) <= 40):
+        raise BadRequest(f"not an anchor cursor: {cursor[:40]!r}")
+    return int(seq), int(row_id)
+
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS agents (
@@ -235,14 +248,37 @@ class StubStore:
         ).fetchall()
         return [bytes(row["der"]) for row in rows]
 
-    def record_receipt(self, agent_id: str, ref: str, token: str, status: str) -> None:
-        self._db.execute(
-            """INSERT INTO receipts (ref, agent_id, token, status, recorded_at)
-               SELECT ?, ?, ?, ?, ? WHERE EXISTS
-                   (SELECT 1 FROM commands WHERE ref = ? AND agent_id = ?)
-               ON CONFLICT (ref) DO NOTHING""",
-            (ref, agent_id, token, status, time.time(), ref, agent_id),
-        )
+    def record_receipt(self, agent_id: str, frame: Status, verdict: str) -> bool:
+        """Keep the receipt a final status came with, if that status is the report held for
+        the command: same ``jti``, ``state``, ``reason`` and ``result``. A receipt that came with
+        a status :meth:`apply_status` did not take (another final state arriving after the
+        first, a resend that differs from what is held, another agent's) is not kept, so a
+        receipt always speaks for what is stored. A resend identical to the held report is
+        (that keeps a receipt whose first delivery was lost to a crash). The first receipt
+        kept stays. Returns whether this one was kept."""
+        assert frame.receipt is not None  # noqa: S101  # the caller checks
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT state, jti, reason, result FROM commands WHERE ref = ? AND agent_id = ?",
+                (frame.ref, agent_id),
+            ).fetchone()
+            if row is None:
+                return False
+            held = json.loads(row["result"]) if row["result"] is not None else None
+            same = (row["state"], row["jti"], row["reason"]) == (
+                frame.state,
+                frame.jti,
+                frame.reason,
+            ) and (frame.result is None or held == json.loads(json.dumps(frame.result)))
+            if not same:
+                return False
+            return bool(
+                db.execute(
+                    """INSERT INTO receipts (ref, agent_id, token, status, recorded_at)
+                       VALUES (?, ?, ?, ?, ?) ON CONFLICT (ref) DO NOTHING""",
+                    (frame.ref, agent_id, frame.receipt, verdict, time.time()),
+                ).rowcount
+            )
 
     def receipt(self, ref: str) -> dict[str, object] | None:
         row = self._db.execute("SELECT * FROM receipts WHERE ref = ?", (ref,)).fetchone()
@@ -277,28 +313,57 @@ class StubStore:
             (result.get("version"), json.dumps(dict(result)), agent_id),
         )
 
-    def record_anchor(self, agent_id: str, audit_seq: int, audit_hash: str, at: float) -> bool:
-        """Keep an audit chain head the agent reported. Returns False when it conflicts with an
-        anchor already held for that sequence number: the agent's log was rewritten."""
+    def record_anchor(
+        self, agent_id: str, audit_seq: int, audit_hash: str, at: float
+    ) -> str | None:
+        """Keep an audit chain head the agent reported. Returns None when it is consistent with
+        the anchors already held, else why not (the anchor is kept, flagged):
+
+        - ``hash_differs``: another hash is held for that sequence number: the agent's log was
+          rewritten;
+        - ``head_moved_back``: a higher sequence number is held already. An agent's head only
+          moves forward (it sends one anchor at a time, in order), so its log was cut and has
+          grown again since.
+
+        Neither check proves the log intact: a log cut and regrown past every anchor held is
+        caught only by verifying it against all the anchors (``cp-stub anchor AGENT --all``).
+        """
         with self._tx() as db:
-            known = db.execute(
-                "SELECT audit_hash FROM anchors WHERE agent_id = ? AND audit_seq = ?",
+            held = db.execute(
+                "SELECT audit_hash, conflict FROM anchors WHERE agent_id = ? AND audit_seq = ?",
                 (agent_id, audit_seq),
             ).fetchall()
-            conflict = any(row["audit_hash"] != audit_hash for row in known)
+            same = [row for row in held if row["audit_hash"] == audit_hash]
+            if same:  # resent (after a reconnect, or a restart with an unmoved head)
+                return _ANCHOR_CONFLICTS.get(same[0]["conflict"])
+            conflict = 0
+            if held:
+                conflict = _HASH_DIFFERS
+            else:
+                (top,) = db.execute(
+                    "SELECT MAX(audit_seq) FROM anchors WHERE agent_id = ?", (agent_id,)
+                ).fetchone()
+                if top is not None and top > audit_seq:
+                    conflict = _HEAD_MOVED_BACK
             db.execute(
                 """INSERT INTO anchors (agent_id, audit_seq, audit_hash, at, recorded_at, conflict)
-                   VALUES (?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (agent_id, audit_seq, audit_hash) DO NOTHING""",
-                (agent_id, audit_seq, audit_hash, at, time.time(), int(conflict)),
+                   VALUES (?, ?, ?, ?, ?, ?)""",
+                (agent_id, audit_seq, audit_hash, at, time.time(), conflict),
             )
-        return not conflict
+        return _ANCHOR_CONFLICTS.get(conflict)
 
-    def anchors(self, agent_id: str, limit: int = 100) -> list[dict[str, object]]:
+    def anchors(
+        self, agent_id: str, limit: int = 100, *, before: str | None = None
+    ) -> list[dict[str, object]]:
+        """Anchors held for an agent, highest sequence number first (for one number, the latest
+        received first), at most ``limit``. ``before``: the ``cursor`` of the last anchor of the
+        previous page, to page through them all."""
+        after_seq, after_id = _anchor_cursor(before) if before is not None else (None, None)
         rows = self._db.execute(
             """SELECT * FROM anchors WHERE agent_id = ?
+                   AND (? IS NULL OR audit_seq < ? OR (audit_seq = ? AND id < ?))
                ORDER BY audit_seq DESC, id DESC LIMIT ?""",
-            (agent_id, limit),
+            (agent_id, after_seq, after_seq, after_seq, after_id, limit),
         ).fetchall()
         return [
             {
@@ -307,6 +372,8 @@ class StubStore:
                 "at": row["at"],
                 "recorded_at": row["recorded_at"],
                 "conflict": bool(row["conflict"]),
+                "conflict_reason": _ANCHOR_CONFLICTS.get(row["conflict"]),
+                "cursor": f"{row['audit_seq']}.{row['id']}",
             }
             for row in rows
         ]

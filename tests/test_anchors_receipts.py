@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.audit_chain import ChainHead, make_record, verify_lines
+from agent.audit_log import AuditLog, verify_file
 from agent.canonical import canonicalize
 from agent.cli import main as agent_cli
 from agent.errors import AuditIntegrityError
@@ -90,6 +91,80 @@ def test_a_receipt_from_another_key_or_for_another_report_is_not_valid(
     store.close()
 
 
+def test_a_receipt_for_another_time_is_a_mismatch(tmp_path: Path, pki: PKIPaths) -> None:
+    """/tmp/review3/receipt_at.py: a receipt signed for one report (``at`` 1000.0) was
+    accepted as ``valid`` for another status with the same outcome but another time."""
+    store = StubStore(tmp_path / "stub.db")
+    cert = x509.load_pem_x509_certificate(pki.agent_cert("agent-1").read_bytes())
+    store.remember_certificate("agent-1", "sha", cert.public_bytes(Encoding.DER))
+    hub = Hub(store, HubSettings(), structlog.get_logger())
+    own = ReceiptSigner.from_files("agent-1", pki.agent_cert("agent-1"), pki.agent_key("agent-1"))
+    result = {"replicas": 3}
+    receipt = own.sign(jti="j", ref="r", state="succeeded", reason=None, result=result, at=1000.0)
+
+    def status(at: float) -> Status:
+        return Status(
+            seq=1, ref="r", jti="j", state="succeeded", at=at, result=result, receipt=receipt
+        )
+
+    assert hub._check_receipt("agent-1", status(1000.0)) == "valid"
+    assert hub._check_receipt("agent-1", status(1_999_999_999.0)) == "mismatch: at"
+    store.close()
+
+
+def test_a_receipt_is_kept_only_with_the_report_held_for_the_command(
+    tmp_path: Path, pki: PKIPaths
+) -> None:
+    """A receipt that came with a status the store did not take (another final state after
+    the first, a resend that differs from it) would speak for a report that is not stored."""
+    store = StubStore(tmp_path / "stub.db")
+    store.add_command(
+        ref="r",
+        agent_id="agent-1",
+        token="t",
+        origin="signed",
+        jti="j",
+        command_type="scale",
+        params={"replicas": 3},
+    )
+    own = ReceiptSigner.from_files("agent-1", pki.agent_cert("agent-1"), pki.agent_key("agent-1"))
+
+    def status(state: str, result: dict[str, object], *, signed: bool = True) -> Status:
+        receipt = own.sign(jti="j", ref="r", state=state, reason=None, result=result, at=5.0)
+        return Status(
+            seq=1,
+            ref="r",
+            jti="j",
+            state=state,
+            at=5.0,
+            result=result,
+            receipt=receipt if signed else None,
+        )
+
+    # The final report arrives without a receipt (the agent's key was unusable at that time).
+    assert store.apply_status("agent-1", status("succeeded", {"replicas": 3}, signed=False))
+    # Out of order: another final state, which the store does not apply.
+    failed = status("failed", {})
+    store.apply_status("agent-1", failed)
+    assert store.get("r").state == "succeeded"
+    assert store.record_receipt("agent-1", failed, "valid") is False
+    # A resend that differs from the report held: ignored, and so is its receipt.
+    other = status("succeeded", {"replicas": 99})
+    assert store.apply_status("agent-1", other) is False
+    assert store.record_receipt("agent-1", other, "valid") is False
+    assert store.receipt("r") is None
+    # Another agent cannot attach a receipt to this command either.
+    same = status("succeeded", {"replicas": 3})
+    assert store.record_receipt("agent-2", same, "valid") is False
+    # A resend identical to the report held brings the receipt that speaks for it.
+    assert store.apply_status("agent-1", same) is False  # a duplicate for the history
+    assert store.record_receipt("agent-1", same, "valid") is True
+    held = store.receipt("r")
+    assert held is not None
+    assert held["token"] == same.receipt
+    store.close()
+
+
 def test_result_hash_is_over_the_canonical_form() -> None:
     assert (
         result_sha256({"b": 1.0, "a": [1e21, 0.1]})
@@ -159,8 +234,161 @@ def test_a_consistently_rewritten_log_passes_alone_but_not_against_an_anchor() -
 
 def test_the_stub_flags_two_hashes_for_one_sequence_number(tmp_path: Path) -> None:
     store = StubStore(tmp_path / "stub.db")
-    assert store.record_anchor("agent-1", 10, "a" * 64, time.time()) is True
-    assert store.record_anchor("agent-1", 10, "a" * 64, time.time()) is True  # resent
-    assert store.record_anchor("agent-1", 10, "b" * 64, time.time()) is False
+    assert store.record_anchor("agent-1", 10, "a" * 64, time.time()) is None
+    assert store.record_anchor("agent-1", 10, "a" * 64, time.time()) is None  # resent
+    assert store.record_anchor("agent-1", 10, "b" * 64, time.time()) == "hash_differs"
+    assert store.record_anchor("agent-1", 10, "b" * 64, time.time()) == "hash_differs"
     assert [a["conflict"] for a in store.anchors("agent-1")] == [True, False]
     store.close()
+
+
+def test_the_stub_flags_an_anchor_below_one_it_holds(tmp_path: Path) -> None:
+    """The head only moves forward: a lower seq means the log was cut (and has grown again)."""
+    store = StubStore(tmp_path / "stub.db")
+    assert store.record_anchor("agent-1", 10, "a" * 64, time.time()) is None
+    assert store.record_anchor("agent-1", 20, "b" * 64, time.time()) is None
+    assert store.record_anchor("agent-1", 10, "a" * 64, time.time()) is None  # resent: fine
+    assert store.record_anchor("agent-1", 15, "c" * 64, time.time()) == "head_moved_back"
+    assert store.record_anchor("agent-1", 30, "d" * 64, time.time()) is None
+    assert store.record_anchor("agent-2", 5, "e" * 64, time.time()) is None  # per agent
+    assert [(a["audit_seq"], a["conflict_reason"]) for a in store.anchors("agent-1")] == [
+        (30, None),
+        (20, None),
+        (15, "head_moved_back"),
+        (10, None),
+    ]
+    store.close()
+
+
+def grown_log(tmp_path: Path, store: StubStore, *, cut_to: int, regrow: int, every: int) -> Path:
+    """/tmp/review3/anchor_rewrite.py: 100 records anchored every 10 (record 91 is
+    ``execution_started``), then the file is cut back to ``cut_to`` records on the host, the
+    agent restarts (trusting the last line) and keeps working and anchoring every ``every``."""
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    log.open()
+
+    def anchor() -> None:
+        store.record_anchor("agent-1", log.head.seq, log.head.hash, time.time())
+
+    for n in range(100):
+        log.append("execution_started" if n == 90 else "tick", n=n)
+        if n % 10 == 9:
+            anchor()
+    log.close()
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:cut_to]))
+    log = AuditLog(path)
+    log.open()
+    assert log.head.seq == cut_to
+    for n in range(regrow):
+        log.append("tick", n=1000 + n)
+        if n % every == every - 1:
+            anchor()
+    log.close()
+    return path
+
+
+def all_anchors(store: StubStore) -> dict[int, str]:
+    anchors = store.anchors("agent-1", limit=10_000)
+    return {int(str(a["audit_seq"])): str(a["audit_hash"]) for a in anchors}
+
+
+def test_a_log_cut_and_grown_again_fails_against_all_the_anchors(tmp_path: Path) -> None:
+    store = StubStore(tmp_path / "stub.db")
+    path = grown_log(tmp_path, store, cut_to=80, regrow=45, every=7)
+    flagged = [a["audit_seq"] for a in store.anchors("agent-1") if a["conflict"]]
+    assert flagged == [94, 87]  # the first anchors of the new chain: below seq 100
+    latest = store.anchors("agent-1")[0]
+    assert (latest["audit_seq"], latest["conflict"]) == (122, False)
+    # The latest anchor alone is a point of the new chain: it cannot tell...
+    summary = verify_file(path, {122: str(latest["audit_hash"])}).summary
+    assert summary.events.get("execution_started", 0) == 0  # record 91 is gone, unnoticed
+    # ...all of them can: seq 90 and 100 were anchored with the old chain's hashes.
+    with pytest.raises(AuditIntegrityError, match="differs from the anchor"):
+        verify_file(path, all_anchors(store))
+    store.close()
+
+
+def test_a_log_regrown_past_every_anchor_before_the_next_one_fails_against_all(
+    tmp_path: Path,
+) -> None:
+    """Cut to 95 and grown by 30 records before the next anchor (seq 125): no anchor arrives
+    out of order, so the stub flags nothing; the anchor for seq 100 still catches it."""
+    store = StubStore(tmp_path / "stub.db")
+    path = grown_log(tmp_path, store, cut_to=95, regrow=30, every=30)
+    assert not [a for a in store.anchors("agent-1") if a["conflict"]]
+    with pytest.raises(AuditIntegrityError, match="seq=100 differs from the anchor"):
+        verify_file(path, all_anchors(store))
+    store.close()
+
+
+def test_the_anchors_list_pages_through_every_anchor(tmp_path: Path) -> None:
+    store = StubStore(tmp_path / "stub.db")
+    for seq in range(1, 251):
+        assert store.record_anchor("agent-1", seq, f"{seq:064x}", time.time()) is None
+    seen: list[object] = []
+    before = None
+    while True:
+        page = store.anchors("agent-1", 100, before=before)
+        seen.extend(a["audit_seq"] for a in page)
+        if len(page) < 100:
+            break
+        before = str(page[-1]["cursor"])
+    assert seen == list(range(250, 0, -1))
+    store.close()
+
+
+async def test_cp_stub_anchor_all_feeds_audit_verify_anchors_file(
+    stub: StubServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The whole path an operator takes: every anchor through the API (more than one page),
+    one SEQ:HASH a line, into ``audit verify --anchors-file``."""
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    log.open()
+    for n in range(1200):
+        log.append("tick", n=n)
+        stub.store.record_anchor("agent-1", log.head.seq, log.head.hash, time.time())
+        if n == 0:
+            first = log.head.hash
+    log.close()
+    api = ["--api", f"http://127.0.0.1:{stub.api_port}"]
+    assert await asyncio.to_thread(stub_cli, ["anchor", *api, "agent-1"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"1200:{log.head.hash}"]
+    assert await asyncio.to_thread(stub_cli, ["anchor", *api, "agent-1", "--all"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1200
+    assert (lines[0], lines[-1]) == (f"1:{first}", f"1200:{log.head.hash}")
+    anchors = tmp_path / "anchors.txt"
+    anchors.write_text("# from cp-stub anchor agent-1 --all\n" + "\n".join(lines) + "\n")
+    assert agent_cli(["audit", "verify", str(path), "--anchors-file", str(anchors)]) == 0
+    assert "anchors: 1200 checked" in capsys.readouterr().out
+
+    # A stub that saw the head move back says so, and the listing shows both hashes for 600.
+    stub.store.record_anchor("agent-1", 600, "f" * 64, time.time())
+    assert await asyncio.to_thread(stub_cli, ["anchor", *api, "agent-1", "--all"]) == 1
+    captured = capsys.readouterr()
+    assert "CONFLICT: seq 600 was reported with another hash" in captured.err
+    anchors.write_text(captured.out)
+    assert agent_cli(["audit", "verify", str(path), "--anchors-file", str(anchors)]) == 1
+    assert "the anchors disagree: seq 600 has two hashes" in capsys.readouterr().err
+
+
+def test_audit_verify_takes_repeated_anchors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    log.open()
+    heads = []
+    for n in range(3):
+        log.append("tick", n=n)
+        heads.append(f"{log.head.seq}:{log.head.hash}")
+    log.close()
+    assert (
+        agent_cli(["audit", "verify", str(path), "--anchor", heads[0], "--anchor", heads[2]]) == 0
+    )
+    assert "anchors: 2 checked" in capsys.readouterr().out
+    wrong = f"2:{'0' * 64}"
+    assert agent_cli(["audit", "verify", str(path), "--anchor", heads[0], "--anchor", wrong]) == 1

@@ -72,6 +72,34 @@ def test_members_are_sorted_by_utf16_code_units() -> None:
     assert canonicalize(value) == '{"a":3,"\U0001f600":2,"\ufb33":1}'.encode()
 
 
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        # What JSON.stringify(JSON.parse(...)) writes (node), as RFC 8785 requires: integers
+        # beyond 2^53 are the doubles they round to, in ECMAScript's number format.
+        (9007199254740993, "9007199254740992"),
+        (-9007199254740993, "-9007199254740992"),
+        (10**23, "1e+23"),
+        (10**21, "1e+21"),
+        (18446744073709551616, "18446744073709552000"),
+        (123456789012345678901, "123456789012345680000"),
+        (99999999999999999999999999999, "1e+29"),
+        # up to 2^53 an integer is exact, and written as it is
+        (9007199254740992, "9007199254740992"),
+        (-9007199254740992, "-9007199254740992"),
+        (10**15 + 1, "1000000000000001"),
+    ],
+)
+def test_integers_are_ieee754_doubles(value: int, text: str) -> None:
+    assert canonicalize(value) == text.encode()
+    assert canonicalize([value]) == f"[{text}]".encode()
+
+
+def test_an_integer_beyond_every_double_is_refused() -> None:
+    with pytest.raises(ValueError, match="IEEE-754"):
+        canonicalize(10**400)
+
+
 def test_non_finite_numbers_are_refused() -> None:
     with pytest.raises(ValueError, match="NaN"):
         canonicalize({"x": math.nan})

@@ -10,17 +10,25 @@ import dataclasses
 import hashlib
 import shutil
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from websockets.exceptions import InvalidProxy
 
-from agent.config import ControlPlaneConfig, parse_config
+from agent.audit_log import AuditLog
+from agent.config import ControlPlaneConfig, TunnelConfig, parse_config
 from agent.egress import Route, redact_url, route_for
 from agent.errors import ConfigError
+from agent.frames import Hello
+from agent.proxy_url import normalize_proxy_url, scrub
+from agent.state import AgentState
+from agent.tunnel import Tunnel
 from certs.pki import PKIPaths, issue_agent_cert
 from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubServer
@@ -114,7 +122,7 @@ async def test_through_an_authenticating_proxy(
     assert final["command"]["state"] == "succeeded"
     assert f"localhost:{stub.agent_port} HTTP/1.1" in tinyproxy.connects()
     up = running.audit.matching("connection_up")[0]
-    assert up["route"] == f"via proxy http://{USER}:***@127.0.0.1:{tinyproxy.port}"
+    assert up["route"] == f"via proxy http://***@127.0.0.1:{tinyproxy.port}"
     assert PASSWORD not in running.paths.audit_log.read_text()
 
 
@@ -149,7 +157,7 @@ async def test_https_proxy_and_no_proxy_from_the_environment(
     monkeypatch.setenv("HTTPS_PROXY", f"http://{USER}:{PASSWORD}@127.0.0.1:{tinyproxy.port}")
     proxied = await start_agent(port=stub.agent_port, driver=RecordingDriver(), name="proxied")
     assert len(tinyproxy.connects()) == 1
-    assert proxied.agent.parts.tunnel.route.startswith("via proxy http://alice:***@")
+    assert proxied.agent.parts.tunnel.route.startswith("via proxy http://***@127.0.0.1:")
     await proxied.stop()
 
     monkeypatch.setenv("NO_PROXY", "localhost")
@@ -253,13 +261,67 @@ def control_plane(tmp_path: Path, **fields: object) -> ControlPlaneConfig:
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
-        ("http://u:p%40ss@proxy:3128", "http://u:***@proxy:3128"),
-        ("http://u:pw@[fd00::1]:3128", "http://u:***@[fd00::1]:3128"),
+        ("http://u:p%40ss@proxy:3128", "http://***@proxy:3128"),
+        ("http://u:pw@[fd00::1]:3128", "http://***@[fd00::1]:3128"),
         ("http://proxy:3128", "http://proxy:3128"),
+        ("proxy:3128", "proxy:3128"),
+        # the user name can be the secret (a token), and a scheme-less value has credentials too
+        ("http://tok3n@proxy:3128", "http://***@proxy:3128"),
+        ("alice:s3cret@proxy.corp:3128", "***@proxy.corp:3128"),
+        ("alice:s3://cret@proxy.corp:3128", "***@proxy.corp:3128"),
+        # where a URL parser would end the authority at the '/', the password is still hidden
+        ("http://u:pa/ss@proxy:3128", "http://***@proxy:3128"),
+        ("socks5://u:p@evil:1080", "socks5://***@evil:1080"),
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("given", "normal"),
+    [
+        ("proxy.corp:3128", "http://proxy.corp:3128"),  # like curl: no scheme means http://
+        ("alice:s3cret@proxy.corp:3128", "http://alice:s3cret@proxy.corp:3128"),
+        ("[fd00::1]:3128", "http://[fd00::1]:3128"),
+        ("HTTPS://proxy.corp:3129/", "https://proxy.corp:3129"),
+        (" http://proxy.corp:3128 ", "http://proxy.corp:3128"),
+    ],
+)
+def test_proxy_url_is_normalised(given: str, normal: str) -> None:
+    assert normalize_proxy_url(given, source="HTTPS_PROXY") == normal
+
+
+@pytest.mark.parametrize(
+    ("given", "error"),
+    [
+        ("socks5://u:SECRET-pw@evil:1080", "SOCKS proxy"),
+        ("socks5h://SECRET-tok@evil:1080", "SOCKS proxy"),
+        ("ftp://u:SECRET-pw@proxy:21", "http:// or https://"),
+        ("http://SECRET-tok@proxy:3128", "user name but no password"),
+        ("u:SECRET-pw@proxy:notaport", "not a valid proxy URL"),
+        ("http://u:SECRET-pw@proxy:3128/path", "path"),
+        ("http://u:SECRET-pw%ff@proxy:3128", "percent-encoded UTF-8"),
+        ("http://u:SECRET-pw@:3128", "no host"),
+    ],
+)
+def test_bad_proxy_urls_are_refused_without_showing_credentials(given: str, error: str) -> None:
+    with pytest.raises(ConfigError, match=error) as raised:
+        normalize_proxy_url(given, source="HTTPS_PROXY")
+    assert "SECRET" not in str(raised.value)
+    assert str(raised.value).startswith("HTTPS_PROXY: ")
+
+
+def test_scrub_hides_a_proxy_url_and_its_credentials_in_error_texts() -> None:
+    url = "http://tok3n-SECRET:pa%40ss-SECRET@proxy.corp:3128"
+    text = (
+        f"InvalidProxy: {url} isn't a valid proxy; user tok3n-SECRET, password pa@ss-SECRET, "
+        "tok3n-SECRET:pa%40ss-SECRET"
+    )
+    scrubbed = scrub(text, url)
+    assert "SECRET" not in scrubbed
+    assert "http://***@proxy.corp:3128 isn't a valid proxy" in scrubbed
+    assert scrub(text, None) == text
 
 
 def test_route_none_explicit_and_private_endpoint(tmp_path: Path) -> None:
@@ -271,9 +333,19 @@ def test_route_none_explicit_and_private_endpoint(tmp_path: Path) -> None:
     assert private.describe() == "direct to 10.0.0.5:443"
 
 
-def test_route_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
+PROXY_VARIABLES = ("HTTPS", "NO", "ALL", "WSS", "SOCKS", "HTTP")
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for prefix in PROXY_VARIABLES:
+        for name in (f"{prefix}_PROXY", f"{prefix}_proxy".lower()):
+            monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_route_from_environment(tmp_path: Path, clean_environment: pytest.MonkeyPatch) -> None:
+    monkeypatch = clean_environment
     assert route_for(control_plane(tmp_path)) == Route(proxy=None)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
     assert route_for(control_plane(tmp_path)) == Route(proxy="http://proxy.corp:3128")
@@ -311,3 +383,150 @@ def test_bad_egress_settings_are_refused(tmp_path: Path, value: str, error: str)
     )
     with pytest.raises(ConfigError, match=error):
         parse_config(text.encode(), source=tmp_path / "agent.toml")
+
+
+def test_scheme_less_environment_proxy_means_http(
+    tmp_path: Path, clean_environment: pytest.MonkeyPatch
+) -> None:
+    clean_environment.setenv("HTTPS_PROXY", "alice:s3cret@proxy.corp:3128")
+    route = route_for(control_plane(tmp_path))
+    assert route == Route(proxy="http://alice:s3cret@proxy.corp:3128")
+    assert route.describe() == "via proxy http://***@proxy.corp:3128"
+
+
+def test_credentials_file_with_a_scheme_less_environment_proxy(
+    tmp_path: Path, clean_environment: pytest.MonkeyPatch
+) -> None:
+    """/tmp/review3/egress_leak2.py: this used to build ``proxy.corp://alice:PW@/3128``."""
+    creds = tmp_path / "creds"
+    creds.write_text("alice:FILE-PASSWORD\n")
+    creds.chmod(0o600)
+    clean_environment.setenv("HTTPS_PROXY", "proxy.corp:3128")
+    route = route_for(control_plane(tmp_path, proxy_credentials_file=creds))
+    assert route == Route(proxy="http://alice:FILE-PASSWORD@proxy.corp:3128")
+    # the file's credentials replace the URL's, so a lone user name there is no error
+    clean_environment.setenv("HTTPS_PROXY", "http://someone@proxy.corp:3128")
+    route = route_for(control_plane(tmp_path, proxy_credentials_file=creds))
+    assert route == Route(proxy="http://alice:FILE-PASSWORD@proxy.corp:3128")
+
+
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [
+        (
+            {"HTTPS_PROXY": "http://proxy:3128", "SOCKS_PROXY": "socks5://u:SECRET@evil:1080"},
+            "SOCKS_PROXY",
+        ),
+        # websockets' get_proxy reads an http:// SOCKS_PROXY as socks5h://
+        (
+            {"HTTPS_PROXY": "http://proxy:3128", "socks_proxy": "http://u:SECRET@evil:1080"},
+            "SOCKS_PROXY",
+        ),
+        ({"HTTPS_PROXY": "socks5h://u:SECRET@evil:1080"}, "HTTPS_PROXY"),
+        ({"WSS_PROXY": "socks4://SECRET@evil:1080"}, "WSS_PROXY"),
+    ],
+)
+def test_socks_proxies_from_the_environment_are_refused(
+    tmp_path: Path, clean_environment: pytest.MonkeyPatch, variables: dict[str, str], named: str
+) -> None:
+    for name, value in variables.items():
+        clean_environment.setenv(name, value)
+    with pytest.raises(ConfigError, match=r"SOCKS proxy.*HTTP CONNECT") as raised:
+        route_for(control_plane(tmp_path))
+    assert named in str(raised.value)
+    assert "SECRET" not in str(raised.value)
+
+
+def test_wss_proxy_takes_priority_over_https_proxy(
+    tmp_path: Path, clean_environment: pytest.MonkeyPatch
+) -> None:
+    clean_environment.setenv("HTTPS_PROXY", "http://https-proxy:3128")
+    clean_environment.setenv("WSS_PROXY", "http://wss-proxy:3128")
+    clean_environment.setenv("ALL_PROXY", "http://all-proxy:3128")  # not read at all
+    assert route_for(control_plane(tmp_path)) == Route(proxy="http://wss-proxy:3128")
+
+
+# -- nothing derived from a proxy URL reaches last_error, logs or status unredacted ----------
+
+
+def closed_port() -> int:
+    """A local port nobody listens on: connecting fails at once (no DNS, no waiting)."""
+    return free_port()
+
+
+def offline_tunnel(tmp_path: Path, cp: ControlPlaneConfig) -> Tunnel:
+    audit = AuditLog(tmp_path / "audit.log")
+    audit.open()
+    return Tunnel(
+        control_plane=cp,
+        settings=TunnelConfig(),
+        ssl_context=ssl.create_default_context,
+        hello=Hello(protocol=1, agent_version="x", capabilities={}, heartbeat_interval=15.0),
+        state=AgentState(tmp_path / "agent.db"),
+        audit=audit,
+        on_delivery=lambda _ref, _token: "refused",
+        log=structlog.get_logger(),
+        agent_id="agent-1",
+    )
+
+
+async def attempt_once(tunnel: Tunnel) -> list[str]:
+    """One connection attempt; returns everything that could show an error (state and logs)."""
+    with structlog.testing.capture_logs() as logs:
+        await tunnel._attempt(asyncio.Event())
+    return [tunnel.route, str(tunnel.last_error), *(repr(entry) for entry in logs)]
+
+
+@pytest.mark.parametrize(
+    "proxy",
+    [
+        "alice:s3cret-SECRET@127.0.0.1:{port}",  # scheme-less: was taken as scheme "alice"
+        "http://tok3n-SECRET@127.0.0.1:{port}",  # user name only: websockets refused it
+        "socks5://u:pw-SECRET@127.0.0.1:{port}",
+        "u:pw-SECRET@127.0.0.1:notaport",
+    ],
+)
+async def test_proxy_credentials_never_reach_last_error_or_logs(
+    tmp_path: Path, clean_environment: pytest.MonkeyPatch, proxy: str
+) -> None:
+    """/tmp/review3/egress_leak.py: websockets' InvalidProxy text, holding the whole URL,
+    went to ``last_error`` (so ``byoc-agent status``) and the ``connect_failed`` log line."""
+    clean_environment.setenv("HTTPS_PROXY", proxy.format(port=closed_port()))
+    tunnel = offline_tunnel(tmp_path, control_plane(tmp_path))
+    shown = await attempt_once(tunnel)
+    assert tunnel.last_error is not None
+    assert not [text for text in shown if "SECRET" in text]
+    assert tunnel.route.startswith(("via proxy http://***@127.0.0.1:", "none "))
+
+
+async def test_credentials_file_password_never_reaches_last_error_or_logs(
+    tmp_path: Path, clean_environment: pytest.MonkeyPatch
+) -> None:
+    creds = tmp_path / "creds"
+    creds.write_text("alice:FILE-SECRET\n")
+    creds.chmod(0o600)
+    port = closed_port()
+    clean_environment.setenv("HTTPS_PROXY", f"127.0.0.1:{port}")
+    tunnel = offline_tunnel(tmp_path, control_plane(tmp_path, proxy_credentials_file=creds))
+    shown = await attempt_once(tunnel)
+    assert tunnel.route == f"via proxy http://***@127.0.0.1:{port}"
+    assert "ConnectionRefusedError" in str(tunnel.last_error)  # it did go to the proxy
+    assert not [text for text in shown if "SECRET" in text]
+
+
+async def test_an_error_text_quoting_the_proxy_url_is_scrubbed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defence in depth: whatever a library puts in its error text, the route's proxy URL and
+    credentials are scrubbed from it before it is kept or logged."""
+    url = "http://tok3n-SECRET:pw-SECRET@proxy.corp:3128"
+
+    async def connect(*_args: object, proxy: str, **_kwargs: object) -> None:
+        raise InvalidProxy(proxy, "hostile library text; password pw-SECRET")
+
+    monkeypatch.setattr("agent.tunnel.connect", connect)
+    tunnel = offline_tunnel(tmp_path, control_plane(tmp_path, proxy=url))
+    shown = await attempt_once(tunnel)
+    assert tunnel.last_error is not None
+    assert "http://***@proxy.corp:3128 isn't a valid proxy" in tunnel.last_error
+    assert not [text for text in shown if "SECRET" in text]

@@ -229,3 +229,72 @@ async def test_an_agent_with_a_fixed_key_list_refuses_key_sets(
     await start_agent(port=stub.agent_port, driver=RecordingDriver())
     assert await op.push(op.make(1, pki.signing_pub)) == EXIT_NOT_SUCCEEDED
     assert "keysets_not_enabled" in capsys.readouterr().out
+
+
+async def test_a_replaced_root_key_wins_over_the_stored_key_sets(
+    stub: StubServer,
+    api: StubClient,
+    start_agent: AgentStarter,
+    pki: PKIPaths,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """/tmp/review3/anchor_change.py: once a set was stored, changing ``commands.root_key`` had
+    no effect: sets from the old root (feared stolen) were still accepted, the new root's
+    refused."""
+    op = Rotation(tmp_path, stub, pki)  # root A
+    running = await start_agent(
+        port=stub.agent_port,
+        driver=RecordingDriver(),
+        root_key=op.offline / "root.pub",
+        keyset=op.make(1, pki.signing_pub),
+    )
+    assert await op.push(op.make(2, pki.signing_pub)) == 0  # version floor 2, under root A
+    await running.stop()
+
+    # The customer replaces root A by root B, with B's first set (another command key).
+    assert certs_cli(["root-key", str(tmp_path / "root-b")]) == 0
+    root_b = tmp_path / "root-b"
+    assert certs_cli(["root-key", str(tmp_path / "signer-b")]) == 0
+    signer_b = tmp_path / "signer-b"
+    b1 = tmp_path / "b-v1.jws"
+    args = ["keyset", str(root_b), "--version", "1", "--key", str(signer_b / "root.pub")]
+    assert certs_cli([*args, "--out", str(b1)]) == 0
+    restarted = await start_agent(
+        port=stub.agent_port, driver=RecordingDriver(), root_key=root_b / "root.pub", keyset=b1
+    )
+    (replaced,) = restarted.audit.matching("keyset_root_replaced")
+    assert replaced["root_kid"] == jwk_thumbprint(
+        load_ed25519_private(root_b / "root.key").public_key()
+    )
+    assert replaced["previous_root_kid"] == jwk_thumbprint(op.root.public_key())
+    assert replaced["discarded_version"] == 2
+    assert [a["version"] for a in restarted.audit.matching("keyset_accepted")] == [1]  # B's
+    assert (await api.agent("agent-1"))["capabilities"]["keyset_version"] == 1
+    assert (await command_signed_by(api, signer_b / "root.key"))["state"] == "succeeded"
+    assert (await command_signed_by(api, pki.signing_key))["reason"] == "unknown_kid"
+    # The old root can no longer sign anything, whatever its version number.
+    assert await op.push(op.make(3, pki.signing_pub)) == EXIT_NOT_SUCCEEDED
+    assert "unknown_root" in capsys.readouterr().out
+
+    # A root rotated through key sets (B hands over to C) is no replacement: kept on restart
+    # with the configuration unchanged (B), and with it updated to the new root (C).
+    assert certs_cli(["root-key", str(tmp_path / "root-c")]) == 0
+    root_c = tmp_path / "root-c"
+    b2 = tmp_path / "b-v2.jws"
+    args = ["keyset", str(root_b), "--version", "2", "--key", str(signer_b / "root.pub")]
+    args += ["--next-root", str(root_c / "root.pub")]
+    assert certs_cli([*args, "--out", str(b2)]) == 0
+    assert await op.push(b2) == 0
+    await restarted.stop()
+    for configured in (root_b, root_c):
+        again = await start_agent(
+            port=stub.agent_port,
+            driver=RecordingDriver(),
+            root_key=configured / "root.pub",
+            keyset=b1,
+        )
+        assert again.audit.matching("keyset_root_replaced") == []
+        assert (await api.agent("agent-1"))["capabilities"]["keyset_version"] == 2
+        assert (await command_signed_by(api, signer_b / "root.key"))["state"] == "succeeded"
+        await again.stop()

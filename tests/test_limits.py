@@ -5,13 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
+from pathlib import Path
 
 import pytest
+import structlog
 
-from agent.frames import DeliveryRejected, Frame, Hello, Status, Welcome, encode
+from agent.audit_log import AuditLog
+from agent.config import ControlPlaneConfig, TunnelConfig
+from agent.executor import DeliveryOutcome
+from agent.frames import DeliveryRejected, Frame, Hello, KeySetStatus, Status, Welcome, encode
 from agent.limits import ErrorBudget, TokenBucket
-from agent.session import AgentSession, CloseCode, CloseRequested, FrameRefused, HeartbeatSettings
+from agent.session import (
+    AgentSession,
+    CloseCode,
+    CloseRequested,
+    CommandDelivered,
+    FrameRefused,
+    HeartbeatSettings,
+    KeySetOffered,
+)
+from agent.state import AgentState
+from agent.tunnel import Tunnel
 from certs.pki import PKIPaths
 from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubServer
@@ -54,6 +70,108 @@ def test_session_closes_a_peer_over_its_error_budget() -> None:
     assert session.delivery_refused(7.0) == [
         CloseRequested(CloseCode.TOO_MANY_ERRORS, "more than 5 refused frames or deliveries in 60s")
     ]
+
+
+def test_session_closes_a_peer_over_its_deferral_budget() -> None:
+    """Refusals that are no fault of the peer's spend a budget of their own, not the error
+    budget; over it, the peer is closed with the same code."""
+    settings = HeartbeatSettings(
+        interval=10, timeout=30, max_peer_errors=2, max_peer_deferrals=4, peer_error_window=60
+    )
+    session = AgentSession(hello=Hello(protocol=1, agent_version="t"), heartbeat=settings, now=0.0)
+    welcome = Welcome(protocol=1, agent_id="agent-1", server_time=0.0, heartbeat_interval=10.0)
+    session.receive(encode(welcome), 0.1)
+    assert [session.delivery_deferred(1.0 + n) for n in range(4)] == [[], [], [], []]
+    assert session.delivery_refused(5.0) == []  # the error budget is untouched
+    assert session.delivery_deferred(61.5) == []  # the first two have left the window
+    assert session.delivery_deferred(62.0) == []
+    assert session.delivery_deferred(62.5) == [
+        CloseRequested(
+            CloseCode.TOO_MANY_ERRORS,
+            "more than 4 deferred deliveries or re-offered key sets in 60s",
+        )
+    ]
+    assert session.delivery_deferred(63.0) == []  # closed: asked once
+
+
+async def test_redeliveries_and_keyset_reoffers_are_bounded_per_connection(
+    tmp_path: Path,
+) -> None:
+    """/tmp/review3/audit_flood.py: a redelivery (``duplicate_delivery``), a ``rate_limited``
+    refusal and a re-offer of the key set in force each write audit records but spent no
+    budget at all, so one connection could write audit records without bound."""
+    outcomes: list[DeliveryOutcome] = []
+    tunnel = Tunnel(
+        control_plane=ControlPlaneConfig(
+            url="wss://cp.example.com/v1/agent",
+            host="cp.example.com",
+            port=443,
+            ca_bundle=tmp_path / "ca",
+            client_cert=tmp_path / "c",
+            client_key=tmp_path / "k",
+        ),
+        settings=TunnelConfig(),
+        ssl_context=ssl.create_default_context,
+        hello=Hello(protocol=1, agent_version="t"),
+        state=AgentState(tmp_path / "agent.db"),
+        audit=AuditLog(tmp_path / "audit.log"),
+        on_delivery=lambda _ref, _token: outcomes[len(outcomes) - 1],
+        on_keyset=lambda _token: KeySetStatus(
+            version=3, accepted=False, reason="already_current", detail="v3 is in force"
+        ),
+        log=structlog.get_logger(),
+        agent_id="agent-1",
+    )
+
+    def session() -> AgentSession:
+        settings = HeartbeatSettings(interval=10, timeout=30, max_peer_deferrals=5)
+        made = AgentSession(hello=Hello(protocol=1, agent_version="t"), heartbeat=settings, now=0)
+        welcome = Welcome(protocol=1, agent_id="agent-1", server_time=0.0, heartbeat_interval=10)
+        made.receive(encode(welcome), 0.0)
+        return made
+
+    for outcome in ("deferred", "accepted"):
+        outcomes.append(outcome)
+        delivered = session()
+        closes = [tunnel._handle(delivered, [CommandDelivered("r", "t")]) for _ in range(6)]
+        if outcome == "deferred":  # the sixth is over the budget of five
+            assert closes[:5] == [None] * 5
+            assert closes[5] == CloseRequested(
+                CloseCode.TOO_MANY_ERRORS,
+                "more than 5 deferred deliveries or re-offered key sets in 60s",
+            )
+        else:  # accepted deliveries spend nothing (the rate limit bounds them)
+            assert closes == [None] * 6
+    offered = session()
+    closes = [tunnel._handle(offered, [KeySetOffered("t")]) for _ in range(6)]
+    assert closes[:5] == [None] * 5
+    assert closes[5] is not None
+    assert closes[5].code == CloseCode.TOO_MANY_ERRORS
+
+
+async def test_a_peer_redelivering_in_a_loop_is_disconnected(
+    pki: PKIPaths, start_agent: AgentStarter
+) -> None:
+    signer = CommandSigner.from_file(pki.signing_key, issuer="cp-stub")
+    token = signer.sign(
+        agent_id="agent-1",
+        command_type="collect_metrics",
+        params={"targets": ["workload"]},
+        now=time.time(),
+    ).token
+    async with HostileControlPlane(pki, timeout=scaled(10)) as cp:
+        running = await start_agent(port=cp.port, driver=RecordingDriver(), max_peer_deferrals=20)
+        first = await cp.connection(1)
+        for _ in range(40):  # the same delivery again and again
+            if not await cp.send_command("r-1", token, to=first):
+                break
+        assert await cp.wait_closed(first) == CloseCode.TOO_MANY_ERRORS
+        down = await running.audit.wait_for("connection_down")
+        assert "more than 20 deferred deliveries" in str(down["reason"])
+        # audited up to the budget only: the first delivery, then 21 redeliveries
+        assert running.audit.count("command_received") == 22
+        assert running.audit.count("command_verification", reason="duplicate_delivery") == 21
+        await cp.connection(2)  # and it dials again (with backoff)
 
 
 async def test_a_peer_sending_junk_is_disconnected_and_the_agent_carries_on(

@@ -8,6 +8,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.canonical import canonicalize
 from agent.frames import MAX_FRAME_TO_CONTROL_PLANE, TO_CONTROL_PLANE, Status, decode, encode
 from agent.results import RESULT_BUDGET, fit_result, strict_json
 
@@ -70,18 +71,35 @@ def test_a_fitted_result_always_travels_in_one_status_frame() -> None:
     assert decode(text, accept=TO_CONTROL_PLANE, max_bytes=MAX_FRAME_TO_CONTROL_PLANE) == frame
 
 
+def test_lone_surrogates_become_replacement_characters() -> None:
+    """/tmp/review3/surrogate_result.py: a lone surrogate cannot be encoded as UTF-8, so the
+    result could be neither sent nor hashed for its receipt."""
+    fitted = fit_result({"l\udfff": ["a\ud800b", "\ud83d\ude00", "ok é"], "n": 1})
+    assert fitted == {"l\ufffd": ["a\ufffdb", "\U0001f600", "ok é"], "n": 1}
+    canonicalize(fitted).decode("utf-8")  # the receipt's hash input: raised before
+
+
+# Any text at all, lone surrogates included: hypothesis' text() draws none, so strings are
+# joined from characters, with some surrogates (lone, or pairs split in two) drawn explicitly.
+ANY_CHAR = st.characters(exclude_categories=()) | st.sampled_from("\ud800\udbff\udc00\udfff")
+
+
+def any_text(max_size: int) -> st.SearchStrategy[str]:
+    return st.lists(ANY_CHAR, max_size=max_size).map("".join)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.recursive(
-        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+        st.none() | st.booleans() | st.integers() | st.floats() | any_text(20),
         lambda children: (
-            st.lists(children, max_size=5)
-            | st.dictionaries(st.text(max_size=5), children, max_size=5)
+            st.lists(children, max_size=5) | st.dictionaries(any_text(5), children, max_size=5)
         ),
         max_leaves=30,
     )
 )
 def test_anything_becomes_strict_json_within_budget(value: object) -> None:
     fitted = fit_result({"value": value}, budget=2_000)
-    json.dumps(fitted, allow_nan=False)  # strict JSON: raises on NaN/inf
+    json.dumps(fitted, allow_nan=False, ensure_ascii=False).encode("utf-8")  # strict, encodable
+    canonicalize(fitted)
     assert size(fitted) <= 2_000

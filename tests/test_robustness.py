@@ -17,15 +17,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.audit_log import verify_file
+from agent.audit_log import AuditLog, verify_file
 from agent.config import load_config
 from agent.daemon import Agent
 from agent.drivers.base import ExecContext
 from agent.drivers.process_control import workload_environment
 from agent.errors import ConfigError
+from agent.executor import CommandLimits, CommandProcessor
 from agent.frames import Ack, DeliveryRejected, ErrorFrame, Status
+from agent.policy import Policy
+from agent.state import AgentState
+from agent.verifier import CommandVerifier, TrustedKeys, VerifierSettings, jwk_thumbprint
 from certs.pki import PKIPaths
 from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubServer
@@ -101,6 +108,48 @@ async def test_a_nan_in_a_result_is_sent_as_a_string(
     final = await api.command(sent["ref"], wait_for="final", wait_seconds=scaled(15))
     assert final["command"]["state"] == "succeeded"
     assert final["command"]["result"]["samples"][0]["value"] == "NaN"
+
+
+async def test_a_lone_surrogate_in_a_result_is_replaced_and_the_command_finishes(
+    stub: StubServer, api: StubClient, start_agent: AgentStarter
+) -> None:
+    """/tmp/review3/surrogate_result.py: a label holding a lone surrogate (a workload's
+    /metrics decoded loosely) made finishing raise, and the command stayed ``running``."""
+    sample = {"target": "workload", "name": "m", "labels": {"l\udfff": "x\ud800"}, "value": 1.0}
+    await start_agent(port=stub.agent_port, driver=MetricsFlood(samples=[sample]))
+    sent = await api.send("agent-1", "collect_metrics", {"targets": ["workload"]})
+    final = await api.command(sent["ref"], wait_for="final", wait_seconds=scaled(15))
+    assert final["command"]["state"] == "succeeded"
+    assert final["command"]["result"]["samples"][0]["labels"] == {"l\ufffd": "x\ufffd"}
+    assert final["receipt"]["status"] == "valid"  # signed over the repaired result
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no text for this one")
+
+
+@dataclass
+class UnrecordableResult(RecordingDriver):
+    async def collect_metrics(self, targets: Sequence[str], ctx: ExecContext) -> dict[str, object]:
+        return {"samples": [], "oddity": Unprintable()}
+
+
+async def test_a_result_that_cannot_be_recorded_still_finishes_the_command(
+    stub: StubServer, api: StubClient, start_agent: AgentStarter
+) -> None:
+    """Whatever goes wrong while recording an outcome, the command does not stay ``running``:
+    it ends ``failed`` (``internal_error``), audited, and the agent carries on."""
+    running = await start_agent(port=stub.agent_port, driver=UnrecordableResult())
+    sent = await api.send("agent-1", "collect_metrics", {"targets": ["workload"]})
+    final = await api.command(sent["ref"], wait_for="final", wait_seconds=scaled(15))
+    assert (final["command"]["state"], final["command"]["reason"]) == ("failed", "internal_error")
+    assert "could not be recorded: RuntimeError" in final["command"]["detail"]
+    (finished,) = running.audit.matching("execution_finished")
+    assert (finished["outcome"], finished["reason"]) == ("failed", "internal_error")
+    after = await api.send("agent-1", "scale", {"replicas": 2})
+    done = await api.command(after["ref"], wait_for="final", wait_seconds=scaled(15))
+    assert done["command"]["state"] == "succeeded"
 
 
 async def test_a_peer_that_drops_every_connection_gets_a_growing_backoff(
@@ -290,3 +339,55 @@ async def test_the_agent_announces_its_heartbeat_interval(
     assert connection.hello is not None
     assert connection.hello.heartbeat_interval == 0.7
     assert connection.hello.capabilities["driver"] == "recording"
+
+
+async def test_commands_that_end_leave_no_policy_decision_in_memory(tmp_path: Path) -> None:
+    """/tmp/review3/decided_leak.py: every validly signed command the policy denied left an
+    entry in ``CommandProcessor._decided_with`` for good (removed only after execution)."""
+    key = Ed25519PrivateKey.generate()
+    audit = AuditLog(tmp_path / "audit.log")
+    audit.open()
+    policies = {
+        "deny": Policy.from_toml(b"version = 1\n"),  # nothing allowed
+        "allow": Policy.from_toml(b"version = 1\n[scale]\nallow = true\nmax_replicas = 5\n"),
+    }
+    current = ["deny"]
+    processor = CommandProcessor(
+        verifier=CommandVerifier(
+            TrustedKeys.of([key.public_key()]),
+            VerifierSettings(audience="agent-1", issuers=frozenset({"cp"})),
+        ),
+        policy=lambda: policies[current[0]],
+        state=AgentState(tmp_path / "agent.db"),
+        audit=audit,
+        driver=RecordingDriver(),
+        max_pending=64,
+        on_outbox=lambda: None,
+        log=structlog.get_logger(),
+        agent_uid=os.getuid(),
+        limits=CommandLimits(rate=1e9, burst=10**9),
+    )
+
+    def deliver(jti: str) -> None:
+        now = time.time()
+        claims = {
+            "iss": "cp",
+            "aud": "agent-1",
+            "iat": now,
+            "nbf": now,
+            "exp": now + 300,
+            "jti": jti,
+            "cmd": {"type": "scale", "params": {"replicas": 1}},
+        }
+        headers = {"typ": "byoc-command+jwt", "kid": jwk_thumbprint(key.public_key())}
+        processor.handle_delivery(f"r-{jti}", jwt.encode(claims, key, "EdDSA", headers))
+
+    for n in range(200):
+        deliver(f"denied-{n}")
+    assert processor._state.get("denied-199").state == "rejected"  # type: ignore[union-attr]
+    assert processor._decided_with == {}
+    current[0] = "allow"
+    deliver("allowed")
+    await asyncio.gather(*processor._tasks.values())
+    assert processor._state.get("allowed").state == "succeeded"  # type: ignore[union-attr]
+    assert processor._decided_with == {}

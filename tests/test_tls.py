@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import hashlib
 import shutil
 import socket
@@ -12,9 +14,14 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from agent.errors import ConfigError, TLSRejected
+from agent.session import CloseCode
 from agent.tls import (
     PeerCertificate,
     certificate_common_name,
@@ -24,6 +31,7 @@ from agent.tls import (
     server_context,
 )
 from certs.pki import PKIPaths
+from control_plane_stub.server import StubServer
 
 TIMEOUT = 10.0
 
@@ -244,6 +252,72 @@ def test_certificate_common_name_errors(tmp_path: Path) -> None:
     garbage.write_text("not a certificate")
     with pytest.raises(ConfigError, match="cannot read certificate"):
         certificate_common_name(garbage)
+
+
+def two_cn_agent_cert(pki: PKIPaths, tmp_path: Path) -> tuple[Path, Path]:
+    """A client certificate from the real agent CA whose subject has two CNs (agent-1 and
+    agent-2): whichever a control plane took, it would be guessing the identity."""
+    ca_cert = x509.load_pem_x509_certificate(pki.agent_ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.agent_ca_key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.COMMON_NAME, "agent-1"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, "agent-2"),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "two-cn.pem", tmp_path / "two-cn.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def test_a_subject_with_two_cns_has_no_common_name(pki: PKIPaths, tmp_path: Path) -> None:
+    """/tmp/review3/two_cn.py: the first CN was taken as the identity."""
+    cert_path, _ = two_cn_agent_cert(pki, tmp_path)
+    der = x509.load_pem_x509_certificate(cert_path.read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+    assert PeerCertificate.from_der(der).subject_cn is None
+    with pytest.raises(ConfigError, match="2 subject common names; exactly one is required"):
+        certificate_common_name(cert_path)
+
+
+async def test_the_stub_refuses_a_client_certificate_with_two_cns(
+    pki: PKIPaths, stub: StubServer, tmp_path: Path
+) -> None:
+    cert_path, key_path = two_cn_agent_cert(pki, tmp_path)
+    context = client_context(ca_bundle=pki.server_ca_cert, cert=cert_path, key=key_path)
+    url = f"wss://localhost:{stub.agent_port}/v1/agent"
+    async with connect(url, ssl=context, open_timeout=TIMEOUT) as websocket:
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(websocket.recv(), TIMEOUT)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == CloseCode.PROTOCOL_ERROR
+    assert closed.value.rcvd.reason == "certificate must have exactly one CN, an agent id"
+    assert stub.hub.links == {}
 
 
 # -- classifying failures -------------------------------------------------------------------------
