@@ -17,7 +17,6 @@ Exit status: 0 success, 1 failure (e.g. a broken audit chain), 2 usage or config
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -28,7 +27,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from agent import __version__
+from agent import __version__, event_loop
 from agent.audit_log import verify_file
 from agent.config import DEFAULT_CONFIG_PATH, load_config
 from agent.control_socket import request
@@ -65,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(_config_path(args))
     configure_logging(config.log_level)
     agent = Agent(config)
-    asyncio.run(agent.run())
+    event_loop.run(agent.run(), config.event_loop)
     return agent.exit_code
 
 

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from agent.backoff import BackoffSettings
 from agent.errors import ConfigError
+from agent.event_loop import EVENT_LOOPS
 from agent.proxy_url import normalize_proxy_url
 from agent.session import HeartbeatSettings
 from agent.streams import StreamSettings
@@ -91,6 +92,8 @@ class AgentConfig:
     driver_kind: str
     driver_settings: Mapping[str, object]
     streams: StreamSettings = field(default_factory=StreamSettings)
+    event_loop: str = "asyncio"
+    """``asyncio`` or ``uvloop`` (the ``fast`` extra): agent/event_loop.py."""
 
 
 def _path(base: Path, value: str) -> Path:
@@ -220,13 +223,25 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
     agent = Table(
         "agent",
         doc.get("agent", {}),
-        {"id", "state_dir", "audit_log", "policy", "control_socket", "shutdown_grace", "log_level"},
+        {
+            "id",
+            "state_dir",
+            "audit_log",
+            "policy",
+            "control_socket",
+            "shutdown_grace",
+            "log_level",
+            "event_loop",
+        },
         ConfigError,
     )
     agent_id = agent.optional_string("id")
     if agent_id is not None and not AGENT_ID_PATTERN.fullmatch(agent_id):
         raise ConfigError(f"agent.id must match {AGENT_ID_PATTERN.pattern}")
     log_level = agent.string("log_level", "info")
+    event_loop = agent.string("event_loop", "asyncio")
+    if event_loop not in EVENT_LOOPS:
+        raise ConfigError(f"agent.event_loop must be one of {EVENT_LOOPS}")
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"agent.log_level must be one of {LOG_LEVELS}")
     if not root.has("control_plane"):
@@ -318,6 +333,7 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
             max_streams=streams.integer("max_streams", 64, low=1, high=10_000),
             connect_timeout=streams.number("connect_timeout", 10.0, low=0.1, high=300.0),
         ),
+        event_loop=event_loop,
     )
 
 

@@ -8,7 +8,6 @@ Names: throughput, rtt, commands, loaded, footprint, fleet.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import os
@@ -20,6 +19,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Final
 
+from agent import event_loop
+from agent.event_loop import EVENT_LOOPS
 from agent.logs import configure_logging
 from bench import suites
 from bench.harness import Workspace
@@ -65,8 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(SUITES), help="comma-separated suite names")
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("bench/results/latest.json"))
+    parser.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default="uvloop",
+        help="for the agents and the stub (default uvloop, the fast extra)",
+    )
     args = parser.parse_args(argv)
     settings = suites.Settings.quick() if args.quick else suites.Settings()
+    settings = dataclasses.replace(settings, event_loop=args.event_loop)
     if args.runs is not None:
         settings = dataclasses.replace(settings, runs=args.runs)
     names = [n for n in args.only.split(",") if n]
@@ -81,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         print(f"== {name} ...", flush=True)
         try:
-            figures.update(asyncio.run(SUITES[name](ws, settings)))
+            figures.update(event_loop.run(SUITES[name](ws, settings), args.event_loop))
         finally:
             if not os.environ.get("BENCH_KEEP"):
                 shutil.rmtree(ws.root, ignore_errors=True)

@@ -25,7 +25,9 @@ from pathlib import Path
 
 from websockets.asyncio.client import connect
 
+from agent import event_loop
 from agent.backoff import Backoff, BackoffSettings
+from agent.event_loop import EVENT_LOOPS
 from agent.frames import (
     MAX_FRAME_TO_AGENT,
     PROTOCOL_VERSION,
@@ -143,9 +145,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--first", type=int, required=True)
     p.add_argument("--count", type=int, required=True)
+    p.add_argument("--event-loop", choices=EVENT_LOOPS, default="asyncio")
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(worker(args.pki, args.port, args.first, args.count))
+        event_loop.run(worker(args.pki, args.port, args.first, args.count), args.event_loop)
     return 0
 
 

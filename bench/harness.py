@@ -95,6 +95,7 @@ def write_agent(
     rate: float = 100_000.0,
     burst: int = 100_000,
     max_pending: int = 10_000,
+    event_loop: str = "asyncio",
 ) -> Path:
     """An agent installation (journal driver, everything the benchmarks send allowed)."""
     root = ws.root / name
@@ -115,6 +116,7 @@ audit_log = {q(root / "audit" / "audit.jsonl")}
 policy = {q(root / "policy.toml")}
 control_socket = {q(run / "control.sock")}
 log_level = "warning"
+event_loop = {q(event_loop)}
 
 [control_plane]
 url = "wss://localhost:{port}/v1/agent"

@@ -44,6 +44,7 @@ class Settings:
     footprint_seconds: float = 60.0
     footprint_commands: int = 10_000
     fleet_agents: int = 10_000
+    event_loop: str = "uvloop"
 
     @classmethod
     def quick(cls) -> Settings:
@@ -86,7 +87,10 @@ async def stream_throughput(ws: Workspace, s: Settings) -> dict[str, float]:
     sink = python_child(ws, "bench.net", "sink", str(sink_port), name="sink")
     try:
         await asyncio.to_thread(wait_port, sink_port)
-        async with running_stub(ws) as stub, running_agent(ws, stub) as agent:
+        async with (
+            running_stub(ws) as stub,
+            running_agent(ws, stub, event_loop=s.event_loop) as agent,
+        ):
             tunnel_port = await _forward(stub, sink_port)
             rates: dict[str, list[float]] = defaultdict(list)
             cpu: dict[str, list[float]] = defaultdict(list)
@@ -120,7 +124,7 @@ async def stream_round_trip(ws: Workspace, s: Settings) -> dict[str, float]:
     echo = python_child(ws, "bench.net", "echo", str(echo_port), name="echo")
     try:
         await asyncio.to_thread(wait_port, echo_port)
-        async with running_stub(ws) as stub, running_agent(ws, stub):
+        async with running_stub(ws) as stub, running_agent(ws, stub, event_loop=s.event_loop):
             tunnel_port = await _forward(stub, echo_port)
             p50: dict[str, list[float]] = defaultdict(list)
             p99: dict[str, list[float]] = defaultdict(list)
@@ -207,7 +211,7 @@ async def command_round_trips(stub: StubServer, count: int) -> list[float]:
 
 
 async def commands(ws: Workspace, s: Settings) -> dict[str, float]:
-    async with running_stub(ws) as stub, running_agent(ws, stub):
+    async with running_stub(ws) as stub, running_agent(ws, stub, event_loop=s.event_loop):
         p50s, p99s, rates = [], [], []
         params: dict[str, object] = {"targets": ["workload"]}
         await command_round_trips(stub, 20)  # warm-up
@@ -233,7 +237,7 @@ async def control_latency_under_load(ws: Workspace, s: Settings) -> dict[str, fl
     sink = python_child(ws, "bench.net", "sink", str(sink_port), name="sink-load")
     try:
         await asyncio.to_thread(wait_port, sink_port)
-        async with running_stub(ws) as stub, running_agent(ws, stub):
+        async with running_stub(ws) as stub, running_agent(ws, stub, event_loop=s.event_loop):
             tunnel_port = await _forward(stub, sink_port)
             await command_round_trips(stub, 20)
             p50s, p99s = [], []
@@ -266,7 +270,7 @@ async def control_latency_under_load(ws: Workspace, s: Settings) -> dict[str, fl
 
 async def footprint(ws: Workspace, s: Settings) -> dict[str, float]:
     """Idle RSS and CPU with the default heartbeat; RSS as commands accumulate."""
-    async with running_stub(ws) as stub, running_agent(ws, stub) as agent:
+    async with running_stub(ws) as stub, running_agent(ws, stub, event_loop=s.event_loop) as agent:
         await asyncio.sleep(2.0)  # start-up work settles (not a sync point: a measurement window)
         cpu_before = cpu_seconds(agent.pid)
         await asyncio.sleep(s.footprint_seconds)
@@ -323,7 +327,7 @@ class _Fleet:
         return True
 
 
-def _stub_child(ws: Workspace, agent_port: int, api_port: int, name: str) -> Child:
+def _stub_child(ws: Workspace, agent_port: int, api_port: int, name: str, loop: str) -> Child:
     return Child(
         [
             sys.executable,
@@ -340,6 +344,8 @@ def _stub_child(ws: Workspace, agent_port: int, api_port: int, name: str) -> Chi
             str(ws.root / "fleet.db"),
             "--log-level",
             "warning",
+            "--event-loop",
+            loop,
         ],
         ws.root / f"{name}.log",
     )
@@ -350,7 +356,7 @@ async def fleet(ws: Workspace, s: Settings) -> dict[str, float]:
     time the whole fleet's return."""
     agents, workers = s.fleet_agents, 2
     agent_port, api_port = free_port(), free_port()
-    stub = _stub_child(ws, agent_port, api_port, "fleet-stub")
+    stub = _stub_child(ws, agent_port, api_port, "fleet-stub", s.event_loop)
     processes: list[asyncio.subprocess.Process] = []
     readers: list[asyncio.Task[None]] = []
     try:
@@ -364,6 +370,7 @@ async def fleet(ws: Workspace, s: Settings) -> dict[str, float]:
                 sys.executable, "-m", "bench.fleet", "worker",
                 "--pki", str(ws.pki.root), "--port", str(agent_port),
                 "--first", str(index * share), "--count", str(count),
+                "--event-loop", s.event_loop,
                 stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
             assert process.stdout is not None
@@ -381,7 +388,7 @@ async def fleet(ws: Workspace, s: Settings) -> dict[str, float]:
         stub.stop()
         await state.until(lambda: state.total == 0, 120)
         restarted = time.time()
-        stub = _stub_child(ws, agent_port, api_port, "fleet-stub-2")
+        stub = _stub_child(ws, agent_port, api_port, "fleet-stub-2", s.event_loop)
         back = await state.until(lambda: state.total >= agents, 900)
         reconnect_s = time.time() - restarted
         return {

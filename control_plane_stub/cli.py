@@ -34,7 +34,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from agent import event_loop
 from agent.errors import ConfigError
+from agent.event_loop import EVENT_LOOPS
 from agent.logs import configure_logging
 from agent.session import HeartbeatSettings
 from certs.pki import PKIPaths
@@ -105,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await StubServer(config).run(stop)
 
-    asyncio.run(main())
+    event_loop.run(main(), args.event_loop)
     return 0
 
 
@@ -312,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--issuer", default="cp-stub", help="iss claim of signed commands")
     p.add_argument("--heartbeat-interval", type=float, default=15.0)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--event-loop",
+        default="asyncio",
+        choices=EVENT_LOOPS,
+        help="uvloop: faster, needs the 'fast' extra (agent/event_loop.py)",
+    )
     p.set_defaults(func=cmd_serve, client=False)
 
     p = sub.add_parser("sign", help="sign a command offline and print the token")
