@@ -31,12 +31,23 @@ def connect(path: Path, *, mode: int = 0o600) -> sqlite3.Connection:
 
 
 @contextmanager
-def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` if the body raises."""
-    db.execute("BEGIN IMMEDIATE")
+def transaction(db: sqlite3.Connection, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` if the body raises.
+
+    ``durable=False`` commits without waiting for the disk (``synchronous=NORMAL``; in WAL mode
+    the commit survives the process being killed, but a power loss may undo it). Only for
+    changes whose loss is harmless by design, e.g. dropping an acknowledged frame from the
+    outbox (it would be sent again and the receiver deduplicates)."""
+    if not durable:
+        db.execute("PRAGMA synchronous=NORMAL")
     try:
-        yield db
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    finally:
+        if not durable:
+            db.execute("PRAGMA synchronous=FULL")

@@ -185,9 +185,9 @@ class AgentState:
             )
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
         try:
-            with sqlite_db.transaction(self._db) as db:
+            with sqlite_db.transaction(self._db, durable=durable) as db:
                 yield db
         except sqlite3.Error as exc:
             raise StateError(f"state database error: {exc}") from exc
@@ -401,7 +401,8 @@ class AgentState:
         """Queue the audit chain head for the control plane. Only the newest anchor matters, so
         it replaces any anchor still waiting (the outbox never holds more than one)."""
         body = {"audit_seq": audit_seq, "audit_hash": audit_hash, "at": now}
-        with self._tx() as db:
+        # Not durable: after a power loss the next anchor (the head moved) takes its place.
+        with self._tx(durable=False) as db:
             db.execute("DELETE FROM outbox WHERE kind = ?", (Anchor.type,))
             db.execute(
                 """INSERT INTO outbox (kind, body, jti, state, created_at)
@@ -420,8 +421,11 @@ class AgentState:
         ]
 
     def ack(self, seq: int) -> OutboxRow | None:
-        """Drop an acknowledged frame. Returns it, or ``None`` if it was already gone."""
-        with self._tx() as db:
+        """Drop an acknowledged frame. Returns it, or ``None`` if it was already gone.
+
+        Not durable: if a power loss undoes it, the frame is sent again and the control plane
+        deduplicates it (docs/PROTOCOL.md §6.3)."""
+        with self._tx(durable=False) as db:
             row = db.execute(
                 "SELECT seq, kind, body, jti, state FROM outbox WHERE seq = ?", (seq,)
             ).fetchone()
