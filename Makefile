@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint typecheck unit demo clean
+.PHONY: venv test lint typecheck unit demo bench bench-deps clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -31,6 +31,18 @@ test: lint typecheck unit
 
 demo: venv
 	$(BIN)/python -m byoc_demo
+
+# The benchmark suite (docs/BENCHMARKS.md): about 10 minutes; `make bench BENCH_ARGS=--quick`
+# for a one-minute smoke run. ssh -R is one of the peers, so it needs sshd and ssh.
+bench-deps:
+	@if ! [ -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client; \
+	  else echo "bench: install openssh-server and openssh-client (ssh -R is a peer)" >&2; exit 1; fi; \
+	fi
+
+bench: venv bench-deps
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache

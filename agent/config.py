@@ -94,6 +94,8 @@ class AgentConfig:
     streams: StreamSettings = field(default_factory=StreamSettings)
     event_loop: str = "asyncio"
     """``asyncio`` or ``uvloop`` (the ``fast`` extra): agent/event_loop.py."""
+    health_listen: tuple[str, int] | None = ("127.0.0.1", 9464)
+    """Where /healthz, /readyz and /metrics are served (agent/health.py); None: nowhere."""
 
 
 def _path(base: Path, value: str) -> Path:
@@ -216,7 +218,7 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
     root = Table(
         "config",
         doc,
-        {"agent", "control_plane", "tunnel", "commands", "streams", "driver"},
+        {"agent", "control_plane", "tunnel", "commands", "streams", "health", "driver"},
         ConfigError,
     )
     base = source.parent
@@ -301,6 +303,7 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
     streams = Table(
         "streams", doc.get("streams", {}), {"max_streams", "connect_timeout"}, ConfigError
     )
+    health = Table("health", doc.get("health", {}), {"listen"}, ConfigError)
     driver_table = doc.get("driver", {"kind": "process"})
     if not isinstance(driver_table, dict):
         raise ConfigError("[driver] must be a table")
@@ -334,7 +337,19 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
             connect_timeout=streams.number("connect_timeout", 10.0, low=0.1, high=300.0),
         ),
         event_loop=event_loop,
+        health_listen=_listen(health.string("listen", "127.0.0.1:9464")),
     )
+
+
+def _listen(value: str) -> tuple[str, int] | None:
+    """``host:port`` (``[v6]:port``) to listen on, or None for ``""``."""
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"health.listen must be host:port (or empty to disable), not {value!r}")
+    return host, int(port)
 
 
 def load_config(path: Path) -> AgentConfig:

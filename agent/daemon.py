@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import json
 import os
 import signal
@@ -41,7 +42,10 @@ from agent.drivers.base import Driver, DriverEnvironment
 from agent.errors import AgentError, AuditError, CommandRejected, ConfigError
 from agent.executor import CommandLimits, CommandProcessor, DeliveryOutcome, Operator
 from agent.frames import MAX_FRAME_TO_AGENT, PROTOCOL_VERSION, Hello, KeySetStatus
+from agent.health import HealthServer
 from agent.keyset import KeyRing, KeySetRejected, key_from_jwk, public_jwk, read_keyset
+from agent.metrics import Snapshot
+from agent.metrics import render as render_metrics
 from agent.policy_file import PolicyFile
 from agent.receipts import ReceiptKeyFiles
 from agent.sdnotify import SystemdNotifier, run_watchdog
@@ -97,6 +101,7 @@ class Agent:
         self.started = asyncio.Event()
         self.audit = AuditLog(config.audit_log)
         self._parts: _Parts | None = None
+        self.health: HealthServer | None = None
         self._background: list[asyncio.Task[None]] = []
         self._keyring: KeyRing | None = None
 
@@ -234,6 +239,20 @@ class Agent:
         )
         await control.start()
         stack.push_async_callback(control.close)
+        if config.health_listen is not None:
+            host, port = config.health_listen
+            self.health = HealthServer(
+                host=host,
+                port=port,
+                ready=self._ready,
+                metrics=lambda: render_metrics(self._snapshot()),
+                log=self.log.bind(component="health"),
+            )
+            await self.health.start()
+            stack.push_async_callback(self.health.close)
+            self.audit.append("health_listening", url=self.health.url, loopback=_loopback(host))
+            if not _loopback(host):
+                self.log.warning("health_not_on_loopback", url=self.health.url)
         self._parts = _Parts(
             state=state,
             policy=policy,
@@ -405,6 +424,41 @@ class Agent:
     def _deliver(self, ref: str, token: str) -> DeliveryOutcome:
         return self.parts.processor.handle_delivery(ref, token)
 
+    def _ready(self) -> tuple[bool, str]:
+        """For /readyz: the tunnel is up and the client certificate is within its validity."""
+        parts = self.parts
+        expiry = _cert_validity(self.config.control_plane.client_cert)
+        if expiry is None:
+            return False, "client certificate unreadable"
+        not_before, not_after = expiry
+        now = time.time()
+        if now < not_before:
+            return False, "client certificate not yet valid"
+        if now >= not_after:
+            return False, "client certificate expired"
+        if not parts.tunnel.ready.is_set():
+            return False, f"tunnel down: {parts.tunnel.last_error or 'connecting'}"
+        return True, "ready"
+
+    def _snapshot(self) -> Snapshot:
+        parts = self.parts
+        validity = _cert_validity(self.config.control_plane.client_cert)
+        return Snapshot(
+            agent_id=self.agent_id,
+            version=__version__,
+            connected=parts.tunnel.ready.is_set(),
+            reconnects=parts.tunnel.reconnects,
+            commands=dict(parts.processor.outcomes),
+            refusals=dict(parts.processor.refusals),
+            audit_records=self.audit.head.seq,
+            pending_approvals=len(parts.processor.pending_approvals()),
+            unsent_frames=parts.state.unsent_results(),
+            streams_open=len(parts.streams.active),
+            stream_bytes_to_target=parts.streams.bytes_to_targets,
+            stream_bytes_from_target=parts.streams.bytes_from_targets,
+            certificate_expiry_seconds=None if validity is None else validity[1] - time.time(),
+        )
+
     def _healthy(self) -> bool:
         """For the systemd watchdog: running, and every background task alive."""
         return not self._stop.is_set() and all(not t.done() for t in self._background)
@@ -519,6 +573,7 @@ class Agent:
             "policy_sha256": parts.policy.current.sha256,
             "workload": parts.driver.describe(),
             "streams": parts.streams.describe(),
+            "health_url": self.health.url if self.health is not None else None,
             "tasks": len(asyncio.all_tasks()),
             "time": time.time(),
         }
@@ -555,6 +610,22 @@ def single_instance(state_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _cert_validity(path: Path) -> tuple[float, float] | None:
+    """(notBefore, notAfter) of a PEM certificate as Unix times, or None if unreadable."""
+    try:
+        cert = load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _cert_expiry(path: Path) -> str | None:

@@ -24,6 +24,7 @@ import asyncio
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -146,6 +147,10 @@ class CommandProcessor:
         self._decided_with: dict[str, str] = {}
         self._stopping = False
         self.last_command: dict[str, object] | None = None
+        self.outcomes: Counter[tuple[str, str]] = Counter()
+        """(command type, final state) -> commands that got there since start (metrics)."""
+        self.refusals: Counter[str] = Counter()
+        """Refused deliveries by reason since start (metrics)."""
 
     def set_keys(self, keys: TrustedKeys) -> None:
         """Trust these command-signing keys from now on (a new key set was accepted)."""
@@ -182,6 +187,7 @@ class CommandProcessor:
             self._log.warning(
                 "delivery_rejected", ref=ref, jti=claimed.jti, reason=exc.code, detail=exc.detail
             )
+            self.refusals[exc.code] += 1
             if self._state.outbox_size() < self._limits.max_outbox:
                 self._state.reject_delivery(
                     ref=ref, reason=exc.code, detail=exc.detail, jti=claimed.jti, now=now
@@ -546,6 +552,7 @@ class CommandProcessor:
         row = self._state.transition(jti, state, now=now, **fields)
         if state in FINAL_STATES:
             self._decided_with.pop(jti, None)  # nothing is decided about it any more
+            self.outcomes[(row.type, state)] += 1
             head = self._audit.head  # every record about this command is written by now
             self._state.queue_anchor(audit_seq=head.seq, audit_hash=head.hash, now=now)
         self._on_outbox()

@@ -140,6 +140,9 @@ max_pending = {max_pending}
 [streams]
 max_streams = 256
 
+[health]
+listen = "127.0.0.1:0"
+
 [driver]
 kind = "journal"
 """

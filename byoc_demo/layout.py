@@ -121,6 +121,7 @@ def write_agent_files(
     proxy_credentials_file: Path | None = None,
     root_key: Path | None = None,
     keyset: Path | None = None,
+    health_listen: str = "127.0.0.1:0",
 ) -> DemoPaths:
     """Write an agent configuration and policy under ``root``; return where everything is.
 
@@ -197,6 +198,9 @@ clock_skew = {clock_skew}
 command_timeout = {command_timeout}
 rate = {command_rate}
 burst = {command_burst}
+
+[health]
+listen = {_toml(health_listen)}
 
 [driver]
 kind = "process"

@@ -148,6 +148,10 @@ class StreamBroker:
             forward.tasks.add(task)
             try:
                 await self._carry(forward, reader, writer)
+            except asyncio.CancelledError:
+                # The forward was stopped. The task is ours and ends here; letting the
+                # cancellation out would make asyncio's stream server log it as an error.
+                writer.transport.abort()
             finally:
                 forward.tasks.discard(task)
 

@@ -257,6 +257,9 @@ backoff_base = {backoff_base}
 backoff_cap = {backoff_cap}
 send_timeout = {send_timeout}
 
+[health]
+listen = "127.0.0.1:0"
+
 [commands]
 trusted_keys = [{q(pki.signing_pub)}]
 issuers = ["cp-stub"]
