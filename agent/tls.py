@@ -71,6 +71,18 @@ def server_context(*, cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
     return context
 
 
+def enrollment_server_context(*, cert: Path, key: Path) -> ssl.SSLContext:
+    """The enrollment listener's context: server-authenticated only (the agent enrolling has
+    no certificate yet; its bootstrap token authenticates it)."""
+    check_private_key_file(key)
+    context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    try:
+        context.load_cert_chain(certfile=str(cert), keyfile=str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS material ({cert}): {exc}") from exc
+    return context
+
+
 @dataclass(frozen=True)
 class PeerCertificate:
     sha256: str

@@ -95,6 +95,7 @@ class StubServer:
             ping_interval=None,  # the protocol's own heartbeats (hub.py)
             compression=None,
             server_header="cp-stub",
+            backlog=4096,  # a fleet reconnecting at once must not overflow the accept queue
         )
         self.agent_port = self._ws.sockets[0].getsockname()[1]
         self._runner = web.AppRunner(self.api.app, access_log=None)
