@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from agent.audit_log import verify_file
 from agent.config import DEFAULT_CONFIG_PATH, load_config
 from agent.control_socket import request
 from agent.daemon import Agent
+from agent.enroll import enroll
 from agent.errors import AgentError, AuditIntegrityError, ConfigError, PolicyError
 from agent.logs import configure_logging
 from agent.policy_file import read_policy
@@ -200,6 +202,28 @@ def cmd_keys_kid(args: argparse.Namespace) -> int:
 # -- parser --------------------------------------------------------------------------------
 
 
+def cmd_enroll(args: argparse.Namespace) -> int:
+    config = load_config(_config_path(args))
+    from_stdin = args.token == "-"  # noqa: S105  # "-" means read it from stdin
+    token = sys.stdin.readline().strip() if from_stdin else args.token
+    cp = config.control_plane
+    done = enroll(
+        control_plane=args.control_plane,
+        token=token,
+        trust=Path(args.ca_bundle) if args.ca_bundle else cp.ca_bundle,
+        client_key=cp.client_key,
+        client_cert=cp.client_cert,
+        ca_bundle=cp.ca_bundle,
+        expected_id=config.agent_id,
+    )
+    print(
+        f"enrolled as {done.agent_id}; certificate {cp.client_cert} valid until "
+        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(done.not_after))}, key {cp.client_key}"
+        " (0600, made here); renewed automatically over the tunnel"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="byoc-agent", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"byoc-agent {__version__}")
@@ -216,6 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the agent daemon")
     with_config(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "enroll", help="get a first client certificate with a one-time token (key made here)"
+    )
+    with_config(p)
+    p.add_argument("--token", required=True, help="from cp-stub enroll-token ('-': read stdin)")
+    p.add_argument("--control-plane", required=True, help="enrollment URL, https://host:port")
+    p.add_argument(
+        "--ca-bundle",
+        help="CA to verify the enrollment endpoint (default: control_plane.ca_bundle)",
+    )
+    p.set_defaults(func=cmd_enroll)
 
     p = sub.add_parser("status", help="connection, certificate, pending approvals, audit head")
     with_config(p, socket=True)

@@ -45,6 +45,8 @@ class ControlPlaneConfig:
     """``environment`` (HTTPS_PROXY / NO_PROXY), ``none``, or ``http(s)://host:port``."""
     proxy_credentials_file: Path | None = None
     """A file holding ``user:password`` for the proxy (mode 0600), instead of the URL."""
+    renew: bool = True
+    """Renew the client certificate over the tunnel at two thirds of its life (renewal.py)."""
 
     @property
     def verify_name(self) -> str:
@@ -131,6 +133,7 @@ def _control_plane(t: Table, base: Path) -> ControlPlaneConfig:
         connect_to=_connect_to(t.optional_string("connect_to"), port),
         proxy=_proxy(t.string("proxy", "environment"), replaced=credentials is not None),
         proxy_credentials_file=_path(base, credentials) if credentials else None,
+        renew=t.boolean("renew", True),
     )
 
 
@@ -263,6 +266,7 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
             "connect_to",
             "proxy",
             "proxy_credentials_file",
+            "renew",
         },
         ConfigError,
     )

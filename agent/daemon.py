@@ -48,6 +48,7 @@ from agent.metrics import Snapshot
 from agent.metrics import render as render_metrics
 from agent.policy_file import PolicyFile
 from agent.receipts import ReceiptKeyFiles
+from agent.renewal import CertificateRenewer
 from agent.sdnotify import SystemdNotifier, run_watchdog
 from agent.state import AgentState
 from agent.streams import StreamManager
@@ -207,6 +208,17 @@ class Agent:
             agent_id=self.agent_id,
             on_state=self._notifier.status,
             on_session_end=lambda: streams.abort_all("session_lost"),
+            on_certificate=lambda frame: renewer.offered(frame),  # noqa: PLW0108  # bound later
+        )
+        renewer = CertificateRenewer(
+            agent_id=self.agent_id,
+            cert_path=config.control_plane.client_cert,
+            key_path=config.control_plane.client_key,
+            send=tunnel.send_frame,
+            connected=tunnel.ready,
+            clock_offset=lambda: tunnel.clock_offset,
+            audit=self.audit,
+            log=self.log.bind(component="renewal"),
         )
         streams = StreamManager(
             settings=config.streams,
@@ -269,6 +281,8 @@ class Agent:
             asyncio.create_task(tunnel.run(tunnel_stop), name="tunnel"),
             asyncio.create_task(self._housekeeping(processor, state), name="housekeeping"),
         ]
+        if config.control_plane.renew:
+            background.append(asyncio.create_task(renewer.run(), name="renewal"))
         if self._notifier.watchdog_interval is not None:  # systemd asked for a watchdog
             background.append(
                 asyncio.create_task(run_watchdog(self._notifier, self._healthy), name="watchdog")

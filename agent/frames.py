@@ -31,6 +31,7 @@ MAX_FRAME_TO_CONTROL_PLANE: Final = 1024 * 1024
 MAX_JSON_DEPTH: Final = 32
 MAX_TOKEN_CHARS: Final = 16 * 1024
 MAX_TEXT_CHARS: Final = 1024
+MAX_PEM_CHARS: Final = 16 * 1024
 
 ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CODE_PATTERN: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
@@ -120,6 +121,23 @@ class KeySetStatus(Frame):
     accepted: bool
     reason: str | None = None
     detail: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RenewRequest(Frame):
+    """Agent -> control plane: a CSR for a new client certificate (docs/PROTOCOL.md §14)."""
+
+    type: ClassVar[str] = "renew"
+    csr: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class CertificateFrame(Frame):
+    """Control plane -> agent: the certificate issued for the agent's last ``renew``."""
+
+    type: ClassVar[str] = "certificate"
+    certificate: str
+    ca_bundle: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -356,6 +374,17 @@ def _command(body: Mapping[str, Any]) -> Frame:
     return CommandFrame(ref=_ident(body, "ref"), token=_req(body, "token", str))
 
 
+def _pem(body: Mapping[str, Any], name: str) -> str:
+    value = _req(body, name, str)
+    if not 0 < len(value) <= MAX_PEM_CHARS or not value.startswith("-----BEGIN "):
+        raise MalformedFrame(f"field {name!r} must be PEM text of at most {MAX_PEM_CHARS} chars")
+    return value
+
+
+def _opt_pem(body: Mapping[str, Any], name: str) -> str | None:
+    return _pem(body, name) if body.get(name) is not None else None
+
+
 def _keyset_status(body: Mapping[str, Any]) -> Frame:
     version = _req(body, "version", int)
     if not 0 <= version < 2**53:
@@ -442,14 +471,30 @@ _PARSERS: Final[dict[str, Callable[[Mapping[str, Any]], Frame]]] = {
     "anchor": _anchor,
     "keyset": lambda b: KeySetFrame(token=_req(b, "token", str)),
     "keyset_status": _keyset_status,
+    "renew": lambda b: RenewRequest(csr=_pem(b, "csr")),
+    "certificate": lambda b: CertificateFrame(
+        certificate=_pem(b, "certificate"), ca_bundle=_opt_pem(b, "ca_bundle")
+    ),
     "ping": lambda b: Ping(id=_ping_id(b)),
     "pong": lambda b: Pong(id=_ping_id(b)),
     "error": _error,
 }
 
-TO_AGENT: Final = frozenset({"welcome", "command", "keyset", "ack", "ping", "pong", "error"})
+TO_AGENT: Final = frozenset(
+    {"welcome", "command", "keyset", "certificate", "ack", "ping", "pong", "error"}
+)
 TO_CONTROL_PLANE: Final = frozenset(
-    {"hello", "status", "delivery_rejected", "anchor", "keyset_status", "ping", "pong", "error"}
+    {
+        "hello",
+        "status",
+        "delivery_rejected",
+        "anchor",
+        "keyset_status",
+        "renew",
+        "ping",
+        "pong",
+        "error",
+    }
 )
 
 

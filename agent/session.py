@@ -27,6 +27,7 @@ from agent.frames import (
     PROTOCOL_VERSION,
     TO_AGENT,
     Ack,
+    CertificateFrame,
     CommandFrame,
     ErrorFrame,
     Frame,
@@ -52,6 +53,7 @@ class CloseCode:
     HANDSHAKE_TIMEOUT = 4003
     HEARTBEAT_TIMEOUT = 4004
     TOO_MANY_ERRORS = 4005
+    CERTIFICATE_REVOKED = 4006
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +106,11 @@ class KeySetOffered:
 
 
 @dataclass(frozen=True)
+class CertificateIssued:
+    frame: CertificateFrame
+
+
+@dataclass(frozen=True)
 class Acked:
     seq: int
 
@@ -131,6 +138,7 @@ Event = (
     Welcomed
     | CommandDelivered
     | KeySetOffered
+    | CertificateIssued
     | Acked
     | PeerReportedError
     | FrameRefused
@@ -243,6 +251,8 @@ class AgentSession:
                 return [CommandDelivered(ref, token)]
             case KeySetFrame(token=token):
                 return [KeySetOffered(token)]
+            case CertificateFrame():
+                return [CertificateIssued(frame)]
             case Ack(seq=seq):
                 return [Acked(seq)]
             case Ping(id=ping_id):

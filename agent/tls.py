@@ -71,6 +71,16 @@ def server_context(*, cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
     return context
 
 
+def verify_context(ca_bundle: Path) -> ssl.SSLContext:
+    """A client context that verifies a server against ``ca_bundle`` (no client certificate)."""
+    context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    try:
+        context.load_verify_locations(cafile=str(ca_bundle))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load CA bundle {ca_bundle}: {exc}") from exc
+    return context
+
+
 def enrollment_server_context(*, cert: Path, key: Path) -> ssl.SSLContext:
     """The enrollment listener's context: server-authenticated only (the agent enrolling has
     no certificate yet; its bootstrap token authenticates it)."""
@@ -120,6 +130,11 @@ def _common_name(name: x509.Name) -> str | None:
         return None
     value = values[0].value
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def common_name(subject: x509.Name) -> str | None:
+    """The subject's one common name; None if it has none or several."""
+    return _common_name(subject)
 
 
 def certificate_common_name(path: Path) -> str:

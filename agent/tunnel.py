@@ -42,7 +42,9 @@ from agent.frames import (
     MAX_FRAME_TO_AGENT,
     MAX_FRAME_TO_CONTROL_PLANE,
     Anchor,
+    CertificateFrame,
     DeliveryRejected,
+    Frame,
     Hello,
     KeySetStatus,
     Status,
@@ -51,6 +53,7 @@ from agent.frames import (
 from agent.session import (
     Acked,
     AgentSession,
+    CertificateIssued,
     CloseCode,
     CloseRequested,
     CommandDelivered,
@@ -100,6 +103,7 @@ class Tunnel:
         backoff: Backoff | None = None,
         on_state: Callable[[str], object] | None = None,
         on_session_end: Callable[[], object] | None = None,
+        on_certificate: Callable[[CertificateFrame], object] | None = None,
     ) -> None:
         self._cp = control_plane
         self._settings = settings
@@ -114,6 +118,10 @@ class Tunnel:
         self._backoff = backoff or Backoff(settings.backoff)
         self._on_state = on_state or (lambda _text: None)
         self._on_session_end = on_session_end or (lambda: None)
+        self._on_certificate = on_certificate or (lambda _frame: None)
+        self.clock_offset = 0.0
+        """The control plane's clock minus ours, measured at the last welcome (seconds)."""
+        self._websocket: ClientConnection | None = None
         self._outbox_changed = asyncio.Event()
         self._acked = asyncio.Event()
         self._send_lock = asyncio.Lock()
@@ -289,6 +297,12 @@ class Tunnel:
             self.last_error = (
                 f"control plane refused the connection: HTTP {exc.response.status_code}"
             )
+            self._audit.append(
+                "connection_failed",
+                url=self._cp.url,
+                reason="http_refused",  # e.g. 403: our certificate was revoked
+                status=exc.response.status_code,
+            )
             self._log.error("connect_refused", status=exc.response.status_code)
             return self._backoff.tls_rejected_delay()
         # A library's error text may quote the proxy URL, credentials and all (websockets'
@@ -327,7 +341,22 @@ class Tunnel:
         )
         return delay
 
+    async def send_frame(self, frame: Frame) -> None:
+        """Send an informational frame (not from the outbox) on the current session; raises
+        ConnectionError when there is none."""
+        websocket = self._websocket
+        if websocket is None or not self.ready.is_set():
+            raise ConnectionError("the tunnel is not connected")
+        await self._send(websocket, encode(frame))
+
     async def _serve(self, websocket: ClientConnection, stop: asyncio.Event) -> None:
+        self._websocket = websocket
+        try:
+            await self._serve_connected(websocket, stop)
+        finally:
+            self._websocket = None
+
+    async def _serve_connected(self, websocket: ClientConnection, stop: asyncio.Event) -> None:
         ssl_object = websocket.transport.get_extra_info("ssl_object")
         peer = PeerCertificate.from_ssl_object(ssl_object)
         cipher = ssl_object.cipher() if ssl_object is not None else None
@@ -456,6 +485,8 @@ class Tunnel:
                         pending.extend(session.delivery_deferred(now))
                     elif not answer.accepted:
                         pending.extend(session.delivery_refused(now))
+                case CertificateIssued(frame=frame):
+                    self._on_certificate(frame)
                 case Acked(seq=seq):
                     if not self._acknowledged(seq):
                         pending.extend(session.delivery_refused(asyncio.get_running_loop().time()))
@@ -476,6 +507,7 @@ class Tunnel:
         if seen_id != self._agent_id:
             self._log.error("identity_mismatch", ours=self._agent_id, control_plane_says=seen_id)
         skew = time.time() - server_time
+        self.clock_offset = -skew
         if abs(skew) > 30:
             self._log.warning("clock_skew_detected", skew_s=round(skew, 1))
         self._ready_since = time.monotonic()

@@ -1,4 +1,4 @@
-"""The agent CA at work: certificates from CSRs (enrollment and renewal) and revocation lists.
+"""The agent CA at work: certificates from CSRs (enrollment and renewal).
 
 Sans-I/O apart from reading the CA's files: callers pass the time. The certificate's subject is
 the agent id the *issuer* decided (from the enrollment token or the tunnel identity), never what
@@ -7,17 +7,17 @@ the CSR asks for; the CSR only proves possession of the key it carries.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certs.errors import PKIError
 from certs.pki import (
     AGENT_URI_PREFIX,
+    CLOCK_SKEW,
     PKIPaths,
     _load_ca,
     _make_leaf,
@@ -73,25 +73,9 @@ def issue_from_csr(
         ca_key=ca_key,
         valid_for=valid_for,
         now=now,
+        # Tolerate clocks a little behind, without stretching a short certificate much.
+        backdate=min(CLOCK_SKEW, valid_for / 10),
     )
-
-
-def make_crl(
-    paths: PKIPaths, revoked: Iterable[tuple[int, datetime]], *, now: datetime
-) -> bytes:
-    """A PEM CRL of the agent CA listing ``(serial, revoked_at)``; valid for a day."""
-    ca_cert, ca_key = _load_ca(paths.agent_ca_cert, paths.agent_ca_key)
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca_cert.subject)
-        .last_update(now - timedelta(minutes=5))
-        .next_update(now + timedelta(days=1))
-    )
-    for serial, at in revoked:
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(at).build()
-        )
-    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
 def certificate_pem(cert: x509.Certificate) -> str:

@@ -330,8 +330,10 @@ def _make_leaf(
     ca_key: ec.EllipticCurvePrivateKey,
     valid_for: timedelta,
     now: datetime,
+    backdate: timedelta = CLOCK_SKEW,
 ) -> x509.Certificate:
-    """An end-entity certificate for ``eku``, never valid beyond its CA."""
+    """An end-entity certificate for ``eku``, never valid beyond its CA; valid from
+    ``backdate`` before ``now`` so that a peer whose clock is behind accepts it."""
     if valid_for <= timedelta(0):
         raise PKIError(f"validity must be positive, got {valid_for}")
     not_after = min(now + valid_for, ca_cert.not_valid_after_utc)
@@ -341,7 +343,7 @@ def _make_leaf(
         .issuer_name(ca_cert.subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_before(now - backdate)
         .not_valid_after(not_after)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

@@ -11,6 +11,9 @@
     GET  /v1/agents/{agent_id}/keyset?wait_answer=S   what was offered and what the agent said
     POST /v1/agents/{agent_id}/commands               {"type", "params", "ttl"?}: sign and queue
     POST /v1/agents/{agent_id}/commands/signed        {"token"}: relay a token signed elsewhere
+    POST /v1/agents/{agent_id}/enroll-token           {"ttl"?}: a one-time bootstrap token
+    POST /v1/agents/{agent_id}/revoke                 revoke its certificates, close its session
+    GET  /v1/agents/{agent_id}/certificates           certificates issued to it
     POST /v1/agents/{agent_id}/forwards               {"target", "listen", "max_duration"?}: a
                                                       loopback listener whose connections are
                                                       carried to target through the agent
@@ -40,7 +43,9 @@ from aiohttp import web
 from agent.commands import MAX_STREAM_DURATION
 from agent.config import AGENT_ID_PATTERN
 from agent.frames import MAX_TOKEN_CHARS
+from agent.session import CloseCode
 from agent.verifier import peek
+from control_plane_stub.enrollment import TOKEN_TTL, CertificateAuthority
 from control_plane_stub.errors import (
     BadRequest,
     StubError,
@@ -142,9 +147,15 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 
 class OperatorApi:
     def __init__(
-        self, store: StubStore, hub: Hub, signer: CommandSigner, streams: StreamBroker
+        self,
+        store: StubStore,
+        hub: Hub,
+        signer: CommandSigner,
+        streams: StreamBroker,
+        ca: CertificateAuthority | None = None,
     ) -> None:
         self._streams = streams
+        self._ca = ca
         self._store = store
         self._hub = hub
         self._signer = signer
@@ -162,6 +173,9 @@ class OperatorApi:
                 web.post("/v1/agents/{agent_id}/commands", self.send_command),
                 web.post("/v1/agents/{agent_id}/commands/signed", self.relay_command),
                 web.post("/v1/agents/{agent_id}/forwards", self.start_forward),
+                web.post("/v1/agents/{agent_id}/enroll-token", self.enroll_token),
+                web.post("/v1/agents/{agent_id}/revoke", self.revoke),
+                web.get("/v1/agents/{agent_id}/certificates", self.certificates),
                 web.get("/v1/forwards", self.list_forwards),
                 web.delete("/v1/forwards/{forward_id}", self.stop_forward),
                 web.get("/v1/commands", self.list_commands),
@@ -290,6 +304,34 @@ class OperatorApi:
             raise BadRequest(f"'max_duration' must be an integer in 1..{MAX_STREAM_DURATION}")
         forward = await self._streams.start_forward(agent_id, target, listen, max_duration)
         return web.json_response({"forward": forward.to_json()}, status=201)
+
+    def _authority(self) -> CertificateAuthority:
+        if self._ca is None:
+            raise BadRequest("this stub holds no agent CA key (serve it with --pki)")
+        return self._ca
+
+    async def enroll_token(self, request: web.Request) -> web.Response:
+        agent_id = _agent_id(request)
+        body = await _json_body(request)
+        ttl = body.get("ttl", TOKEN_TTL)
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= 86400:
+            raise BadRequest("'ttl' must be an integer number of seconds in 1..86400")
+        now = time.time()
+        token = self._authority().make_token(agent_id, ttl=ttl, now=now)
+        return web.json_response(
+            {"agent_id": agent_id, "token": token, "expires_at": now + ttl}, status=201
+        )
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        agent_id = _agent_id(request)
+        revoked = self._authority().revoke(agent_id, now=time.time())
+        disconnected = self._hub.disconnect(
+            agent_id, CloseCode.CERTIFICATE_REVOKED, "certificate revoked"
+        )
+        return web.json_response({"revoked": revoked, "disconnected": disconnected})
+
+    async def certificates(self, request: web.Request) -> web.Response:
+        return web.json_response({"certificates": self._authority().issued(_agent_id(request))})
 
     async def list_forwards(self, request: web.Request) -> web.Response:
         forwards = [f.to_json() for f in self._streams.forwards.values()]

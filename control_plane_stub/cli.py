@@ -13,6 +13,8 @@
     cp-stub anchor AGENT [--all]                  latest audit head (for audit verify --anchor),
                                                   or every one held (for --anchors-file)
     cp-stub wait REF [--for final]
+    cp-stub enroll-token --agent-id ID [--ttl S]   one-time token for `byoc-agent enroll`
+    cp-stub revoke AGENT                          revoke its certificates, close its session
     cp-stub forward AGENT --target HOST:PORT [--listen 127.0.0.1:PORT]   carry local connections
                                                   to a target through the agent (streams)
 
@@ -97,6 +99,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         heartbeat=HeartbeatSettings(
             interval=args.heartbeat_interval, timeout=args.heartbeat_interval * 3
         ),
+        pki=Path(args.pki) if args.pki else None,
+        enroll_host=args.enroll[0] if args.enroll else "127.0.0.1",
+        enroll_port=args.enroll[1] if args.enroll else None,
+        cert_lifetime=args.cert_lifetime,
     )
     configure_logging(args.log_level)
 
@@ -170,6 +176,24 @@ async def cmd_forward(args: argparse.Namespace, client: StubClient) -> int:
         f"stopped: {final['connections']} connection(s), {final['bytes_to_agent']} bytes to "
         f"the agent, {final['bytes_from_agent']} bytes back",
         flush=True,
+    )
+    return 0
+
+
+async def cmd_enroll_token(args: argparse.Namespace, client: StubClient) -> int:
+    answer = await client.enroll_token(args.agent_id, ttl=args.ttl)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(answer["token"])  # shown once: only its hash is kept
+    return 0
+
+
+async def cmd_revoke(args: argparse.Namespace, client: StubClient) -> int:
+    answer = await client.revoke(args.agent)
+    print(
+        f"revoked {answer['revoked']} certificate(s) of {args.agent}"
+        + ("; its session was closed" if answer["disconnected"] else "")
     )
     return 0
 
@@ -311,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="operator API, loopback only (default 127.0.0.1:8080)",
     )
     p.add_argument("--db", default="cp-stub.db", help="SQLite database (default ./cp-stub.db)")
+    p.add_argument(
+        "--enroll",
+        type=_host_port,
+        default=None,
+        help="HOST:PORT of the enrollment listener (HTTPS; needs --pki for the agent CA key)",
+    )
+    p.add_argument("--cert-lifetime", type=float, default=86400.0, help="seconds (default 24 h)")
     p.add_argument("--issuer", default="cp-stub", help="iss claim of signed commands")
     p.add_argument("--heartbeat-interval", type=float, default=15.0)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -378,6 +409,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-duration", type=int, default=3600, help="seconds per connection")
     p.set_defaults(func=cmd_forward, client=True)
+
+    p = sub.add_parser("enroll-token", help="a one-time bootstrap token for byoc-agent enroll")
+    client_options(p)
+    p.add_argument("--agent-id", required=True)
+    p.add_argument("--ttl", type=int, default=900, help="seconds the token is valid (900)")
+    p.set_defaults(func=cmd_enroll_token, client=True)
+
+    p = sub.add_parser("revoke", help="revoke every certificate of an agent, close its session")
+    client_options(p)
+    p.add_argument("agent")
+    p.set_defaults(func=cmd_revoke, client=True)
 
     p = sub.add_parser("results", help="recent commands and their results")
     client_options(p)

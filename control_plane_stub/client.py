@@ -172,6 +172,12 @@ class StubClient:
         payload = await self._call("POST", f"/v1/agents/{agent_id}/forwards", body=body)
         return dict(payload["forward"])
 
+    async def enroll_token(self, agent_id: str, *, ttl: int) -> dict[str, Any]:
+        return await self._call("POST", f"/v1/agents/{agent_id}/enroll-token", body={"ttl": ttl})
+
+    async def revoke(self, agent_id: str) -> dict[str, Any]:
+        return await self._call("POST", f"/v1/agents/{agent_id}/revoke", body={})
+
     async def forwards(self) -> list[dict[str, Any]]:
         return list((await self._call("GET", "/v1/forwards"))["forwards"])
 

@@ -18,12 +18,15 @@ from __future__ import annotations
 import hashlib
 import secrets
 import sqlite3
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Final
 
+import structlog
+from aiohttp import web
 from cryptography import x509
 
 from agent import sqlite_db
@@ -171,3 +174,41 @@ class CertificateAuthority:
 
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def enrollment_app(
+    ca: CertificateAuthority, log: structlog.typing.FilteringBoundLogger
+) -> web.Application:
+    """``POST /v1/enroll`` ``{"token", "csr"}`` -> ``{"agent_id", "certificate", "ca_bundle",
+    "not_after"}``; a refused token or CSR -> 403 ``{"error", "message"}``."""
+
+    async def enroll(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        token = body.get("token") if isinstance(body, dict) else None
+        csr = body.get("csr") if isinstance(body, dict) else None
+        if not isinstance(token, str) or not isinstance(csr, str) or len(token) > 256:
+            return web.json_response(
+                {"error": "bad_request", "message": 'send {"token": ..., "csr": PEM}'},
+                status=400,
+            )
+        try:
+            issued = ca.enroll(token, csr, now=time.time())
+        except EnrollmentRefused as exc:
+            log.warning("enrollment_refused", reason=str(exc), peer=request.remote)
+            return web.json_response({"error": "refused", "message": str(exc)}, status=403)
+        log.info("agent_enrolled", agent_id=issued.agent_id, peer=request.remote)
+        return web.json_response(
+            {
+                "agent_id": issued.agent_id,
+                "certificate": issued.certificate,
+                "ca_bundle": issued.ca_bundle,
+                "not_after": issued.not_after,
+            }
+        )
+
+    app = web.Application(client_max_size=64 * 1024)
+    app.add_routes([web.post("/v1/enroll", enroll)])
+    return app

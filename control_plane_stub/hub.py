@@ -27,6 +27,7 @@ from agent.frames import (
     TO_CONTROL_PLANE,
     Ack,
     Anchor,
+    CertificateFrame,
     CommandFrame,
     DeliveryRejected,
     ErrorFrame,
@@ -36,6 +37,7 @@ from agent.frames import (
     KeySetStatus,
     Ping,
     Pong,
+    RenewRequest,
     Status,
     Welcome,
     decode,
@@ -44,6 +46,7 @@ from agent.frames import (
 from agent.receipts import ReceiptInvalid, result_sha256, verify_receipt
 from agent.session import CloseCode, HeartbeatSettings, HeartbeatTimer
 from agent.tls import PeerCertificate
+from control_plane_stub.enrollment import CertificateAuthority, EnrollmentRefused
 from control_plane_stub.store import StubStore
 
 BUSY_RETRY: Final = 5.0
@@ -78,6 +81,8 @@ class Hub:
         self.links: dict[str, AgentLink] = {}
         self.changed = asyncio.Condition()
         self._closing: set[asyncio.Task[None]] = set()
+        self.ca: CertificateAuthority | None = None
+        """Issues renewed certificates (``renew`` frames), when the stub holds the agent CA."""
 
     # -- used by the API ------------------------------------------------------------------
 
@@ -287,6 +292,8 @@ class Hub:
                 if frame.reason in ("busy", "rate_limited"):  # not now: try again in a while
                     asyncio.get_running_loop().call_later(BUSY_RETRY, self._retry, link, frame.ref)
                 await self.notify()
+            case RenewRequest(csr=csr):
+                await self._renew(link, csr, log)
             case KeySetStatus():
                 self._store.keyset_answered(link.agent_id, frame.to_json())
                 log.info(
@@ -307,6 +314,36 @@ class Hub:
                     link,
                     ErrorFrame(code="unexpected_frame", message=f"unexpected {frame.type} frame"),
                 )
+
+    async def _renew(
+        self, link: AgentLink, csr: str, log: structlog.typing.FilteringBoundLogger
+    ) -> None:
+        if self.ca is None:
+            await self._send(
+                link,
+                ErrorFrame(code="renewal_unavailable", message="this control plane issues none"),
+            )
+            return
+        try:
+            issued = self.ca.renew(link.agent_id, csr, now=time.time())
+        except EnrollmentRefused as exc:
+            log.warning("renewal_refused", detail=str(exc))
+            await self._send(link, ErrorFrame(code="renewal_refused", message=str(exc)[:500]))
+            return
+        log.info("certificate_renewed", not_after=int(issued.not_after))
+        await self._send(
+            link, CertificateFrame(certificate=issued.certificate, ca_bundle=issued.ca_bundle)
+        )
+
+    def disconnect(self, agent_id: str, code: int, reason: str) -> bool:
+        """Close an agent's live session (e.g. its certificate was revoked)."""
+        link = self.links.get(agent_id)
+        if link is None:
+            return False
+        closing = asyncio.get_running_loop().create_task(link.websocket.close(code, reason))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        return True
 
     async def _heartbeat(self, link: AgentLink) -> str:
         loop = asyncio.get_running_loop()

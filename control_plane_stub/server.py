@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Final
 
 import structlog
 from aiohttp import web
+from cryptography import x509
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
@@ -18,8 +20,10 @@ from agent.errors import TLSRejected
 from agent.frames import MAX_FRAME_TO_CONTROL_PLANE
 from agent.session import HeartbeatSettings
 from agent.splice import STREAM_QUEUE
-from agent.tls import PeerCertificate, server_context
+from agent.tls import PeerCertificate, enrollment_server_context, server_context
+from certs.pki import PKIPaths
 from control_plane_stub.api import OperatorApi
+from control_plane_stub.enrollment import CERT_LIFETIME, CertificateAuthority, enrollment_app
 from control_plane_stub.errors import StubConfigError
 from control_plane_stub.hub import Hub, HubSettings
 from control_plane_stub.signer import CommandSigner
@@ -42,6 +46,12 @@ class StubConfig:
     api_port: int = 8080
     issuer: str = "cp-stub"
     heartbeat: HeartbeatSettings = field(default_factory=HeartbeatSettings)
+    pki: Path | None = None
+    """A PKI directory holding the agent CA's key: enables enrollment, renewal, revocation."""
+    enroll_host: str = "127.0.0.1"
+    enroll_port: int | None = None
+    """The enrollment listener (HTTPS, server-authenticated only); None: no enrollment."""
+    cert_lifetime: float = CERT_LIFETIME.total_seconds()
 
     def __post_init__(self) -> None:
         try:
@@ -55,6 +65,12 @@ class StubConfig:
                 f"the operator API has no authentication and binds to loopback only, "
                 f"not {self.api_host!r}"
             )
+
+
+def _peer_serial(connection: ServerConnection) -> int:
+    ssl_object = connection.transport.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return x509.load_der_x509_certificate(der).serial_number if der else -1
 
 
 def _peer_agent_id(connection: ServerConnection) -> str | None:
@@ -72,12 +88,22 @@ class StubServer:
         self.store = StubStore(config.db)
         self.signer = CommandSigner.from_file(config.signing_key, issuer=config.issuer)
         self.hub = Hub(self.store, HubSettings(heartbeat=config.heartbeat), self.log)
+        self.ca = (
+            CertificateAuthority(
+                PKIPaths.at(config.pki), config.db, lifetime=timedelta(seconds=config.cert_lifetime)
+            )
+            if config.pki is not None
+            else None
+        )
+        self.hub.ca = self.ca
         self.streams = StreamBroker(self.store, self.hub, self.signer, self.log)
-        self.api = OperatorApi(self.store, self.hub, self.signer, self.streams)
+        self.api = OperatorApi(self.store, self.hub, self.signer, self.streams, self.ca)
         self._ws: Server | None = None
         self._runner: web.AppRunner | None = None
+        self._enroll_runner: web.AppRunner | None = None
         self.agent_port = 0
         self.api_port = 0
+        self.enroll_port = 0
 
     async def start(self) -> None:
         config = self.config
@@ -103,6 +129,19 @@ class StubServer:
         site = web.TCPSite(self._runner, config.api_host, config.api_port)
         await site.start()
         self.api_port = self._runner.addresses[0][1]  # the bound port, when api_port is 0
+        if self.ca is not None and config.enroll_port is not None:
+            self._enroll_runner = web.AppRunner(enrollment_app(self.ca, self.log), access_log=None)
+            await self._enroll_runner.setup()
+            enroll_site = web.TCPSite(
+                self._enroll_runner,
+                config.enroll_host,
+                config.enroll_port,
+                ssl_context=enrollment_server_context(
+                    cert=config.server_cert, key=config.server_key
+                ),
+            )
+            await enroll_site.start()
+            self.enroll_port = self._enroll_runner.addresses[0][1]
         self.log.info(
             "stub_listening",
             agents=f"wss://{config.agent_host}:{self.agent_port}{AGENT_PATH}",
@@ -113,6 +152,8 @@ class StubServer:
     def _check_path(self, connection: ServerConnection, request: Request) -> Response | None:
         """Before the WebSocket handshake: the control path, or a stream this agent is expected
         to dial (404 otherwise, so the agent fails fast)."""
+        if self.ca is not None and self.ca.is_revoked(_peer_serial(connection)):
+            return connection.respond(403, "this client certificate is revoked\n")
         if request.path == AGENT_PATH:
             return None
         if request.path.startswith(STREAM_PREFIX):
@@ -133,12 +174,16 @@ class StubServer:
 
     async def close(self) -> None:
         await self.streams.close()
+        if self._enroll_runner is not None:
+            await self._enroll_runner.cleanup()
         if self._ws is not None:
             self._ws.close()
             await self._ws.wait_closed()
         if self._runner is not None:
             await self._runner.cleanup()
         self.store.close()
+        if self.ca is not None:
+            self.ca.close()
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()

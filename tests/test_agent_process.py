@@ -4,6 +4,7 @@ crashes, and what it exposes to the network."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import signal
@@ -146,7 +147,8 @@ async def test_sigterm_exits_cleanly_and_only_dials_out(
 
     connections = psutil.Process(agent_process.pid).net_connections(kind="inet")
     listening = [c for c in connections if c.status == psutil.CONN_LISTEN]
-    assert listening == []  # no network port at all, loopback included
+    # The one listener is the health endpoint, on loopback ([health] listen; "" turns it off).
+    assert [ipaddress.ip_address(c.laddr.ip).is_loopback for c in listening] == [True]
     outbound = [c for c in connections if c.status == psutil.CONN_ESTABLISHED]
     assert any(c.raddr and c.raddr.port == stub.agent_port for c in outbound)
 

@@ -21,6 +21,7 @@ from agent.frames import (
     TO_CONTROL_PLANE,
     Ack,
     Anchor,
+    CertificateFrame,
     CommandFrame,
     DeliveryRejected,
     ErrorFrame,
@@ -30,6 +31,7 @@ from agent.frames import (
     KeySetStatus,
     Ping,
     Pong,
+    RenewRequest,
     Status,
     UnknownFrameType,
     Welcome,
@@ -68,6 +70,9 @@ SAMPLES: list[Frame] = [
     Pong(id=5),
     ErrorFrame(code="malformed_frame", message="bad"),
     ErrorFrame(code="malformed_frame", message="bad", ref="d-9"),
+    RenewRequest(csr="-----BEGIN CERTIFICATE REQUEST-----\nx\n"),
+    CertificateFrame(certificate="-----BEGIN CERTIFICATE-----\nx\n"),
+    CertificateFrame(certificate="-----BEGIN CERTIFICATE-----\nx\n", ca_bundle="-----BEGIN x"),
 ]
 
 
@@ -113,13 +118,23 @@ def test_sample_list_covers_every_frame_type() -> None:
 
 
 def test_direction_sets() -> None:
-    assert {"welcome", "command", "keyset", "ack", "ping", "pong", "error"} == TO_AGENT
+    assert {
+        "welcome",
+        "command",
+        "keyset",
+        "certificate",
+        "ack",
+        "ping",
+        "pong",
+        "error",
+    } == TO_AGENT
     assert {
         "hello",
         "status",
         "delivery_rejected",
         "anchor",
         "keyset_status",
+        "renew",
         "ping",
         "pong",
         "error",
@@ -741,3 +756,17 @@ def test_status_round_trip_property(seq: int, state: str, at: float, detail: str
 def test_depth_counts_containers_not_the_values_inside_them() -> None:
     at_limit = "[" * (MAX_JSON_DEPTH - 1) + "1" + "]" * (MAX_JSON_DEPTH - 1)
     assert _decode_any('{"type":"ping","id":1,"x":' + at_limit + "}") == Ping(id=1)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"type": "renew", "csr": "not pem"},
+        {"type": "renew", "csr": "-----BEGIN " + "x" * 20_000},
+        {"type": "renew"},
+        {"type": "certificate", "certificate": 5},
+    ],
+)
+def test_certificate_frames_carry_bounded_pem(body: dict[str, Any]) -> None:
+    with pytest.raises(MalformedFrame):
+        _decode_any(_dumps(body))

@@ -1,0 +1,97 @@
+"""``byoc-agent enroll``: get the agent's first client certificate with a one-time token.
+
+The key is made here and never leaves the host: only a CSR travels, over HTTPS (httpx) to the
+control plane's enrollment endpoint, verified against the CA bundle the operator installed
+(no trust on first use). The control plane decides the identity from the token; the agent checks
+that what comes back is a certificate for *its* new key, then writes key (0600), certificate
+and the CA bundle to the paths of its configuration, each atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from agent.config import AGENT_ID_PATTERN
+from agent.errors import AgentError
+from agent.renewal import _write_atomic
+from agent.tls import common_name, verify_context
+
+ENROLL_TIMEOUT = 30.0
+
+
+class EnrollmentFailed(AgentError):
+    """Enrollment did not produce a usable certificate (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    agent_id: str
+    not_after: float
+
+
+def enroll(
+    *,
+    control_plane: str,
+    token: str,
+    trust: Path,
+    client_key: Path,
+    client_cert: Path,
+    ca_bundle: Path,
+    expected_id: str | None = None,
+) -> Enrolled:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "enrolling-agent")]))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+        .decode()
+    )
+    url = control_plane.rstrip("/") + "/v1/enroll"
+    if not url.startswith("https://"):
+        raise EnrollmentFailed("the enrollment URL must be https://")
+    try:
+        with httpx.Client(verify=verify_context(trust), timeout=ENROLL_TIMEOUT) as http:
+            response = http.post(url, json={"token": token, "csr": csr})
+    except httpx.HTTPError as exc:
+        raise EnrollmentFailed(f"cannot reach {url}: {exc}") from exc
+    try:
+        answer = response.json()
+    except ValueError as exc:
+        raise EnrollmentFailed(f"{url} answered HTTP {response.status_code}, not JSON") from exc
+    if response.status_code != 200 or not isinstance(answer, dict):
+        message = answer.get("message") if isinstance(answer, dict) else None
+        raise EnrollmentFailed(f"enrollment refused (HTTP {response.status_code}): {message}")
+    certificate, bundle = answer.get("certificate"), answer.get("ca_bundle")
+    if not isinstance(certificate, str) or not isinstance(bundle, str):
+        raise EnrollmentFailed("the answer has no certificate and CA bundle")
+    try:
+        cert = x509.load_pem_x509_certificate(certificate.encode())
+        x509.load_pem_x509_certificates(bundle.encode())
+    except ValueError as exc:
+        raise EnrollmentFailed("the answer's certificate or CA bundle is not PEM") from exc
+    if cert.public_key() != key.public_key():
+        raise EnrollmentFailed("the certificate is not for the key made here")
+    agent_id = common_name(cert.subject)
+    if agent_id is None or not AGENT_ID_PATTERN.fullmatch(agent_id):
+        raise EnrollmentFailed("the certificate does not name a valid agent id")
+    if expected_id is not None and agent_id != expected_id:
+        raise EnrollmentFailed(
+            f"the token is for {agent_id!r}, the configuration says {expected_id!r}"
+        )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    for path in (client_key, client_cert, ca_bundle):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(client_key, key_pem, 0o600)
+    _write_atomic(client_cert, certificate.encode(), 0o644)
+    _write_atomic(ca_bundle, bundle.encode(), 0o644)
+    return Enrolled(agent_id=agent_id, not_after=cert.not_valid_after_utc.timestamp())

@@ -1,0 +1,241 @@
+"""Enrollment with a one-time token, renewal over the tunnel, revocation (issue 5), against the
+real stub (its agent CA, its HTTPS enrollment listener) and real agents, over mutual TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import stat
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from agent.config import load_config
+from agent.daemon import Agent
+from agent.enroll import EnrollmentFailed, enroll
+from agent.renewal import Validity, renewal_due
+from byoc_demo.layout import DemoPaths, write_agent_files
+from certs.pki import PKIPaths
+from control_plane_stub.client import StubClient
+from control_plane_stub.enrollment import EnrollmentRefused
+from control_plane_stub.server import StubServer
+from tests.conftest import AuditWatcher, scaled, stub_config
+from tests.fakes import RecordingDriver
+
+LIFETIME = 9.0
+"""Seconds a certificate lives in these tests: renewal is due after about two thirds."""
+
+
+@pytest.fixture
+async def ca_stub(tmp_path: Path, pki: PKIPaths) -> AsyncIterator[StubServer]:
+    config = dataclasses.replace(
+        stub_config(pki, tmp_path / "stub.db"),
+        pki=pki.root,
+        enroll_port=0,
+        cert_lifetime=LIFETIME,
+    )
+    server = StubServer(config)
+    await server.start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def ca_api(ca_stub: StubServer) -> AsyncIterator[StubClient]:
+    async with StubClient(f"http://127.0.0.1:{ca_stub.api_port}", timeout=scaled(10)) as client:
+        yield client
+
+
+def agent_files(
+    tmp_path: Path, short_tmp: Path, pki: PKIPaths, stub: StubServer, name: str
+) -> DemoPaths:
+    """An installation whose key, certificate and CA bundle do not exist yet."""
+    paths = write_agent_files(
+        tmp_path / name,
+        pki=pki.root,
+        control_plane_port=stub.agent_port,
+        agent_id=name,
+        run_dir=short_tmp / name,
+        heartbeat_interval=1.0,
+        heartbeat_timeout=5.0,
+        backoff_base=0.05,
+        backoff_cap=0.5,
+    )
+    fresh = tmp_path / name / "tls"
+    text = paths.config.read_text()
+    for key, file in (
+        ("client_cert", "agent.pem"),
+        ("client_key", "agent.key"),
+        ("ca_bundle", "ca.pem"),
+    ):
+        start = text.index(f"{key} = ")
+        end = text.index("\n", start)
+        text = text[:start] + f'{key} = "{fresh / file}"' + text[end:]
+    paths.config.write_text(text)
+    return paths
+
+
+def enroll_with(stub: StubServer, pki: PKIPaths, paths: DemoPaths, token: str) -> str:
+    config = load_config(paths.config)
+    cp = config.control_plane
+    return enroll(
+        control_plane=f"https://localhost:{stub.enroll_port}",
+        token=token,
+        trust=pki.server_ca_cert,
+        client_key=cp.client_key,
+        client_cert=cp.client_cert,
+        ca_bundle=cp.ca_bundle,
+        expected_id=config.agent_id,
+    ).agent_id
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+async def run_agent(paths: DemoPaths) -> tuple[Agent, asyncio.Task[None], AuditWatcher]:
+    agent = Agent(load_config(paths.config), driver=RecordingDriver())
+    watcher = AuditWatcher()
+    agent.audit.add_listener(watcher)
+    task = asyncio.create_task(agent.run(install_signal_handlers=False))
+    await asyncio.wait_for(agent.started.wait(), scaled(30))
+    await asyncio.wait_for(agent.parts.tunnel.ready.wait(), scaled(30))
+    return agent, task, watcher
+
+
+async def stop(agent: Agent, task: asyncio.Task[None]) -> None:
+    agent.request_stop("test")
+    await asyncio.wait_for(task, scaled(30))
+
+
+async def test_an_enrolled_agent_connects_with_a_key_that_never_left_the_host(
+    ca_stub: StubServer, ca_api: StubClient, pki: PKIPaths, tmp_path: Path, short_tmp: Path
+) -> None:
+    paths = agent_files(tmp_path, short_tmp, pki, ca_stub, "agent-7")
+    token = (await ca_api.enroll_token("agent-7", ttl=60))["token"]
+
+    assert await asyncio.to_thread(enroll_with, ca_stub, pki, paths, token) == "agent-7"
+
+    cp = load_config(paths.config).control_plane
+    assert stat.S_IMODE(cp.client_key.stat().st_mode) == 0o600
+    cert = x509.load_pem_x509_certificate(cp.client_cert.read_bytes())
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert lifetime.total_seconds() <= LIFETIME * 1.2  # short-lived
+    agent, task, _ = await run_agent(paths)
+    try:
+        link = ca_stub.hub.links["agent-7"]
+        assert (
+            link.cert_sha256
+            == hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+        )
+    finally:
+        await stop(agent, task)
+
+
+async def test_a_token_works_once(
+    ca_stub: StubServer, ca_api: StubClient, pki: PKIPaths, tmp_path: Path, short_tmp: Path
+) -> None:
+    paths = agent_files(tmp_path, short_tmp, pki, ca_stub, "agent-8")
+    token = (await ca_api.enroll_token("agent-8", ttl=60))["token"]
+    await asyncio.to_thread(enroll_with, ca_stub, pki, paths, token)
+    first = load_config(paths.config).control_plane.client_cert.read_bytes()
+
+    with pytest.raises(EnrollmentFailed, match="used already"):
+        await asyncio.to_thread(enroll_with, ca_stub, pki, paths, token)
+    with pytest.raises(EnrollmentFailed, match="unknown enrollment token"):
+        await asyncio.to_thread(enroll_with, ca_stub, pki, paths, "made-up-token")
+
+    assert load_config(paths.config).control_plane.client_cert.read_bytes() == first
+
+
+def _csr() -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agent-1")]))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+        .decode()
+    )
+
+
+async def test_an_expired_token_is_refused(ca_stub: StubServer) -> None:
+    ca = ca_stub.ca
+    assert ca is not None
+    now = time.time()
+    token = ca.make_token("agent-5", ttl=60, now=now)
+    with pytest.raises(EnrollmentRefused, match="expired"):
+        ca.enroll(token, _csr(), now=now + 61)
+    issued = ca.enroll(token, _csr(), now=now + 59)  # the refusal did not spend it
+    assert issued.agent_id == "agent-5"  # the token decides, not the CSR's "agent-1"
+
+
+async def test_the_agent_renews_before_expiry_and_uses_the_new_certificate_next_time(
+    ca_stub: StubServer, ca_api: StubClient, pki: PKIPaths, tmp_path: Path, short_tmp: Path
+) -> None:
+    paths = agent_files(tmp_path, short_tmp, pki, ca_stub, "agent-6")
+    token = (await ca_api.enroll_token("agent-6", ttl=60))["token"]
+    await asyncio.to_thread(enroll_with, ca_stub, pki, paths, token)
+    cp = load_config(paths.config).control_plane
+    old_cert, old_key = cp.client_cert.read_bytes(), cp.client_key.read_bytes()
+    agent, task, audit = await run_agent(paths)
+    try:
+        renewed = await audit.wait_for("certificate_renewed", within=LIFETIME * 2)
+        new_cert = cp.client_cert.read_bytes()
+        assert new_cert != old_cert
+        assert cp.client_key.read_bytes() != old_key  # a new key, made here
+        assert stat.S_IMODE(cp.client_key.stat().st_mode) == 0o600
+        assert renewed["serial"] == format(
+            x509.load_pem_x509_certificate(new_cert).serial_number, "x"
+        )
+        assert agent.parts.tunnel.ready.is_set()  # no gap: the session carried on
+
+        ca_stub.hub.disconnect("agent-6", 4001, "test: reconnect")  # the next connection ...
+        await audit.wait_for("connection_up", count=2)
+        await asyncio.wait_for(agent.parts.tunnel.ready.wait(), scaled(10))
+        digest = hashlib.sha256(
+            x509.load_pem_x509_certificate(new_cert).public_bytes(serialization.Encoding.DER)
+        ).hexdigest()
+        assert ca_stub.hub.links["agent-6"].cert_sha256 == digest  # ... presents the new one
+    finally:
+        await stop(agent, task)
+
+
+async def test_a_revoked_certificate_is_disconnected_and_refused(
+    ca_stub: StubServer, ca_api: StubClient, pki: PKIPaths, tmp_path: Path, short_tmp: Path
+) -> None:
+    paths = agent_files(tmp_path, short_tmp, pki, ca_stub, "agent-4")
+    token = (await ca_api.enroll_token("agent-4", ttl=60))["token"]
+    await asyncio.to_thread(enroll_with, ca_stub, pki, paths, token)
+    agent, task, audit = await run_agent(paths)
+    try:
+        answer = await ca_api.revoke("agent-4")
+        assert answer == {"revoked": 1, "disconnected": True}
+        down = await audit.wait_for("connection_down")
+        assert "4006" in str(down["reason"])
+        refused = await audit.wait_for("connection_failed", reason="http_refused", within=20)
+        assert refused["status"] == 403
+        assert not agent.parts.tunnel.ready.is_set()
+        assert "agent-4" not in ca_stub.hub.links
+    finally:
+        await stop(agent, task)
+
+
+@pytest.mark.parametrize("skew", [-7200.0, -30.0, 0.0, 30.0, 7200.0])
+def test_renewal_is_judged_on_the_control_planes_clock(skew: float) -> None:
+    """A host clock off by ``skew`` seconds: the offset measured at ``welcome`` corrects it,
+    so the agent renews at the same moment of the control plane's time, neither in a loop
+    (clock ahead) nor after expiry (clock behind)."""
+    validity = Validity(not_before=1_000_000.0, not_after=1_000_000.0 + 86_400)
+    control_plane_now = 1_000_000.0 + 3_600
+    wait = renewal_due(validity, local_now=control_plane_now + skew, clock_offset=-skew)
+    assert wait == pytest.approx(2 / 3 * 86_400 - 3_600)
+    late = renewal_due(validity, local_now=control_plane_now + 60_000 + skew, clock_offset=-skew)
+    assert late == 0.0
