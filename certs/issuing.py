@@ -44,9 +44,7 @@ def parse_csr(pem: str | bytes) -> x509.CertificateSigningRequest:
     if not csr.is_signature_valid:
         raise CSRRejected("the CSR's signature does not verify (no proof of the key)")
     key = csr.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
-        key.curve, ACCEPTED_CURVES
-    ):
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ACCEPTED_CURVES):
         raise CSRRejected("the CSR's key must be ECDSA P-256 or P-384")
     return csr
 
