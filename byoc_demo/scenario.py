@@ -108,6 +108,15 @@ def _proc_net_address(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6
     return ipaddress.ip_address(packed), int(hex_port, 16)
 
 
+def _on_loopback(address: str) -> bool:
+    """``127.0.0.1:9464`` / ``[::1]:9464``: a listening address on loopback?"""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _module_cmd(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
@@ -273,8 +282,8 @@ class Scenario:
             "agent dials out, mutual TLS",
             f"{'connected' if agent['connected'] else 'NOT connected'}; agent cert sha256 "
             f"{str(agent['cert_sha256'])[:16]}…; agent's listening sockets: "
-            f"{', '.join(listening) or 'none'}{seen_from}",
-            bool(agent["connected"]) and not listening,
+            f"{', '.join(listening) or 'none'} (loopback only: its health endpoint){seen_from}",
+            bool(agent["connected"]) and all(_on_loopback(address) for address in listening),
         )
         first = await self.final(api, await api.send(DEMO_AGENT_ID, "scale", {"replicas": 3}))
         result = first.get("result") or {}
