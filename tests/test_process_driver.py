@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import socket
+import sys
 import threading
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -28,6 +29,7 @@ from agent.drivers.process import (
     load_state,
     render_argv,
 )
+from agent.drivers.process_control import MARKER_ENV
 from agent.errors import ConfigError, DriverError
 from byoc_demo.layout import workload_argv
 from tests.conftest import scaled
@@ -688,3 +690,29 @@ async def test_a_port_taken_by_another_program_is_not_mistaken_for_the_replica(
     assert len(starting) == 2  # one retry, on another port
     stopped = harness.audit.events("replica_stopping")
     assert "another process" in str(stopped[0]["reason"])
+
+
+async def test_a_replica_started_but_never_recorded_is_stopped_at_start(harness: Harness) -> None:
+    """The agent killed between spawning a replica and writing the state file leaves an
+    orphan nobody recorded; it carries the driver's marker, and the next start stops it."""
+    state_dir = harness.state_dir()
+    first = harness.driver(state_dir)
+    marker = first._marker
+    port = harness.port_range[0] + 150
+    argv = render_argv(
+        WORKLOAD, python=sys.executable, host="127.0.0.1", port=port, version="1.0.0",
+        replica=0, state_dir=state_dir,
+    )  # fmt: skip
+    orphan = await asyncio.create_subprocess_exec(
+        *argv, env={**os.environ, MARKER_ENV: marker}, start_new_session=True
+    )
+    try:
+        await first.start()
+        stopping = await harness.audit.wait_for("replica_orphan_stopping", pid=orphan.pid)
+        assert stopping["pid"] == orphan.pid
+        async with asyncio.timeout(WAIT):
+            assert await orphan.wait() is not None
+    finally:
+        if orphan.returncode is None:
+            orphan.kill()
+            await orphan.wait()

@@ -34,6 +34,8 @@ stopped. ``serving`` entries whose process is gone are restarted by the supervis
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import math
 import signal
 import sys
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 import httpx
+import psutil
 from structlog.typing import FilteringBoundLogger
 
 from agent.drivers import metrics
@@ -50,6 +53,7 @@ from agent.drivers.process_control import (
     ManagedProcess,
     describe_exit,
     listens_on,
+    marked_processes,
     port_is_free,
 )
 from agent.drivers.process_settings import PLACEHOLDERS, ProcessDriverSettings, render_argv
@@ -173,9 +177,31 @@ class ProcessDriver:
             if state is not None:
                 self._version = state.version
                 self._adopt(state.processes)
+            await self._stop_orphans()
             await self._stop_leftovers(self._env.audit, self._env.log)
             self._persist()
         self._supervisor = asyncio.create_task(self._supervise(), name="process-driver-supervisor")
+
+    @property
+    def _marker(self) -> str:
+        return hashlib.sha256(str(self._env.state_dir.resolve()).encode()).hexdigest()[:16]
+
+    async def _stop_orphans(self) -> None:
+        """Stop replicas this driver started but never recorded: the agent was killed between
+        starting one and writing the state file. They carry the driver's marker."""
+        known = {replica.proc.pid for replica in self._replicas}
+        orphans = [p for p in marked_processes(self._marker) if p.pid not in known]
+        for orphan in orphans:
+            self._env.audit("replica_orphan_stopping", pid=orphan.pid)
+            with contextlib.suppress(psutil.Error):
+                orphan.terminate()
+        if orphans:
+            _, alive = await asyncio.to_thread(
+                psutil.wait_procs, orphans, timeout=self.settings.stop_timeout
+            )
+            for process in alive:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
 
     def _adopt(self, records: Iterable[ProcessRecord]) -> None:
         now = asyncio.get_running_loop().time()
@@ -565,7 +591,7 @@ class ProcessDriver:
             audit("replica_starting", replica=index, version=version, port=port)
             try:
                 proc = await ManagedProcess.spawn(
-                    argv, self._env.state_dir / f"replica-{index}.log"
+                    argv, self._env.state_dir / f"replica-{index}.log", marker=self._marker
                 )
             except OSError as exc:
                 raise _ReplicaFailed(index, f"could not start {argv[0]!r}: {exc}") from exc

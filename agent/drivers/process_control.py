@@ -42,8 +42,11 @@ class ManagedProcess:
         self._adopted = adopted
 
     @classmethod
-    async def spawn(cls, argv: Sequence[str], log_path: Path) -> ManagedProcess:
-        """Start ``argv`` in a new session, output appended to ``log_path``.
+    async def spawn(
+        cls, argv: Sequence[str], log_path: Path, *, marker: str | None = None
+    ) -> ManagedProcess:
+        """Start ``argv`` in a new session, output appended to ``log_path``; ``marker`` goes
+        into its environment (:data:`MARKER_ENV`) so that it can be found again.
 
         Raises ``OSError`` if it cannot be started. If cancelled while starting, asyncio kills
         the child before re-raising.
@@ -56,7 +59,7 @@ class ManagedProcess:
                 stdout=log_fd,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env=workload_environment(),
+                env=workload_environment(marker),
             )
         finally:
             os.close(log_fd)
@@ -159,8 +162,32 @@ def listens_on(pid: int, port: int) -> bool:
     return False
 
 
-def workload_environment() -> dict[str, str]:
+MARKER_ENV = "BYOC_AGENT_WORKLOAD"
+"""Set in every replica's environment to the driver's marker (one per state directory)."""
+
+
+def workload_environment(marker: str | None = None) -> dict[str, str]:
     """The agent's environment minus what belongs to the agent alone: systemd's notification
-    socket and watchdog, and the credentials directory systemd may hand the agent."""
-    private = {*NOTIFY_ENV_VARS, "CREDENTIALS_DIRECTORY", "BYOC_AGENT_CONFIG"}
-    return {key: value for key, value in os.environ.items() if key not in private}
+    socket and watchdog, and the credentials directory systemd may hand the agent; plus the
+    driver's marker."""
+    private = {*NOTIFY_ENV_VARS, "CREDENTIALS_DIRECTORY", "BYOC_AGENT_CONFIG", MARKER_ENV}
+    env = {key: value for key, value in os.environ.items() if key not in private}
+    if marker is not None:
+        env[MARKER_ENV] = marker
+    return env
+
+
+def marked_processes(marker: str) -> list[psutil.Process]:
+    """Processes of this user whose environment carries ``marker``: every replica a driver
+    started, also one it had no time to record (the agent killed between spawn and record)."""
+    found = []
+    uid = os.getuid()
+    for process in psutil.process_iter(["uids"]):
+        try:
+            if process.info["uids"] is None or process.info["uids"].real != uid:
+                continue
+            if process.environ().get(MARKER_ENV) == marker:
+                found.append(process)
+        except psutil.Error:  # gone, or not ours to read
+            continue
+    return found
