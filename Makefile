@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint typecheck unit demo bench bench-deps clean
+.PHONY: venv test lint typecheck unit demo bench bench-deps install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -43,6 +43,11 @@ bench-deps:
 
 bench: venv bench-deps
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Install on a host (EC2 with systemd): user, unit, directories, venv, configuration.
+# DRIVER=systemd adds the systemd driver's polkit rule and drop-in; DESTDIR= stages instead.
+install:
+	sh scripts/install-host.sh
 
 clean:
 	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache
