@@ -77,6 +77,7 @@ from agent.frames import (
     TO_AGENT,
     TO_CONTROL_PLANE,
     Ack,
+    CertificateFrame,
     CommandFrame,
     ErrorFrame,
     Frame,
@@ -91,6 +92,7 @@ from agent.policy import Decision, Policy, Verdict
 from agent.session import (
     Acked,
     AgentSession,
+    CertificateIssued,
     CloseCode,
     CloseRequested,
     CommandDelivered,
@@ -636,6 +638,9 @@ FIELD_VALUES: Final[dict[str, ValueMaker]] = {
     "audit_hash": lambda rng, tokens: hashlib.sha256(random_id(rng).encode()).hexdigest(),
     "version": lambda rng, tokens: rng.randint(0, 100),
     "accepted": lambda rng, tokens: rng.random() < 0.5,
+    "csr": lambda rng, tokens: "-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n",
+    "certificate": lambda rng, tokens: "-----BEGIN CERTIFICATE-----\nMIIB\n",
+    "ca_bundle": lambda rng, tokens: "-----BEGIN CERTIFICATE-----\nMIIC\n",
 }
 
 
@@ -784,6 +789,8 @@ def expected_events(outcome: Outcome) -> list[Event] | str | None:
             return []
         case ErrorFrame():
             return [PeerReportedError(outcome)]
+        case CertificateFrame():
+            return [CertificateIssued(outcome)]
         case _:
             return None
 
