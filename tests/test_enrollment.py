@@ -9,6 +9,7 @@ import hashlib
 import stat
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from agent.daemon import Agent
 from agent.enroll import EnrollmentFailed, enroll
 from agent.renewal import Validity, renewal_due
 from byoc_demo.layout import DemoPaths, write_agent_files
+from certs.issuing import issue_from_csr
 from certs.pki import PKIPaths
 from control_plane_stub.client import StubClient
 from control_plane_stub.enrollment import EnrollmentRefused
@@ -239,3 +241,45 @@ def test_renewal_is_judged_on_the_control_planes_clock(skew: float) -> None:
     assert wait == pytest.approx(2 / 3 * 86_400 - 3_600)
     late = renewal_due(validity, local_now=control_plane_now + 60_000 + skew, clock_offset=-skew)
     assert late == 0.0
+
+
+async def test_an_expired_certificate_is_refused_at_the_tls_handshake(
+    ca_stub: StubServer, pki: PKIPaths, tmp_path: Path, short_tmp: Path
+) -> None:
+    """Issued by the right CA, for the right agent, but its validity ended: TLS refuses it."""
+    paths = agent_files(tmp_path, short_tmp, pki, ca_stub, "agent-3x")
+    cp = load_config(paths.config).control_plane
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agent-3x")]))
+        .sign(key, hashes.SHA256())
+    )
+    expired = issue_from_csr(
+        pki,
+        "agent-3x",
+        csr,
+        valid_for=timedelta(hours=1),
+        now=datetime.now(UTC) - timedelta(days=2),
+    )
+    cp.client_key.parent.mkdir(parents=True, exist_ok=True)
+    cp.client_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cp.client_key.chmod(0o600)
+    cp.client_cert.write_bytes(expired.public_bytes(serialization.Encoding.PEM))
+    cp.ca_bundle.write_bytes(pki.server_ca_cert.read_bytes())
+    agent = Agent(load_config(paths.config), driver=RecordingDriver())
+    audit = AuditWatcher()
+    agent.audit.add_listener(audit)
+    task = asyncio.create_task(agent.run(install_signal_handlers=False))
+    try:
+        failed = await audit.wait_for("connection_failed", reason="tls_rejected", within=30)
+        assert failed["side"] == "control_plane_refused_agent"
+        assert "agent-3x" not in ca_stub.hub.links
+    finally:
+        await stop(agent, task)

@@ -208,3 +208,15 @@ async def test_bad_settings_are_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         await cluster.driver(**settings)
+
+
+async def test_upgrade_a_milvus_custom_resource(cluster: Cluster) -> None:
+    driver = await cluster.driver(kind="Milvus", name=MILVUS, component="queryNode")
+    try:
+        result = await driver.upgrade("2.4.0", cluster.ctx())
+    finally:
+        await driver.close()
+    assert result["previous_image"] == "milvusdb/milvus:2.3.0"
+    assert cluster.api.objects["milvus"]["spec"]["components"]["image"] == "milvusdb/milvus:2.4.0"
+    path = f"/apis/milvus.io/v1beta1/namespaces/{NS}/milvuses/{MILVUS}"
+    assert [p for p, _ in cluster.patches()] == [path]
