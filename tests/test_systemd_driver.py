@@ -344,6 +344,8 @@ async def test_a_restarted_agent_starts_instances_that_are_down(
             ["start", "demo-workload@1.service"],
         ]
         assert [e.get("reason") for e in host.events("unit_starting")][-2:] == ["reconcile"] * 2
+        assert await again._healthy(0)  # started, not waited for: the agent's start goes on
+        assert await again._healthy(1)
         assert await versions(again, host) == {"1.0.0"}
     finally:
         await again.close()
