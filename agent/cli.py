@@ -33,7 +33,6 @@ from agent.audit_log import verify_file
 from agent.config import DEFAULT_CONFIG_PATH, load_config
 from agent.control_socket import request
 from agent.daemon import Agent
-from agent.enroll import enroll
 from agent.errors import AgentError, AuditIntegrityError, ConfigError, PolicyError
 from agent.logs import configure_logging
 from agent.policy_file import read_policy
@@ -203,6 +202,8 @@ def cmd_keys_kid(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
+    from agent.enroll import enroll  # noqa: PLC0415  # the HTTP client only for this command
+
     config = load_config(_config_path(args))
     from_stdin = args.token == "-"  # noqa: S105  # "-" means read it from stdin
     token = sys.stdin.readline().strip() if from_stdin else args.token

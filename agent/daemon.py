@@ -21,7 +21,7 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
@@ -90,8 +90,12 @@ class Agent:
         *,
         driver: Driver | None = None,
         notifier: SystemdNotifier | None = None,
+        host_clock: Callable[[], float] = time.time,
     ) -> None:
+        """``host_clock`` is the host's wall clock, as far as the tunnel's clock-offset
+        measurement and certificate renewal are concerned (tests skew it)."""
         self.config = config
+        self._host_clock = host_clock
         self.log = structlog.get_logger("agent").bind(logger="agent")
         self.agent_id = resolve_agent_id(config)
         self._driver_override = driver
@@ -209,6 +213,7 @@ class Agent:
             on_state=self._notifier.status,
             on_session_end=lambda: streams.abort_all("session_lost"),
             on_certificate=lambda frame: renewer.offered(frame),  # noqa: PLW0108  # bound later
+            clock=self._host_clock,
         )
         renewer = CertificateRenewer(
             agent_id=self.agent_id,
@@ -219,6 +224,7 @@ class Agent:
             clock_offset=lambda: tunnel.clock_offset,
             audit=self.audit,
             log=self.log.bind(component="renewal"),
+            clock=self._host_clock,
         )
         streams = StreamManager(
             settings=config.streams,

@@ -101,6 +101,9 @@ class CertificateRenewer:
 
     async def run(self) -> None:
         while True:
+            # Judge only with a measured offset: the tunnel measures it at each welcome (before
+            # the first one, a skewed clock would make the agent renew at once, or far too late).
+            await self._connected.wait()
             validity = read_validity(self._cert_path)
             if validity is None:
                 await asyncio.sleep(RETRY_AFTER)  # nothing to renew (yet); enroll first
@@ -110,7 +113,6 @@ class CertificateRenewer:
             if wait > 0:
                 await asyncio.sleep(min(wait, RETRY_AFTER))  # re-judged: the offset may change
                 continue
-            await self._connected.wait()
             try:
                 await self.renew_once()
             except (RenewalRefused, TimeoutError, ConnectionError) as exc:

@@ -104,6 +104,7 @@ class Tunnel:
         on_state: Callable[[str], object] | None = None,
         on_session_end: Callable[[], object] | None = None,
         on_certificate: Callable[[CertificateFrame], object] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._cp = control_plane
         self._settings = settings
@@ -119,6 +120,7 @@ class Tunnel:
         self._on_state = on_state or (lambda _text: None)
         self._on_session_end = on_session_end or (lambda: None)
         self._on_certificate = on_certificate or (lambda _frame: None)
+        self._clock = clock
         self.clock_offset = 0.0
         """The control plane's clock minus ours, measured at the last welcome (seconds)."""
         self._websocket: ClientConnection | None = None
@@ -506,7 +508,7 @@ class Tunnel:
         self.connection.agent_id_seen = seen_id
         if seen_id != self._agent_id:
             self._log.error("identity_mismatch", ours=self._agent_id, control_plane_says=seen_id)
-        skew = time.time() - server_time
+        skew = self._clock() - server_time
         self.clock_offset = -skew
         if abs(skew) > 30:
             self._log.warning("clock_skew_detected", skew_s=round(skew, 1))

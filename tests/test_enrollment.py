@@ -8,7 +8,7 @@ import dataclasses
 import hashlib
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -102,8 +102,10 @@ def fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-async def run_agent(paths: DemoPaths) -> tuple[Agent, asyncio.Task[None], AuditWatcher]:
-    agent = Agent(load_config(paths.config), driver=RecordingDriver())
+async def run_agent(
+    paths: DemoPaths, host_clock: Callable[[], float] = time.time
+) -> tuple[Agent, asyncio.Task[None], AuditWatcher]:
+    agent = Agent(load_config(paths.config), driver=RecordingDriver(), host_clock=host_clock)
     watcher = AuditWatcher()
     agent.audit.add_listener(watcher)
     task = asyncio.create_task(agent.run(install_signal_handlers=False))
@@ -281,5 +283,35 @@ async def test_an_expired_certificate_is_refused_at_the_tls_handshake(
         failed = await audit.wait_for("connection_failed", reason="tls_rejected", within=30)
         assert failed["side"] == "control_plane_refused_agent"
         assert "agent-3x" not in ca_stub.hub.links
+    finally:
+        await stop(agent, task)
+
+
+@pytest.mark.parametrize("skew", [-7200.0, 7200.0], ids=["clock-behind", "clock-ahead"])
+async def test_a_skewed_agent_renews_on_the_control_planes_time(
+    ca_stub: StubServer,
+    ca_api: StubClient,
+    pki: PKIPaths,
+    tmp_path: Path,
+    short_tmp: Path,
+    skew: float,
+) -> None:
+    """The host clock is two hours off. Judged on it, a clock behind would renew long after the
+    certificate expired and a clock ahead at once and for ever; corrected by the offset
+    measured at ``welcome``, the agent renews once, on time."""
+    name = "agent-5b" if skew < 0 else "agent-5a"
+    paths = agent_files(tmp_path, short_tmp, pki, ca_stub, name)
+    token = (await ca_api.enroll_token(name, ttl=60))["token"]
+    await asyncio.to_thread(enroll_with, ca_stub, pki, paths, token)
+    agent, task, audit = await run_agent(paths, host_clock=lambda: time.time() + skew)
+    try:
+        assert agent.parts.tunnel.clock_offset == pytest.approx(-skew, abs=5)
+        await audit.wait_for("certificate_renewed", within=LIFETIME * 2)
+        renewed = x509.load_pem_x509_certificate(
+            load_config(paths.config).control_plane.client_cert.read_bytes()
+        )
+        remaining = renewed.not_valid_after_utc.timestamp() - time.time()
+        assert remaining > LIFETIME / 2  # a fresh certificate, not one renewed in a loop
+        assert audit.count("certificate_renewed") == 1
     finally:
         await stop(agent, task)
