@@ -59,7 +59,7 @@ from control_plane_stub.store import RANK, StubStore
 from control_plane_stub.streams import StreamBroker
 
 MAX_WAIT: Final = 600.0
-DEFAULT_STREAM_DURATION: Final = 3600
+DEFAULT_STREAM_DURATION: Final = 600
 ANCHORS_PAGE: Final = 100
 MAX_ANCHORS_PAGE: Final = 1000
 WAIT_TARGETS: Final = {

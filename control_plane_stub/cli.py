@@ -165,9 +165,16 @@ async def cmd_forward(args: argparse.Namespace, client: StubClient) -> int:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FORWARD_CHECK):
                 await stop.wait()
-        if not stop.is_set() and forward["id"] not in {f["id"] for f in await client.forwards()}:
+        if stop.is_set():
+            break
+        current = {f["id"]: f for f in await client.forwards()}
+        if forward["id"] not in current:
             gone = True
             break
+        outcome = current[forward["id"]].get("last_outcome")
+        if outcome and outcome != forward.get("last_outcome"):
+            print(f"last connection: {outcome}", flush=True)  # e.g. refused by the policy
+            forward["last_outcome"] = outcome
     if gone:
         print("cp-stub: the forward is gone (the stub restarted?)", file=sys.stderr)
         return EXIT_FAILURE
@@ -407,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--listen", default="127.0.0.1:0", help="loopback HOST:PORT (port 0: pick a free one)"
     )
-    p.add_argument("--max-duration", type=int, default=3600, help="seconds per connection")
+    p.add_argument("--max-duration", type=int, default=600, help="seconds per connection (600)")
     p.set_defaults(func=cmd_forward, client=True)
 
     p = sub.add_parser("enroll-token", help="a one-time bootstrap token for byoc-agent enroll")

@@ -182,7 +182,7 @@ class StubClient:
         return list((await self._call("GET", "/v1/forwards"))["forwards"])
 
     async def stop_forward(self, forward_id: str) -> dict[str, Any]:
-        return dict((await self._call("DELETE", f"/v1/forwards/{forward_id}"))["forward"])
+        return dict((await self._call("DELETE", f"/v1/forwards/{forward_id}", body={}))["forward"])
 
 
 def describe(command: dict[str, Any], *, samples: int = 3) -> str:

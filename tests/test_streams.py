@@ -8,11 +8,14 @@ import contextlib
 import getpass
 import hashlib
 import os
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -421,3 +424,43 @@ async def test_only_the_granted_agent_can_attach_to_a_stream(
         client.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await client
+
+
+async def test_cp_stub_forward_serves_an_http_client_until_interrupted(
+    stub: StubServer, api: StubClient, start_agent: AgentStarter
+) -> None:
+    """The documented path: ``cp-stub forward`` in a terminal, ``curl`` on its port."""
+
+    async def http_metrics(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = b'demo_workload_info{version="1.0.0"} 1\n'
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        )
+        writer.write(body)
+        await writer.drain()
+
+    async with tcp_target(http_metrics) as target:
+        await started(start_agent, stub, stream_policy(f"127.0.0.1:{target.port}"))
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "control_plane_stub.cli", "forward", AGENT,
+            "--target", f"127.0.0.1:{target.port}", "--listen", "127.0.0.1:0",
+            "--api", f"http://127.0.0.1:{stub.api_port}",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        assert cli.stdout is not None
+        try:
+            async with asyncio.timeout(scaled(30)):
+                banner = (await cli.stdout.readline()).decode()
+            listen = banner.split()[1]  # "forwarding 127.0.0.1:PORT -> agent ..."
+            async with httpx.AsyncClient(timeout=scaled(20)) as http:
+                response = await http.get(f"http://{listen}/metrics")
+            assert response.status_code == 200
+            assert 'demo_workload_info{version="1.0.0"} 1' in response.text
+        finally:
+            cli.send_signal(signal.SIGINT)
+            async with asyncio.timeout(scaled(30)):
+                rest, _ = await cli.communicate()
+        assert cli.returncode == 0, rest.decode()
+        assert "stopped: 1 connection(s)" in rest.decode()
+        assert await api.forwards() == []
