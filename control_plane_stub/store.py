@@ -195,6 +195,8 @@ class StubStore:
         except (OSError, sqlite3.Error) as exc:
             raise StubError(f"cannot open stub database {path}: {exc}") from exc
         self._tx = partial(sqlite_db.transaction, self._db)
+        self._known_certs: set[str] = set()
+        """Certificates known to be stored: a reconnection writes nothing for them."""
 
     def close(self) -> None:
         self._db.close()
@@ -211,7 +213,10 @@ class StubStore:
         capabilities: Mapping[str, object],
     ) -> None:
         now = time.time()
-        with self._tx() as db:
+        # The registry is informational (who is connected, seen when): a power cut that undoes
+        # this costs nothing, so the commit does not wait for the disk. A fleet reconnecting
+        # at once would otherwise queue thousands of fsyncs in the event loop.
+        with self._tx(durable=False) as db:
             db.execute(
                 """INSERT INTO agents (agent_id, first_seen, last_seen, connected, connected_since,
                                        cert_sha256, peer, agent_version, capabilities)
@@ -236,11 +241,14 @@ class StubStore:
 
     def remember_certificate(self, agent_id: str, sha256: str, der: bytes) -> None:
         """Keep every certificate an agent used: receipts name theirs (x5t#S256)."""
+        if sha256 in self._known_certs:
+            return
         self._db.execute(
             """INSERT INTO agent_certs (sha256, agent_id, der, first_seen) VALUES (?, ?, ?, ?)
                ON CONFLICT (sha256) DO NOTHING""",
             (sha256, agent_id, der, time.time()),
         )
+        self._known_certs.add(sha256)
 
     def certificates(self, agent_id: str) -> list[bytes]:
         rows = self._db.execute(
@@ -379,11 +387,12 @@ class StubStore:
         ]
 
     def agent_disconnected(self, agent_id: str, reason: str) -> None:
-        self._db.execute(
-            """UPDATE agents SET connected = 0, connected_since = NULL, last_seen = ?,
-                   last_disconnect = ? WHERE agent_id = ?""",
-            (time.time(), reason[:200], agent_id),
-        )
+        with self._tx(durable=False) as db:  # informational, as agent_connected
+            db.execute(
+                """UPDATE agents SET connected = 0, connected_since = NULL, last_seen = ?,
+                       last_disconnect = ? WHERE agent_id = ?""",
+                (time.time(), reason[:200], agent_id),
+            )
 
     def agents(self) -> list[dict[str, object]]:
         rows = self._db.execute("SELECT * FROM agents ORDER BY agent_id").fetchall()
