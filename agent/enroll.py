@@ -14,13 +14,11 @@ from pathlib import Path
 
 import httpx
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from agent.config import AGENT_ID_PATTERN
 from agent.errors import AgentError
-from agent.renewal import _write_atomic
+from agent.files import write_atomic
+from agent.renewal import new_key_and_csr, private_key_pem
 from agent.tls import common_name, verify_context
 
 ENROLL_TIMEOUT = 30.0
@@ -46,14 +44,7 @@ def enroll(
     ca_bundle: Path,
     expected_id: str | None = None,
 ) -> Enrolled:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "enrolling-agent")]))
-        .sign(key, hashes.SHA256())
-        .public_bytes(serialization.Encoding.PEM)
-        .decode()
-    )
+    key, csr = new_key_and_csr("enrolling-agent")
     url = control_plane.rstrip("/") + "/v1/enroll"
     if not url.startswith("https://"):
         raise EnrollmentFailed("the enrollment URL must be https://")
@@ -86,12 +77,9 @@ def enroll(
         raise EnrollmentFailed(
             f"the token is for {agent_id!r}, the configuration says {expected_id!r}"
         )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
     for path in (client_key, client_cert, ca_bundle):
         path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(client_key, key_pem, 0o600)
-    _write_atomic(client_cert, certificate.encode(), 0o644)
-    _write_atomic(ca_bundle, bundle.encode(), 0o644)
+    write_atomic(client_key, private_key_pem(key), 0o600)
+    write_atomic(client_cert, certificate.encode(), 0o644)
+    write_atomic(ca_bundle, bundle.encode(), 0o644)
     return Enrolled(agent_id=agent_id, not_after=cert.not_valid_after_utc.timestamp())

@@ -13,8 +13,6 @@ presents the new certificate. No restart, no gap: the old certificate is still v
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.audit_log import AuditLog
+from agent.files import write_atomic
 from agent.frames import CertificateFrame, RenewRequest
 from agent.tls import common_name
 
@@ -59,6 +58,24 @@ def read_validity(path: Path) -> Validity | None:
     except (OSError, ValueError):
         return None
     return Validity(cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp())
+
+
+def new_key_and_csr(name: str) -> tuple[ec.EllipticCurvePrivateKey, str]:
+    """A fresh P-256 key, made here, and a PEM CSR for it (the issuer decides the identity;
+    ``name`` is only what the request asks for)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 class RenewalRefused(Exception):
@@ -121,15 +138,10 @@ class CertificateRenewer:
                 await asyncio.sleep(RETRY_AFTER)
 
     async def renew_once(self) -> None:
-        key = ec.generate_private_key(ec.SECP256R1())
-        csr = (
-            x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self._agent_id)]))
-            .sign(key, hashes.SHA256())
-        )
+        key, csr = new_key_and_csr(self._agent_id)
         self._answer = asyncio.get_running_loop().create_future()
         self._audit.append("certificate_renewal_requested")
-        await self._send_request(csr.public_bytes(serialization.Encoding.PEM).decode())
+        await self._send_request(csr)
         async with asyncio.timeout(ANSWER_WITHIN):
             frame = await self._answer
         self._install(key, frame)
@@ -149,34 +161,11 @@ class CertificateRenewer:
         name = common_name(cert.subject)
         if name != self._agent_id:
             raise RenewalRefused(f"the certificate names {name!r}, not {self._agent_id!r}")
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        _write_atomic(self._key_path, key_pem, 0o600)
-        _write_atomic(self._cert_path, frame.certificate.encode(), 0o644)
+        write_atomic(self._key_path, private_key_pem(key), 0o600)
+        write_atomic(self._cert_path, frame.certificate.encode(), 0o644)
         self.renewed += 1
         not_after = int(cert.not_valid_after_utc.timestamp())
         self._audit.append(
             "certificate_renewed", serial=format(cert.serial_number, "x"), not_after=not_after
         )
         self._log.info("certificate_renewed", not_after=not_after)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    temporary = path.with_name(f".{path.name}.new")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(temporary, mode)
-    os.replace(temporary, path)
-    with contextlib.suppress(OSError):
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)

@@ -6,15 +6,13 @@ reading and writing (:func:`load_state`, :func:`save_state`).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar, cast
 
 from agent.errors import DriverError
+from agent.files import write_atomic
 
 STATE_FILE = "process-driver.json"
 _STATE_FORMAT = 1
@@ -108,20 +106,4 @@ def load_state(path: Path) -> DriverState | None:
 
 def save_state(path: Path, state: DriverState) -> None:
     """Replace the state file atomically (temporary file, fsync, rename, fsync directory)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(state.to_json(), out, indent=2)
-            out.write("\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, (json.dumps(state.to_json(), indent=2) + "\n").encode())

@@ -63,6 +63,7 @@ from agent.commands import MAX_REPLICAS, VERSION_PATTERN
 from agent.drivers import metrics
 from agent.drivers.base import DriverEnvironment, ExecContext
 from agent.errors import ConfigError, DriverError
+from agent.files import write_atomic
 from agent.toml_tables import Table
 
 STATE_FILE: Final = "systemd-driver.json"
@@ -399,9 +400,7 @@ class SystemdDriver:
         return False
 
     def _persist(self) -> None:
-        temporary = self._state_path.with_name(f".{STATE_FILE}.new")
-        temporary.write_text(json.dumps({"replicas": self._replicas}))
-        os.replace(temporary, self._state_path)
+        write_atomic(self._state_path, json.dumps({"replicas": self._replicas}).encode())
 
 
 __all__ = ["SystemdDriver", "SystemdSettings"]
