@@ -20,6 +20,7 @@ from agent.event_loop import EVENT_LOOPS
 from agent.proxy_url import normalize_proxy_url
 from agent.session import HeartbeatSettings
 from agent.streams import StreamSettings
+from agent.targets import TargetError, parse_listen
 from agent.toml_tables import Table
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/byoc-agent/agent.toml")
@@ -349,11 +350,10 @@ def _listen(value: str) -> tuple[str, int] | None:
     """``host:port`` (``[v6]:port``) to listen on, or None for ``""``."""
     if not value:
         return None
-    host, sep, port = value.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"health.listen must be host:port (or empty to disable), not {value!r}")
-    return host, int(port)
+    try:
+        return parse_listen(value)
+    except TargetError as exc:
+        raise ConfigError(f"health.listen must be host:port (or empty to disable): {exc}") from exc
 
 
 def load_config(path: Path) -> AgentConfig:

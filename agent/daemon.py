@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import ipaddress
 import json
 import os
 import signal
@@ -52,6 +51,7 @@ from agent.renewal import CertificateRenewer
 from agent.sdnotify import SystemdNotifier, run_watchdog
 from agent.state import AgentState
 from agent.streams import StreamManager
+from agent.targets import is_loopback_host
 from agent.tls import certificate_common_name, check_private_key_file, client_context
 from agent.tunnel import Tunnel
 from agent.verifier import CommandVerifier, TrustedKeys, VerifierSettings, jwk_thumbprint
@@ -268,8 +268,10 @@ class Agent:
             )
             await self.health.start()
             stack.push_async_callback(self.health.close)
-            self.audit.append("health_listening", url=self.health.url, loopback=_loopback(host))
-            if not _loopback(host):
+            self.audit.append(
+                "health_listening", url=self.health.url, loopback=is_loopback_host(host)
+            )
+            if not is_loopback_host(host):
                 self.log.warning("health_not_on_loopback", url=self.health.url)
         self._parts = _Parts(
             state=state,
@@ -639,13 +641,6 @@ def _cert_validity(path: Path) -> tuple[float, float] | None:
     except (OSError, ValueError):
         return None
     return cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _cert_expiry(path: Path) -> str | None:

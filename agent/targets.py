@@ -189,6 +189,26 @@ def parse_rule(text: str) -> TargetRule:
     return TargetRule(ports=ports, network=network)
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """An address to listen on: ``host:port`` or ``[v6]:port``, port 0 (any free port) to
+    65535. The host is not checked beyond being present."""
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise TargetError(f"{text!r} is not host:port")
+    return host, int(port)
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback IP literal (``127.0.0.0/8``, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def forbidden(address: IPAddress) -> bool:
     address = unmapped(address)
     return any(address.version == f.version and address in f for f in FORBIDDEN_NETWORKS)

@@ -39,6 +39,7 @@ from typing import Any, TextIO
 import psutil
 
 from agent.config import load_config
+from agent.targets import TargetError, is_loopback_host, parse_listen
 from byoc_demo.layout import BROKEN_VERSION, DEMO_AGENT_ID, DemoPaths, write_agent_files
 from control_plane_stub.client import StubClient
 from control_plane_stub.errors import ApiError
@@ -110,10 +111,9 @@ def _proc_net_address(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6
 
 def _on_loopback(address: str) -> bool:
     """``127.0.0.1:9464`` / ``[::1]:9464``: a listening address on loopback?"""
-    host = address.rsplit(":", 1)[0].strip("[]")
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
+        return is_loopback_host(parse_listen(address)[0])
+    except TargetError:
         return False
 
 

@@ -4,7 +4,6 @@ operator API on loopback, and the SQLite store behind both."""
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +19,7 @@ from agent.errors import TLSRejected
 from agent.frames import MAX_FRAME_TO_CONTROL_PLANE
 from agent.session import HeartbeatSettings
 from agent.splice import STREAM_QUEUE
+from agent.targets import is_loopback_host
 from agent.tls import PeerCertificate, enrollment_server_context, server_context
 from certs.pki import PKIPaths
 from control_plane_stub.api import OperatorApi
@@ -54,13 +54,7 @@ class StubConfig:
     cert_lifetime: float = CERT_LIFETIME.total_seconds()
 
     def __post_init__(self) -> None:
-        try:
-            loopback = (
-                self.api_host == "localhost" or ipaddress.ip_address(self.api_host).is_loopback
-            )
-        except ValueError:
-            loopback = False
-        if not loopback:
+        if not is_loopback_host(self.api_host):
             raise StubConfigError(
                 f"the operator API has no authentication and binds to loopback only, "
                 f"not {self.api_host!r}"

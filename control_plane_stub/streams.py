@@ -23,7 +23,13 @@ import structlog
 from websockets.asyncio.server import ServerConnection
 
 from agent.splice import Splice
-from agent.targets import TargetError, format_host_port, parse_target
+from agent.targets import (
+    TargetError,
+    format_host_port,
+    is_loopback_host,
+    parse_listen,
+    parse_target,
+)
 from control_plane_stub.errors import BadRequest, UnknownCommand, UnknownForward
 from control_plane_stub.hub import Hub
 from control_plane_stub.signer import CommandSigner
@@ -123,16 +129,11 @@ class StreamBroker:
             parse_target(target)
         except TargetError as exc:
             raise BadRequest(str(exc)) from exc
-        pick_port = listen.endswith(":0")  # any free port
         try:
-            host_target = parse_target(listen.removesuffix(":0") + ":1" if pick_port else listen)
+            host, port = parse_listen(listen)
         except TargetError as exc:
             raise BadRequest(f"listen: {exc}") from exc
-        port = 0 if pick_port else host_target.port
-        address = host_target.address
-        if address is None and host_target.host != "localhost":
-            raise BadRequest("listen must be a loopback address")
-        if address is not None and not address.is_loopback:
+        if not is_loopback_host(host):
             raise BadRequest(
                 "listen must be a loopback address: a forward is as open as its listener"
             )
@@ -156,7 +157,7 @@ class StreamBroker:
                 forward.tasks.discard(task)
 
         try:
-            server = await asyncio.start_server(accepted, host_target.host, port)
+            server = await asyncio.start_server(accepted, host, port)
         except OSError as exc:
             raise BadRequest(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
         bound = server.sockets[0].getsockname()
