@@ -12,18 +12,9 @@ from datetime import datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certs.errors import PKIError
-from certs.pki import (
-    AGENT_URI_PREFIX,
-    CLOCK_SKEW,
-    PKIPaths,
-    _load_ca,
-    _make_leaf,
-    _name,
-    validate_agent_id,
-)
+from certs.pki import CLOCK_SKEW, PKIPaths, agent_certificate
 
 MAX_CSR_BYTES = 8192
 ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1)
@@ -58,21 +49,12 @@ def issue_from_csr(
     now: datetime,
 ) -> x509.Certificate:
     """A client certificate for ``agent_id`` on the CSR's key, signed by the agent CA."""
-    validate_agent_id(agent_id)
-    ca_cert, ca_key = _load_ca(paths.agent_ca_cert, paths.agent_ca_key)
     public_key = csr.public_key()
     assert isinstance(public_key, ec.EllipticCurvePublicKey)  # noqa: S101  # parse_csr checked
-    return _make_leaf(
-        _name(agent_id),
-        public_key,
-        sans=[x509.UniformResourceIdentifier(AGENT_URI_PREFIX + agent_id)],
-        eku=ExtendedKeyUsageOID.CLIENT_AUTH,
-        ca_cert=ca_cert,
-        ca_key=ca_key,
-        valid_for=valid_for,
-        now=now,
-        # Tolerate clocks a little behind, without stretching a short certificate much.
-        backdate=min(CLOCK_SKEW, valid_for / 10),
+    # Tolerate clocks a little behind, without stretching a short certificate much.
+    backdate = min(CLOCK_SKEW, valid_for / 10)
+    return agent_certificate(
+        paths, agent_id, public_key, valid_for=valid_for, now=now, backdate=backdate
     )
 
 

@@ -33,6 +33,7 @@ from certs.errors import PKIError, PKIExistsError, PKIIncompleteError
 
 __all__ = [
     "PKIPaths",
+    "agent_certificate",
     "init_pki",
     "issue_agent_cert",
     "issue_server_cert",
@@ -197,25 +198,39 @@ def issue_agent_cert(
     now: datetime | None = None,
 ) -> tuple[Path, Path]:
     """Issue (or replace) the client certificate and key of ``agent_id``; returns (cert, key)."""
-    now = _now(now)
+    key = _new_key()
+    cert = agent_certificate(paths, agent_id, key.public_key(), valid_for=valid_for, now=_now(now))
+    _make_dir(paths.agents_dir)
+    cert_path, key_path = paths.agent_cert(agent_id), paths.agent_key(agent_id)
+    _write_private_key(key_path, key)
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+def agent_certificate(
+    paths: PKIPaths,
+    agent_id: str,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    valid_for: timedelta,
+    now: datetime,
+    backdate: timedelta = CLOCK_SKEW,
+) -> x509.Certificate:
+    """An agent's client certificate on ``public_key``, signed by the agent CA: CN = agent id,
+    SAN URI ``urn:byoc:agent:<id>``, clientAuth."""
     validate_agent_id(agent_id)
     ca_cert, ca_key = _load_ca(paths.agent_ca_cert, paths.agent_ca_key)
-    key = _new_key()
-    cert = _make_leaf(
+    return _make_leaf(
         _name(agent_id),
-        key.public_key(),
+        public_key,
         sans=[x509.UniformResourceIdentifier(AGENT_URI_PREFIX + agent_id)],
         eku=ExtendedKeyUsageOID.CLIENT_AUTH,
         ca_cert=ca_cert,
         ca_key=ca_key,
         valid_for=valid_for,
         now=now,
+        backdate=backdate,
     )
-    _make_dir(paths.agents_dir)
-    cert_path, key_path = paths.agent_cert(agent_id), paths.agent_key(agent_id)
-    _write_private_key(key_path, key)
-    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path, key_path
 
 
 def issue_server_cert(
