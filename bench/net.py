@@ -102,7 +102,7 @@ def ssh_reverse_forward(workdir: Path, target_port: int) -> Iterator[int]:
     authorized = workdir / "authorized_keys"
     authorized.write_text((workdir / "client_key.pub").read_text())
     authorized.chmod(0o600)
-    sshd_port, remote_port = _free_port(), _free_port()
+    sshd_port, remote_port = free_port(), free_port()
     config = workdir / "sshd_config"
     config.write_text(
         f"""Port {sshd_port}
@@ -124,7 +124,7 @@ PidFile {workdir / "sshd.pid"}
     sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log)
     ssh = None
     try:
-        _wait_port(sshd_port)
+        wait_port(sshd_port)
         ssh = subprocess.Popen(
             [
                 "ssh",
@@ -141,7 +141,7 @@ PidFile {workdir / "sshd.pid"}
             stdout=log,
             stderr=log,
         )  # fmt: skip
-        _wait_port(remote_port)
+        wait_port(remote_port)
         yield remote_port
     finally:
         for process in (ssh, sshd):
@@ -151,13 +151,13 @@ PidFile {workdir / "sshd.pid"}
         log.close()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def _wait_port(port: int, timeout: float = 20.0) -> None:
+def wait_port(port: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:

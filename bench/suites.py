@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,16 +20,14 @@ from bench.harness import (
     Child,
     Workspace,
     cpu_seconds,
-    free_port,
     median,
     percentile,
     python_child,
     rss_bytes,
     running_agent,
     running_stub,
-    wait_port,
 )
-from bench.net import ssh_reverse_forward
+from bench.net import free_port, ssh_reverse_forward, wait_port
 from control_plane_stub.server import StubServer
 
 MIB = 1024 * 1024
@@ -81,72 +80,64 @@ async def _forward(stub: StubServer, target_port: int) -> int:
 # -- streams against ssh -R and plain TCP -------------------------------------------------------
 
 
-async def stream_throughput(ws: Workspace, s: Settings) -> dict[str, float]:
-    """MiB/s for one ``transfer_bytes`` transfer: direct loopback TCP, ssh -R, the tunnel."""
-    sink_port = free_port()
-    sink = python_child(ws, "bench.net", "sink", str(sink_port), name="sink")
+@contextlib.asynccontextmanager
+async def three_paths(
+    ws: Workspace, s: Settings, peer: str
+) -> AsyncIterator[tuple[Child, tuple[tuple[str, int], ...]]]:
+    """A ``peer`` server (``sink`` or ``echo``) and the three ways to reach it: directly, through
+    ``ssh -R``, through a stream (stub forward -> agent). Yields the agent and (name, port)s."""
+    peer_port = free_port()
+    server = python_child(ws, "bench.net", peer, str(peer_port), name=peer)
     try:
-        await asyncio.to_thread(wait_port, sink_port)
+        await asyncio.to_thread(wait_port, peer_port)
         async with (
             running_stub(ws) as stub,
             running_agent(ws, stub, event_loop=s.event_loop) as agent,
         ):
-            tunnel_port = await _forward(stub, sink_port)
-            rates: dict[str, list[float]] = defaultdict(list)
-            cpu: dict[str, list[float]] = defaultdict(list)
-            with ssh_reverse_forward(ws.root / "ssh", sink_port) as ssh_port:
-                for _ in range(s.runs):
-                    for name, port in (
-                        ("direct", sink_port),
-                        ("ssh", ssh_port),
-                        ("tunnel", tunnel_port),
-                    ):
-                        agent_cpu = cpu_seconds(agent.pid)
-                        result = await _child_json("source", str(port), str(s.transfer_bytes))
-                        if result["answer"] != str(s.transfer_bytes):
-                            raise RuntimeError(f"{name}: the sink counted {result['answer']}")
-                        rates[name].append(s.transfer_bytes / result["seconds"] / MIB)
-                        if name == "tunnel":
-                            cpu[name].append(cpu_seconds(agent.pid) - agent_cpu)
-        out = {f"throughput_{name}_mib_s": median(v) for name, v in rates.items()}
-        out["throughput_ratio_vs_ssh"] = (
-            out["throughput_tunnel_mib_s"] / out["throughput_ssh_mib_s"]
-        )
-        out["agent_cpu_s_per_gib"] = median(cpu["tunnel"]) * (1024 * MIB) / s.transfer_bytes
-        return out
+            tunnel_port = await _forward(stub, peer_port)
+            with ssh_reverse_forward(ws.root / "ssh", peer_port) as ssh_port:
+                yield agent, (("direct", peer_port), ("ssh", ssh_port), ("tunnel", tunnel_port))
     finally:
-        sink.stop()
+        server.stop()
+
+
+async def stream_throughput(ws: Workspace, s: Settings) -> dict[str, float]:
+    """MiB/s for one ``transfer_bytes`` transfer: direct loopback TCP, ssh -R, the tunnel."""
+    rates: dict[str, list[float]] = defaultdict(list)
+    cpu: list[float] = []
+    async with three_paths(ws, s, "sink") as (agent, paths):
+        for _ in range(s.runs):
+            for name, port in paths:
+                agent_cpu = cpu_seconds(agent.pid)
+                result = await _child_json("source", str(port), str(s.transfer_bytes))
+                if result["answer"] != str(s.transfer_bytes):
+                    raise RuntimeError(f"{name}: the sink counted {result['answer']}")
+                rates[name].append(s.transfer_bytes / result["seconds"] / MIB)
+                if name == "tunnel":
+                    cpu.append(cpu_seconds(agent.pid) - agent_cpu)
+    out = {f"throughput_{name}_mib_s": median(v) for name, v in rates.items()}
+    out["throughput_ratio_vs_ssh"] = out["throughput_tunnel_mib_s"] / out["throughput_ssh_mib_s"]
+    out["agent_cpu_s_per_gib"] = median(cpu) * (1024 * MIB) / s.transfer_bytes
+    return out
 
 
 async def stream_round_trip(ws: Workspace, s: Settings) -> dict[str, float]:
     """Small-message (64 B) round trips through a stream: p50/p99 in µs, next to ssh -R."""
-    echo_port = free_port()
-    echo = python_child(ws, "bench.net", "echo", str(echo_port), name="echo")
-    try:
-        await asyncio.to_thread(wait_port, echo_port)
-        async with running_stub(ws) as stub, running_agent(ws, stub, event_loop=s.event_loop):
-            tunnel_port = await _forward(stub, echo_port)
-            p50: dict[str, list[float]] = defaultdict(list)
-            p99: dict[str, list[float]] = defaultdict(list)
-            with ssh_reverse_forward(ws.root / "ssh", echo_port) as ssh_port:
-                for _ in range(s.runs):
-                    for name, port in (
-                        ("direct", echo_port),
-                        ("ssh", ssh_port),
-                        ("tunnel", tunnel_port),
-                    ):
-                        samples = await _child_json("rtt", str(port), str(s.round_trips), "64")
-                        warm = samples[min(20, len(samples) // 10) :]
-                        p50[name].append(percentile(warm, 50))
-                        p99[name].append(percentile(warm, 99))
-        out: dict[str, float] = {}
-        for name, values in p50.items():
-            out[f"rtt_{name}_p50_us"] = median(values)
-            out[f"rtt_{name}_p99_us"] = median(p99[name])
-        out["rtt_p50_ratio_vs_ssh"] = out["rtt_tunnel_p50_us"] / out["rtt_ssh_p50_us"]
-        return out
-    finally:
-        echo.stop()
+    p50: dict[str, list[float]] = defaultdict(list)
+    p99: dict[str, list[float]] = defaultdict(list)
+    async with three_paths(ws, s, "echo") as (_, paths):
+        for _ in range(s.runs):
+            for name, port in paths:
+                samples = await _child_json("rtt", str(port), str(s.round_trips), "64")
+                warm = samples[min(20, len(samples) // 10) :]
+                p50[name].append(percentile(warm, 50))
+                p99[name].append(percentile(warm, 99))
+    out: dict[str, float] = {}
+    for name, values in p50.items():
+        out[f"rtt_{name}_p50_us"] = median(values)
+        out[f"rtt_{name}_p99_us"] = median(p99[name])
+    out["rtt_p50_ratio_vs_ssh"] = out["rtt_tunnel_p50_us"] / out["rtt_ssh_p50_us"]
+    return out
 
 
 # -- signed commands ---------------------------------------------------------------------------
