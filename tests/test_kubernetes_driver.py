@@ -8,6 +8,7 @@ endpoint on loopback (the pods' IP in the stand-in).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,11 @@ from agent.errors import ConfigError, DriverError
 from certs.pki import PKIPaths
 from tests.fake_kube_api import DEPLOYMENT, MILVUS, NS, FakeKubeApi, tls_context
 
+DEPLOYMENT_SETTINGS: dict[str, object] = {
+    "kind": "Deployment",
+    "name": DEPLOYMENT,
+    "container": "querynode",
+}
 TOKEN = "service-account-token-1"  # a test token for the stand-in
 
 
@@ -51,13 +57,17 @@ class Cluster:
 
         return ExecContext(jti="test", audit=audit, log=structlog.get_logger())
 
-    async def driver(self, **settings: object) -> KubernetesDriver:
+    @contextlib.asynccontextmanager
+    async def driver(self, **settings: object) -> AsyncIterator[KubernetesDriver]:
         env = DriverEnvironment(
             state_dir=self.root, audit=self.ctx().audit, log=structlog.get_logger()
         )
         made = KubernetesDriver({**self.base, **settings}, env)
         await made.start()
-        return made
+        try:
+            yield made
+        finally:
+            await made.close()
 
     def patches(self) -> list[tuple[str, Any]]:
         return [(path, body) for method, path, body in self.api.requests if method == "PATCH"]
@@ -100,11 +110,8 @@ def test_the_driver_is_registered() -> None:
 
 
 async def test_scale_patches_the_scale_subresource(cluster: Cluster) -> None:
-    driver = await cluster.driver(kind="Deployment", name=DEPLOYMENT, container="querynode")
-    try:
+    async with cluster.driver(**DEPLOYMENT_SETTINGS) as driver:
         result = await driver.scale(4, cluster.ctx())
-    finally:
-        await driver.close()
     assert result == {"replicas": 4, "previous_replicas": 2}
     path = f"/apis/apps/v1/namespaces/{NS}/deployments/{DEPLOYMENT}/scale"
     assert cluster.patches() == [(path, {"spec": {"replicas": 4}})]
@@ -112,22 +119,16 @@ async def test_scale_patches_the_scale_subresource(cluster: Cluster) -> None:
 
 
 async def test_scale_a_milvus_component(cluster: Cluster) -> None:
-    driver = await cluster.driver(kind="Milvus", name=MILVUS, component="queryNode")
-    try:
+    async with cluster.driver(kind="Milvus", name=MILVUS, component="queryNode") as driver:
         result = await driver.scale(3, cluster.ctx())
-    finally:
-        await driver.close()
     assert result == {"replicas": 3, "previous_replicas": 1}
     assert cluster.api.objects["milvus"]["spec"]["components"]["queryNode"]["replicas"] == 3
 
 
 async def test_upgrade_sets_the_image_and_waits_for_the_rollout(cluster: Cluster) -> None:
     cluster.api.conflicts = 2  # someone else writes twice meanwhile: read again and retry
-    driver = await cluster.driver(kind="Deployment", name=DEPLOYMENT, container="querynode")
-    try:
+    async with cluster.driver(**DEPLOYMENT_SETTINGS) as driver:
         result = await driver.upgrade("2.4.0", cluster.ctx())
-    finally:
-        await driver.close()
     assert result["image"] == "milvusdb/milvus:2.4.0"
     assert result["previous_image"] == "milvusdb/milvus:2.3.0"
     containers = cluster.api.objects["deployment"]["spec"]["template"]["spec"]["containers"]
@@ -144,12 +145,9 @@ async def test_upgrade_sets_the_image_and_waits_for_the_rollout(cluster: Cluster
 
 async def test_a_rollout_that_never_completes_is_rolled_back(cluster: Cluster) -> None:
     cluster.api.never_ready.add("milvusdb/milvus:2.5.0-broken")
-    driver = await cluster.driver(kind="Deployment", name=DEPLOYMENT, container="querynode")
-    try:
+    async with cluster.driver(**DEPLOYMENT_SETTINGS) as driver:
         with pytest.raises(DriverError) as failed:
             await driver.upgrade("2.5.0-broken", cluster.ctx())
-    finally:
-        await driver.close()
     assert failed.value.code == "rollout_failed_rolled_back"
     assert failed.value.result == {"rolled_back": True, "image": "milvusdb/milvus:2.3.0"}
     containers = cluster.api.objects["deployment"]["spec"]["template"]["spec"]["containers"]
@@ -160,34 +158,25 @@ async def test_a_rollout_that_never_completes_is_rolled_back(cluster: Cluster) -
 async def test_forbidden_is_reported_with_the_reason(cluster: Cluster) -> None:
     path = f"/apis/apps/v1/namespaces/{NS}/deployments/{DEPLOYMENT}/scale"
     cluster.api.forbidden.add(f"PATCH {path}")
-    driver = await cluster.driver(kind="Deployment", name=DEPLOYMENT, container="querynode")
-    try:
+    async with cluster.driver(**DEPLOYMENT_SETTINGS) as driver:
         with pytest.raises(DriverError) as failed:
             await driver.scale(3, cluster.ctx())
-    finally:
-        await driver.close()
     assert failed.value.code == "forbidden"
     assert "Role" in failed.value.detail
 
 
 async def test_a_bad_token_is_refused(cluster: Cluster) -> None:
     (cluster.root / "token").write_text("stolen-or-stale")
-    driver = await cluster.driver(kind="Deployment", name=DEPLOYMENT, container="querynode")
-    try:
+    async with cluster.driver(**DEPLOYMENT_SETTINGS) as driver:
         with pytest.raises(DriverError) as failed:
             await driver.scale(3, cluster.ctx())
-    finally:
-        await driver.close()
     assert failed.value.code == "kubernetes_error"
     assert "401" in failed.value.detail
 
 
 async def test_collect_metrics_scrapes_the_selected_pods(cluster: Cluster) -> None:
-    driver = await cluster.driver(kind="Deployment", name=DEPLOYMENT, container="querynode")
-    try:
+    async with cluster.driver(**DEPLOYMENT_SETTINGS) as driver:
         result = await driver.collect_metrics(["workload"], cluster.ctx())
-    finally:
-        await driver.close()
     samples: list[dict[str, Any]] = result["samples"]  # type: ignore[assignment]
     assert sorted(s["labels"]["pod"] for s in samples) == [f"{DEPLOYMENT}-0", f"{DEPLOYMENT}-1"]
     assert result["errors"] == []
@@ -207,15 +196,13 @@ async def test_bad_settings_are_refused(
     cluster: Cluster, settings: dict[str, object], message: str
 ) -> None:
     with pytest.raises(ConfigError, match=message):
-        await cluster.driver(**settings)
+        async with cluster.driver(**settings):
+            pass
 
 
 async def test_upgrade_a_milvus_custom_resource(cluster: Cluster) -> None:
-    driver = await cluster.driver(kind="Milvus", name=MILVUS, component="queryNode")
-    try:
+    async with cluster.driver(kind="Milvus", name=MILVUS, component="queryNode") as driver:
         result = await driver.upgrade("2.4.0", cluster.ctx())
-    finally:
-        await driver.close()
     assert result["previous_image"] == "milvusdb/milvus:2.3.0"
     assert cluster.api.objects["milvus"]["spec"]["components"]["image"] == "milvusdb/milvus:2.4.0"
     path = f"/apis/milvus.io/v1beta1/namespaces/{NS}/milvuses/{MILVUS}"
