@@ -4,6 +4,7 @@ real stub (its agent CA, its HTTPS enrollment listener) and real agents, over mu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import stat
@@ -14,16 +15,15 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from agent.config import load_config
 from agent.daemon import Agent
 from agent.enroll import EnrollmentFailed, enroll
-from agent.renewal import Validity, renewal_due
+from agent.files import write_atomic
+from agent.renewal import Validity, new_key_and_csr, private_key_pem, renewal_due
 from byoc_demo.layout import DemoPaths, write_agent_files
-from certs.issuing import issue_from_csr
+from certs.issuing import issue_from_csr, parse_csr
 from certs.pki import PKIPaths
 from control_plane_stub.client import StubClient
 from control_plane_stub.enrollment import EnrollmentRefused
@@ -102,21 +102,33 @@ def fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-async def run_agent(
-    paths: DemoPaths, host_clock: Callable[[], float] = time.time
-) -> tuple[Agent, asyncio.Task[None], AuditWatcher]:
+async def enrolled(
+    stub: StubServer, api: StubClient, pki: PKIPaths, tmp_path: Path, short_tmp: Path, name: str
+) -> DemoPaths:
+    """An installation for ``name``, enrolled with a fresh token."""
+    paths = agent_files(tmp_path, short_tmp, pki, stub, name)
+    token = (await api.enroll_token(name, ttl=60))["token"]
+    await asyncio.to_thread(enroll_with, stub, pki, paths, token)
+    return paths
+
+
+@contextlib.asynccontextmanager
+async def running_agent(
+    paths: DemoPaths, host_clock: Callable[[], float] = time.time, *, ready: bool = True
+) -> AsyncIterator[tuple[Agent, AuditWatcher]]:
+    """The agent of ``paths``, in this loop (connected, unless ``ready`` is False)."""
     agent = Agent(load_config(paths.config), driver=RecordingDriver(), host_clock=host_clock)
     watcher = AuditWatcher()
     agent.audit.add_listener(watcher)
     task = asyncio.create_task(agent.run(install_signal_handlers=False))
-    await asyncio.wait_for(agent.started.wait(), scaled(30))
-    await asyncio.wait_for(agent.parts.tunnel.ready.wait(), scaled(30))
-    return agent, task, watcher
-
-
-async def stop(agent: Agent, task: asyncio.Task[None]) -> None:
-    agent.request_stop("test")
-    await asyncio.wait_for(task, scaled(30))
+    try:
+        await asyncio.wait_for(agent.started.wait(), scaled(30))
+        if ready:
+            await asyncio.wait_for(agent.parts.tunnel.ready.wait(), scaled(30))
+        yield agent, watcher
+    finally:
+        agent.request_stop("test")
+        await asyncio.wait_for(task, scaled(30))
 
 
 async def test_an_enrolled_agent_connects_with_a_key_that_never_left_the_host(
@@ -132,15 +144,9 @@ async def test_an_enrolled_agent_connects_with_a_key_that_never_left_the_host(
     cert = x509.load_pem_x509_certificate(cp.client_cert.read_bytes())
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert lifetime.total_seconds() <= LIFETIME * 1.2  # short-lived
-    agent, task, _ = await run_agent(paths)
-    try:
+    async with running_agent(paths):
         link = ca_stub.hub.links["agent-7"]
-        assert (
-            link.cert_sha256
-            == hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-        )
-    finally:
-        await stop(agent, task)
+        assert link.cert_sha256 == fingerprint(cert)
 
 
 async def test_a_token_works_once(
@@ -160,14 +166,7 @@ async def test_a_token_works_once(
 
 
 def _csr() -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    return (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agent-1")]))
-        .sign(key, hashes.SHA256())
-        .public_bytes(serialization.Encoding.PEM)
-        .decode()
-    )
+    return new_key_and_csr("agent-1")[1]
 
 
 async def test_an_expired_token_is_refused(ca_stub: StubServer) -> None:
@@ -184,13 +183,10 @@ async def test_an_expired_token_is_refused(ca_stub: StubServer) -> None:
 async def test_the_agent_renews_before_expiry_and_uses_the_new_certificate_next_time(
     ca_stub: StubServer, ca_api: StubClient, pki: PKIPaths, tmp_path: Path, short_tmp: Path
 ) -> None:
-    paths = agent_files(tmp_path, short_tmp, pki, ca_stub, "agent-6")
-    token = (await ca_api.enroll_token("agent-6", ttl=60))["token"]
-    await asyncio.to_thread(enroll_with, ca_stub, pki, paths, token)
+    paths = await enrolled(ca_stub, ca_api, pki, tmp_path, short_tmp, "agent-6")
     cp = load_config(paths.config).control_plane
     old_cert, old_key = cp.client_cert.read_bytes(), cp.client_key.read_bytes()
-    agent, task, audit = await run_agent(paths)
-    try:
+    async with running_agent(paths) as (agent, audit):
         renewed = await audit.wait_for("certificate_renewed", within=LIFETIME * 2)
         new_cert = cp.client_cert.read_bytes()
         assert new_cert != old_cert
@@ -204,22 +200,15 @@ async def test_the_agent_renews_before_expiry_and_uses_the_new_certificate_next_
         ca_stub.hub.disconnect("agent-6", 4001, "test: reconnect")  # the next connection ...
         await audit.wait_for("connection_up", count=2)
         await asyncio.wait_for(agent.parts.tunnel.ready.wait(), scaled(10))
-        digest = hashlib.sha256(
-            x509.load_pem_x509_certificate(new_cert).public_bytes(serialization.Encoding.DER)
-        ).hexdigest()
-        assert ca_stub.hub.links["agent-6"].cert_sha256 == digest  # ... presents the new one
-    finally:
-        await stop(agent, task)
+        presented = ca_stub.hub.links["agent-6"].cert_sha256
+        assert presented == fingerprint(x509.load_pem_x509_certificate(new_cert))  # the new one
 
 
 async def test_a_revoked_certificate_is_disconnected_and_refused(
     ca_stub: StubServer, ca_api: StubClient, pki: PKIPaths, tmp_path: Path, short_tmp: Path
 ) -> None:
-    paths = agent_files(tmp_path, short_tmp, pki, ca_stub, "agent-4")
-    token = (await ca_api.enroll_token("agent-4", ttl=60))["token"]
-    await asyncio.to_thread(enroll_with, ca_stub, pki, paths, token)
-    agent, task, audit = await run_agent(paths)
-    try:
+    paths = await enrolled(ca_stub, ca_api, pki, tmp_path, short_tmp, "agent-4")
+    async with running_agent(paths) as (agent, audit):
         answer = await ca_api.revoke("agent-4")
         assert answer == {"revoked": 1, "disconnected": True}
         down = await audit.wait_for("connection_down")
@@ -228,8 +217,6 @@ async def test_a_revoked_certificate_is_disconnected_and_refused(
         assert refused["status"] == 403
         assert not agent.parts.tunnel.ready.is_set()
         assert "agent-4" not in ca_stub.hub.links
-    finally:
-        await stop(agent, task)
 
 
 @pytest.mark.parametrize("skew", [-7200.0, -30.0, 0.0, 30.0, 7200.0])
@@ -251,40 +238,22 @@ async def test_an_expired_certificate_is_refused_at_the_tls_handshake(
     """Issued by the right CA, for the right agent, but its validity ended: TLS refuses it."""
     paths = agent_files(tmp_path, short_tmp, pki, ca_stub, "agent-3x")
     cp = load_config(paths.config).control_plane
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agent-3x")]))
-        .sign(key, hashes.SHA256())
-    )
+    key, csr = new_key_and_csr("agent-3x")
     expired = issue_from_csr(
         pki,
         "agent-3x",
-        csr,
+        parse_csr(csr),
         valid_for=timedelta(hours=1),
         now=datetime.now(UTC) - timedelta(days=2),
     )
     cp.client_key.parent.mkdir(parents=True, exist_ok=True)
-    cp.client_key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    cp.client_key.chmod(0o600)
+    write_atomic(cp.client_key, private_key_pem(key), 0o600)
     cp.client_cert.write_bytes(expired.public_bytes(serialization.Encoding.PEM))
     cp.ca_bundle.write_bytes(pki.server_ca_cert.read_bytes())
-    agent = Agent(load_config(paths.config), driver=RecordingDriver())
-    audit = AuditWatcher()
-    agent.audit.add_listener(audit)
-    task = asyncio.create_task(agent.run(install_signal_handlers=False))
-    try:
+    async with running_agent(paths, ready=False) as (_, audit):
         failed = await audit.wait_for("connection_failed", reason="tls_rejected", within=30)
         assert failed["side"] == "control_plane_refused_agent"
         assert "agent-3x" not in ca_stub.hub.links
-    finally:
-        await stop(agent, task)
 
 
 @pytest.mark.parametrize("skew", [-7200.0, 7200.0], ids=["clock-behind", "clock-ahead"])
@@ -300,11 +269,8 @@ async def test_a_skewed_agent_renews_on_the_control_planes_time(
     certificate expired and a clock ahead at once and for ever; corrected by the offset
     measured at ``welcome``, the agent renews once, on time."""
     name = "agent-5b" if skew < 0 else "agent-5a"
-    paths = agent_files(tmp_path, short_tmp, pki, ca_stub, name)
-    token = (await ca_api.enroll_token(name, ttl=60))["token"]
-    await asyncio.to_thread(enroll_with, ca_stub, pki, paths, token)
-    agent, task, audit = await run_agent(paths, host_clock=lambda: time.time() + skew)
-    try:
+    paths = await enrolled(ca_stub, ca_api, pki, tmp_path, short_tmp, name)
+    async with running_agent(paths, host_clock=lambda: time.time() + skew) as (agent, audit):
         assert agent.parts.tunnel.clock_offset == pytest.approx(-skew, abs=5)
         await audit.wait_for("certificate_renewed", within=LIFETIME * 2)
         renewed = x509.load_pem_x509_certificate(
@@ -313,5 +279,3 @@ async def test_a_skewed_agent_renews_on_the_control_planes_time(
         remaining = renewed.not_valid_after_utc.timestamp() - time.time()
         assert remaining > LIFETIME / 2  # a fresh certificate, not one renewed in a loop
         assert audit.count("certificate_renewed") == 1
-    finally:
-        await stop(agent, task)
