@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint typecheck unit demo bench bench-deps install clean
+.PHONY: venv tools test lint typecheck unit demo bench bench-deps install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -17,6 +17,18 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# Analysis tools run by the tests as programs (checkov, cfn-lint, kubernetes-validate, moto_server),
+# in a venv of their own so that their pins never change the project's: see tools/requirements.in.
+TOOLS       := .tools
+TOOLS_STAMP := $(TOOLS)/.installed
+
+$(TOOLS_STAMP): tools/requirements.in tools/constraints.txt
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check -c tools/constraints.txt -r tools/requirements.in
+	@touch $(TOOLS_STAMP)
+
+tools: $(TOOLS_STAMP)
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -24,7 +36,7 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-unit: venv
+unit: venv tools
 	$(BIN)/pytest
 
 test: lint typecheck unit
@@ -50,4 +62,4 @@ install:
 	sh scripts/install-host.sh
 
 clean:
-	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(TOOLS) .demo .mypy_cache .ruff_cache .pytest_cache
