@@ -49,10 +49,22 @@ def enroll(
     if not url.startswith("https://"):
         raise EnrollmentFailed("the enrollment URL must be https://")
     try:
-        with httpx.Client(verify=verify_context(trust), timeout=ENROLL_TIMEOUT) as http:
+        with httpx.Client(
+            verify=verify_context(trust),
+            timeout=ENROLL_TIMEOUT,
+            follow_redirects=False,  # never dial where the answer points (docs §2)
+            trust_env=True,  # HTTPS_PROXY / NO_PROXY, as for the tunnel
+        ) as http:
             response = http.post(url, json={"token": token, "csr": csr})
     except httpx.HTTPError as exc:
         raise EnrollmentFailed(f"cannot reach {url}: {exc}") from exc
+    if response.is_redirect or 300 <= response.status_code < 400:
+        location = response.headers.get("Location", "")[:200]
+        raise EnrollmentFailed(
+            f"{url} answered HTTP {response.status_code} with a redirect"
+            f"{f' to {location!r}' if location else ''}; redirects are never followed: "
+            "use the enrollment URL the vendor gave you"
+        )
     try:
         answer = response.json()
     except ValueError as exc:

@@ -12,7 +12,8 @@
     ├── StateError                        the SQLite state store failed
     ├── DriverError                       a driver could not carry out a command
     ├── TunnelError (ConnectionError)     the connection to the control plane failed
-    │   └── TLSRejected                   a certificate was refused, by us or by the peer
+    │   ├── TLSRejected                   a certificate was refused, by us or by the peer
+    │   └── RedirectRefused               the peer answered with an HTTP redirect (never followed)
     └── ControlSocketError                a local approve/deny/status request failed
 
 Errors carry a short machine-readable ``code`` where the protocol reports them to the peer,
@@ -114,6 +115,20 @@ class TLSRejected(TunnelError):
     def __init__(self, detail: str, *, by_peer: bool) -> None:
         super().__init__(detail)
         self.by_peer = by_peer
+
+
+class RedirectRefused(TunnelError):
+    """A server answered a connection the agent opened with an HTTP redirect (3xx).
+
+    The agent never follows one (docs/PROTOCOL.md §2): whoever answers could otherwise send it
+    to any address inside the customer's network. ``location`` is what the server asked for,
+    kept for the local log only, never dialed and never reported to the control plane."""
+
+    def __init__(self, status: int, location: str | None) -> None:
+        shown = "no Location" if location is None else f"Location {location[:200]!r}"
+        super().__init__(f"HTTP {status} redirect ({shown}); redirects are never followed")
+        self.status = status
+        self.location = location
 
 
 class ControlSocketError(AgentError):

@@ -230,7 +230,7 @@ class CommandProcessor:
                 "busy", f"{self._max_pending} commands are already pending; deliver again later"
             )
         if (
-            verified.cmd.get("type") == OpenStream.type
+            verified.command_type == OpenStream.type
             and self._streams is not None
             and not self._streams.has_room()
         ):
@@ -246,14 +246,7 @@ class CommandProcessor:
             raise CommandRejected(
                 "ref_reused", f"ref {ref} already delivered another command ({earlier.jti})"
             )
-        raw_params = verified.cmd.get("params", {})
-        row = self._state.claim(
-            verified,
-            ref=ref,
-            command_type=str(verified.cmd.get("type"))[:64],
-            params=raw_params if isinstance(raw_params, Mapping) else {},
-            now=now,
-        )
+        row = self._state.claim(verified, ref=ref, now=now)
         if row is not None:
             return row
         # The jti was claimed before: the claim in the database is the one arbiter of replays.

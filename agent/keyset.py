@@ -135,14 +135,24 @@ def accept_keyset(
     token: str,
     *,
     root: Ed25519PublicKey,
-    current_version: int,
+    current: KeySet | None,
     now: float,
     clock_skew: float,
 ) -> KeySet:
-    """Verify a key set offered now against the current root and version."""
+    """Verify a key set offered now against the current root and the set in force.
+
+    Only the very set in force offered again is ``already_current`` (a harmless re-offer); a
+    different set under the same version is not newer, so it is a ``rollback``."""
     keyset = read_keyset(token, signer=root)
-    if keyset.version == current_version:
-        raise KeySetRejected("already_current", f"version {keyset.version} is already in force")
+    current_version = current.version if current is not None else 0
+    if current is not None and keyset.version == current_version:
+        if token == current.token:
+            raise KeySetRejected("already_current", f"version {keyset.version} is in force")
+        raise KeySetRejected(
+            "rollback",
+            f"version {keyset.version} is in force with other content; a new set needs a "
+            "higher version",
+        )
     if keyset.version < current_version:
         raise KeySetRejected(
             "rollback", f"version {keyset.version} is older than {current_version} (in force)"
@@ -175,7 +185,7 @@ class KeyRing:
 
     def check(self, token: str, *, now: float, clock_skew: float) -> KeySet:
         return accept_keyset(
-            token, root=self.root, current_version=self.version, now=now, clock_skew=clock_skew
+            token, root=self.root, current=self.current, now=now, clock_skew=clock_skew
         )
 
     def install(self, keyset: KeySet) -> None:

@@ -38,6 +38,8 @@ class CloseCode:
     NORMAL = 1000
     GOING_AWAY = 1001  # the agent is stopping
     UNSUPPORTED_DATA = 1003  # a text message on a stream connection
+    INVALID_DATA = 1007  # invalid UTF-8 in a text message (the WebSocket layer's own rule)
+    MESSAGE_TOO_BIG = 1009  # a message over MAX_STREAM_MESSAGE (the WebSocket layer's own rule)
     MAX_DURATION = 4410
     SOCKET_FAILED = 4411  # the target (or the operator's local connection) failed
     SESSION_LOST = 4412
@@ -124,8 +126,8 @@ class Splice:
         while True:
             try:
                 message = await websocket.recv()
-            except ConnectionClosed:
-                return f"{self.peer}_closed"
+            except ConnectionClosed as exc:
+                return self._closed(exc)
             if isinstance(message, str):
                 return "protocol_error"
             try:
@@ -140,6 +142,18 @@ class Splice:
             if writer.transport.is_closing():  # drain() does not raise once the peer reset
                 return f"{self.local}_failed"
             self.to_socket += len(message)
+
+    def _closed(self, exc: ConnectionClosed) -> str:
+        """Why the stream connection closed under us: the peer closed it, or our WebSocket layer
+        failed it because the peer broke the framing (a message over the size limit: 1009;
+        invalid UTF-8 in a text message: 1007)."""
+        we_failed_it = exc.sent is not None and (exc.rcvd is None or not exc.rcvd_then_sent)
+        if we_failed_it and exc.sent is not None:
+            if exc.sent.code == CloseCode.MESSAGE_TOO_BIG:
+                return "message_too_large"
+            if exc.sent.code == CloseCode.INVALID_DATA:
+                return "protocol_error"
+        return f"{self.peer}_closed"
 
     async def _from_socket(self, reader: asyncio.StreamReader, websocket: Connection) -> str:
         while True:
@@ -162,6 +176,7 @@ def close_code(ended_by: str) -> int:
     return {
         "agent_stopping": CloseCode.GOING_AWAY,
         "protocol_error": CloseCode.UNSUPPORTED_DATA,
+        "message_too_large": CloseCode.MESSAGE_TOO_BIG,
         "max_duration": CloseCode.MAX_DURATION,
         "session_lost": CloseCode.SESSION_LOST,
     }.get(ended_by, CloseCode.NORMAL)

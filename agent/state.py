@@ -202,8 +202,6 @@ class AgentState:
         token: VerifiedToken,
         *,
         ref: str,
-        command_type: str,
-        params: Mapping[str, Any],
         now: float,
     ) -> CommandRow | None:
         """Record a verified command as ``received`` and queue its status.
@@ -221,8 +219,8 @@ class AgentState:
                     ref,
                     token.iss,
                     token.kid,
-                    command_type,
-                    json.dumps(params),
+                    token.command_type,
+                    json.dumps(token.params),
                     token.iat,
                     token.exp,
                     token.token_sha256,

@@ -24,6 +24,7 @@ Each end is audited with the bytes each way and why it ended.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import socket
 import time
@@ -33,16 +34,18 @@ from typing import Final
 
 import structlog
 from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from agent.commands import OpenStream
 from agent.drivers.base import ExecContext
-from agent.errors import CommandRejected, DriverError
+from agent.errors import CommandRejected, DriverError, RedirectRefused
 from agent.policy import Policy
 from agent.splice import MAX_STREAM_MESSAGE, Splice, close_code
 from agent.targets import IPAddress, format_host_port, unmapped
 
-AGENT_SIDE_ENDS: Final = frozenset({"session_lost", "agent_stopping", "protocol_error"})
+AGENT_SIDE_ENDS: Final = frozenset(
+    {"session_lost", "agent_stopping", "protocol_error", "message_too_large"}
+)
 """Ends that make the command ``failed``: the stream was cut short on the agent's side or the
 control plane broke the protocol. Any other end (either side closed, max_duration) is a stream
 that did its job: ``succeeded``, with ``ended_by`` saying how."""
@@ -106,7 +109,7 @@ class StreamManager:
         try:
             reader, writer, address = await self._connect_target(command, policy, ctx, stream)
             try:
-                websocket = await self._open_connection(jti, target, stream)
+                websocket = await self._open_connection(jti, stream, ctx)
             except BaseException:
                 writer.transport.abort()
                 raise
@@ -152,13 +155,10 @@ class StreamManager:
         try:
             async with asyncio.timeout(timeout):
                 resolved = await _resolve(command)
-        except TimeoutError as exc:
+        except (TimeoutError, OSError) as exc:
+            ctx.log.warning("stream_target_unresolvable", target=str(target), error=repr(exc))
             raise DriverError(
-                "target_unresolvable", f"resolving {target.host} took longer than {timeout:g}s"
-            ) from exc
-        except OSError as exc:
-            raise DriverError(
-                "target_unresolvable", f"cannot resolve {target.host}: {exc.strerror or exc}"
+                "target_unresolvable", f"cannot resolve {target.host}: {_why(exc)}"
             ) from exc
         try:
             usable = policy.stream_addresses(command, resolved)
@@ -174,11 +174,9 @@ class StreamManager:
                     reader, writer = await asyncio.open_connection(
                         str(address), target.port, limit=self.settings.read_chunk
                     )
-            except TimeoutError:
-                errors.append(f"{shown}: timed out after {timeout:g}s")
-                continue
-            except OSError as exc:
-                errors.append(f"{shown}: {exc.strerror or exc}")
+            except (TimeoutError, OSError) as exc:
+                ctx.log.warning("stream_target_connect_failed", address=shown, error=repr(exc))
+                errors.append(f"{shown}: {_why(exc)}")
                 continue
             if stream.aborted.is_set():
                 writer.transport.abort()
@@ -189,19 +187,40 @@ class StreamManager:
             return reader, writer, shown
         raise DriverError("target_unreachable", f"cannot connect to {target}: {'; '.join(errors)}")
 
-    async def _open_connection(self, jti: str, target: str, stream: Splice) -> ClientConnection:
+    async def _open_connection(
+        self, jti: str, stream: Splice, ctx: ExecContext
+    ) -> ClientConnection:
+        """Dial the stream connection. What the control plane hears back about a failure is a
+        fixed text per reason, never an OS error: it must not learn anything about other hosts
+        (docs/PROTOCOL.md §13.3). The details go to the local log and audit only."""
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 websocket = await self._dial(jti)
+        except RedirectRefused as exc:
+            ctx.audit(
+                "stream_connection_failed",
+                reason="redirect_refused",
+                status=exc.status,
+                location=(exc.location or "")[:200] or None,
+            )
+            ctx.log.error("stream_redirected", status=exc.status, location=exc.location)
+            raise DriverError(
+                "stream_refused",
+                f"the control plane answered the stream connection with a redirect "
+                f"(HTTP {exc.status}); redirects are never followed",
+            ) from exc
         except InvalidStatus as exc:
             status = exc.response.status_code
             raise DriverError(
                 "stream_refused", f"the control plane refused the stream connection: HTTP {status}"
             ) from exc
-        except (OSError, TimeoutError, ConnectionClosed) as exc:
+        except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake) as exc:
+            ctx.audit(
+                "stream_connection_failed", reason="control_plane_unreachable", error=repr(exc)
+            )
+            ctx.log.warning("stream_connection_failed", error=repr(exc))
             raise DriverError(
-                "control_plane_unreachable",
-                f"cannot open the stream connection for {target}: {type(exc).__name__}: {exc}",
+                "control_plane_unreachable", "the stream connection could not be opened"
             ) from exc
         if stream.aborted.is_set():
             reason = str(stream.abort_reason)
@@ -210,6 +229,24 @@ class StreamManager:
         return websocket
 
     # -- data -----------------------------------------------------------------------------
+
+
+def _why(exc: BaseException) -> str:
+    """A failure to reach the allowed target, in a fixed vocabulary (never an OS error text)."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, socket.gaierror):
+        return "no such name" if exc.errno in _NO_NAME else "resolver failure"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return "unreachable"
+    return "failed"
+
+
+_NO_NAME: Final = frozenset(
+    code for code in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)) if code is not None
+)
 
 
 async def _resolve(command: OpenStream) -> list[IPAddress]:

@@ -13,7 +13,14 @@ Some addresses are never reachable through a broad rule: link-local and instance
 addresses (``169.254.0.0/16``, ``fe80::/10``, ``fd00:ec2::254``). Only a network rule that
 lies entirely inside one of those ranges (``169.254.169.254/32:80``) allows them: a customer
 must name the metadata service to expose it. IPv4-mapped IPv6 addresses are judged as the IPv4
-address they carry.
+address they carry; the other IPv6 forms that carry a link-local IPv4 address (NAT64,
+IPv4-compatible, IPv4-translated) are forbidden too.
+
+An *IP literal* is a dotted-decimal IPv4 address (``a.b.c.d``, no leading zeros) or an IPv6
+address (in brackets with a port). Anything else is a host name, and a host name must not be a
+numeric form of an IPv4 address (``2852039166``, ``127.1``, hex or octal parts, or an
+all-digit last label): resolvers read those as addresses, so they are refused, in grants and
+in rules alike.
 """
 
 from __future__ import annotations
@@ -33,8 +40,16 @@ FORBIDDEN_NETWORKS: Final[tuple[IPNetwork, ...]] = (
     ipaddress.ip_network("169.254.0.0/16"),  # IPv4 link-local, including 169.254.169.254
     ipaddress.ip_network("fe80::/10"),  # IPv6 link-local
     ipaddress.ip_network("fd00:ec2::254/128"),  # the EC2 instance metadata service over IPv6
+    # IPv6 forms that carry an IPv4 link-local address in their last 32 bits and can reach it:
+    ipaddress.ip_network("64:ff9b::a9fe:0/112"),  # NAT64, well-known prefix (RFC 6052)
+    ipaddress.ip_network("64:ff9b:1::a9fe:0/112"),  # NAT64, local-use prefix /96 (RFC 8215)
+    ipaddress.ip_network("::a9fe:0/112"),  # IPv4-compatible (RFC 4291 §2.5.5.1, deprecated)
+    ipaddress.ip_network("::ffff:0:a9fe:0/112"),  # IPv4-translated (SIIT, RFC 2765)
 )
+"""IPv4-mapped addresses (``::ffff:a.b.c.d``) need no entry: they are judged as the IPv4
+address they carry (:func:`unmapped`)."""
 MAX_TARGET_CHARS: Final = 261  # a 253-character name, brackets, colon, five digits
+_NUMERIC_LABEL: Final = re.compile(r"0[xX][0-9A-Fa-f]*|[0-9]+")
 _HOST_NAME: Final = re.compile(
     r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
 )
@@ -128,6 +143,31 @@ def _split(text: str, what: str) -> tuple[str, str]:
     return host, port
 
 
+def _numeric_host(host: str) -> bool:
+    """A host that is not a canonical IP literal but would still be read as an IPv4 address:
+    what inet_aton accepts (1..4 parts, each decimal, octal or hex: ``2852039166``, ``127.1``,
+    ``0xa9.0xfe.0xa9.0xfe``, ``010.0.0.1``), or any name whose last label is all digits
+    (RFC 3696 §2: a top-level domain is never all-numeric). Resolvers turn such names into
+    addresses, so they are refused as host names: an IP address is written dotted-decimal."""
+    labels = host.rstrip(".").split(".")
+    return labels[-1].isdigit() or (
+        len(labels) <= 4 and all(_NUMERIC_LABEL.fullmatch(label) for label in labels)
+    )
+
+
+def _host_name(host: str, what: str) -> str:
+    """A valid host name, normalised (lower case, no trailing dot); TargetError otherwise."""
+    if _numeric_host(host):
+        raise TargetError(
+            f"{what}: {host!r} is not a host name: resolvers read it as an IPv4 address (a "
+            "number, octal or hex parts, or an all-digit last label); write IP addresses "
+            "dotted-decimal (a.b.c.d)"
+        )
+    if not _HOST_NAME.fullmatch(host):
+        raise TargetError(f"{what}: {host!r} is not a valid host name")
+    return host.lower().rstrip(".")
+
+
 def _port(text: str, what: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535 or (len(text) > 1 and text[0] == "0"):
         raise TargetError(f"{what}: port {text!r} must be a number in 1..65535")
@@ -159,9 +199,7 @@ def parse_target(text: object) -> Target:
     if address is None:
         if text.startswith("["):
             raise TargetError(f"target {text!r}: {host!r} is not an IPv6 address")
-        if not _HOST_NAME.fullmatch(host):
-            raise TargetError(f"target {text!r}: {host!r} is not a valid host name")
-        return Target(host=host.lower().rstrip("."), port=port)
+        return Target(host=_host_name(host, f"target {text!r}"), port=port)
     return Target(host=str(address), port=port, address=address)
 
 
@@ -179,11 +217,11 @@ def parse_rule(text: str) -> TargetRule:
     except ValueError as exc:
         if "/" in host or _address(host.split("/")[0]) is not None:
             raise TargetError(f"target rule {text!r}: {exc}") from exc
-        if text.startswith("[") or not _HOST_NAME.fullmatch(host):
+        if text.startswith("["):
             raise TargetError(
                 f"target rule {text!r}: {host!r} is not a host name or network"
             ) from None
-        return TargetRule(ports=ports, name=host.lower().rstrip("."))
+        return TargetRule(ports=ports, name=_host_name(host, f"target rule {text!r}"))
     if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped:
         raise TargetError(f"target rule {text!r}: write IPv4-mapped networks as IPv4")
     return TargetRule(ports=ports, network=network)

@@ -35,7 +35,7 @@ from agent.audit_log import AuditLog
 from agent.backoff import Backoff
 from agent.config import ControlPlaneConfig, TunnelConfig
 from agent.egress import Route, route_for
-from agent.errors import AuditError, ConfigError, TLSRejected
+from agent.errors import AuditError, ConfigError, RedirectRefused, TLSRejected
 from agent.executor import DeliveryOutcome
 from agent.frames import (
     FINAL_STATES,
@@ -73,6 +73,18 @@ from agent.tls import PeerCertificate, classify_tls_failure
 WEBSOCKET_MAX_SIZE: Final = 16 * MAX_FRAME_TO_AGENT
 STABLE_AFTER: Final = 10.0
 """A connection READY for this long (or two heartbeat intervals) resets the backoff."""
+
+
+class _ConnectWithoutRedirects(connect):
+    """websockets' ``connect`` follows up to ten 3xx answers to the upgrade, to any host (only
+    the TLS server name stays pinned). The control plane is not trusted with the customer's
+    network, so every connection the agent opens ends at a redirect: any 3xx, with or without a
+    ``Location``, raises :class:`RedirectRefused` and nothing else is dialed."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        if isinstance(exc, InvalidStatus) and 300 <= exc.response.status_code < 400:
+            return RedirectRefused(exc.response.status_code, exc.response.headers.get("Location"))
+        return exc
 
 
 @dataclass
@@ -231,7 +243,7 @@ class Tunnel:
         direct: dict[str, Any] = {}  # create_connection() keywords for a private endpoint
         if route.host is not None:
             direct = {"host": route.host, "port": route.port}
-        return await connect(
+        return await _ConnectWithoutRedirects(
             url,
             ssl=context,
             server_hostname=self._cp.verify_name,
@@ -295,6 +307,22 @@ class Tunnel:
                 return delay
             self._log.warning("proxy_failed", status=status, route=self.route)
             return self._backoff.next_delay()
+        if isinstance(exc, RedirectRefused):
+            # Not followed, and not retried soon: a redirecting control plane needs a person.
+            location = self._route.scrub(exc.location or "")[:200] or None
+            self.last_error = (
+                f"control plane answered HTTP {exc.status} with a redirect; "
+                "redirects are never followed (check control_plane.url)"
+            )
+            self._audit.append(
+                "connection_failed",
+                url=self._cp.url,
+                reason="redirect_refused",
+                status=exc.status,
+                location=location,
+            )
+            self._log.error("connect_redirected", status=exc.status, location=location)
+            return self._backoff.tls_rejected_delay()
         if isinstance(exc, InvalidStatus) and 400 <= exc.response.status_code < 500:
             self.last_error = (
                 f"control plane refused the connection: HTTP {exc.response.status_code}"

@@ -12,7 +12,9 @@ Order of checks (docs/PROTOCOL.md §5.2); the first failure decides the rejectio
  5. ``kid`` names a trusted command-signing key                  -> ``unknown_kid``
     (its key set has not expired)                                 -> ``keyset_expired``
  6. Ed25519 signature over the signing input (PyJWT)             -> ``bad_signature``
- 7. payload: a JSON object with the required claims and types    -> ``invalid_claims``
+ 7. payload: a JSON object with the required claims and types,   -> ``invalid_claims``
+    ``cmd`` included: an object with a ``type`` string (a code) and
+    an optional ``params`` object, nothing else
  8. ``iss`` is an accepted issuer                                -> ``bad_issuer``
  9. ``aud`` is exactly this agent's id                           -> ``wrong_audience``
 10. time window, with the clock-skew allowance:
@@ -30,6 +32,7 @@ import binascii
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -44,6 +47,10 @@ from agent.frames import ID_PATTERN, MAX_TOKEN_CHARS, parse_json_object
 COMMAND_TYP: Final = "byoc-command+jwt"
 ALLOWED_ALGORITHMS: Final = ("EdDSA",)
 REQUIRED_CLAIMS: Final = ("iss", "aud", "iat", "nbf", "exp", "jti", "cmd")
+MAX_HEADER_BYTES: Final = 4096
+"""The protected header's size limit (decoded JSON, bytes): larger is ``malformed_token``."""
+COMMAND_TYPE: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
+"""``cmd.type``: a code (docs/PROTOCOL.md §3); known or not is decided after acceptance."""
 MAX_NUMERIC_DATE: Final = 2**41  # year ~71700; rejects absurd values before any arithmetic
 
 
@@ -119,7 +126,10 @@ class VerifiedToken:
     iat: float
     nbf: float
     exp: float
-    cmd: Mapping[str, Any]
+    command_type: str
+    """``cmd.type``: a code, not necessarily one this agent knows."""
+    params: Mapping[str, Any]
+    """``cmd.params``: an object (``{}`` when the claim has none)."""
     token_sha256: str
 
 
@@ -153,7 +163,9 @@ def peek(token: str) -> TokenPeek:
     """Read what a token claims without trusting it. Never raises."""
     try:
         header_b64, payload_b64, _ = token.split(".")
-        header = parse_json_object(_b64url_decode(header_b64), max_bytes=4096, what="header")
+        header = parse_json_object(
+            _b64url_decode(header_b64), max_bytes=MAX_HEADER_BYTES, what="header"
+        )
         claims = parse_json_object(_b64url_decode(payload_b64), max_bytes=MAX_TOKEN_CHARS)
     except (ValueError, ProtocolError, binascii.Error, UnicodeError):
         return TokenPeek()
@@ -248,7 +260,7 @@ class CommandVerifier:
             raise CommandRejected("malformed_token", "not a JWS in compact serialization")
         try:
             raw_header = _b64url_decode(parts[0])
-            header = parse_json_object(raw_header, max_bytes=4096, what="header")
+            header = parse_json_object(raw_header, max_bytes=MAX_HEADER_BYTES, what="header")
         except (ValueError, binascii.Error, UnicodeError) as exc:
             raise CommandRejected("malformed_token", "header is not base64url JSON") from exc
         except ProtocolError as exc:
@@ -284,8 +296,7 @@ class CommandVerifier:
         if not isinstance(aud, str):
             raise CommandRejected("invalid_claims", "claim 'aud' must be a single string")
         iat, nbf, exp = (_numeric_date(claims, name) for name in ("iat", "nbf", "exp"))
-        if not isinstance(claims["cmd"], dict):
-            raise CommandRejected("invalid_claims", "claim 'cmd' must be an object")
+        command_type, params = _command_claim(claims["cmd"])
         if iss not in settings.issuers:
             raise CommandRejected("bad_issuer", f"issuer {iss[:64]!r} is not accepted")
         if aud != settings.audience:
@@ -314,6 +325,29 @@ class CommandVerifier:
             iat=iat,
             nbf=nbf,
             exp=exp,
-            cmd=claims["cmd"],
+            command_type=command_type,
+            params=params,
             token_sha256=token_sha256(token),
         )
+
+
+def _command_claim(cmd: object) -> tuple[str, Mapping[str, Any]]:
+    """The ``cmd`` claim's shape: ``{"type": <code>, "params": <object>}``, ``params`` optional.
+
+    Whether the type is known and the parameters are valid for it is decided once the token is
+    accepted (``unknown_command_type``, ``invalid_params``: docs/PROTOCOL.md §5.2); a ``cmd`` of
+    the wrong shape never gets that far, so nothing downstream reads an untyped member."""
+    if not isinstance(cmd, dict):
+        raise CommandRejected("invalid_claims", "claim 'cmd' must be an object")
+    extra = sorted(str(name)[:32] for name in set(cmd) - {"type", "params"})
+    if extra:
+        raise CommandRejected("invalid_claims", f"claim 'cmd' has unknown member(s) {extra}")
+    kind = cmd.get("type")
+    if not isinstance(kind, str) or not COMMAND_TYPE.fullmatch(kind):
+        raise CommandRejected(
+            "invalid_claims", f"cmd.type must be a string matching {COMMAND_TYPE.pattern}"
+        )
+    params = cmd.get("params", {})
+    if not isinstance(params, dict):
+        raise CommandRejected("invalid_claims", "cmd.params must be an object when present")
+    return kind, params

@@ -420,6 +420,11 @@ class IndependentControlPlane:
         self.connections: list[AgentConnection] = []
         self.active: dict[str, AgentConnection] = {}
         self.refused_requests: list[str] = []
+        self.requests: list[str] = []
+        """Every upgrade request's path, in order."""
+        self.redirects: dict[str, tuple[int, str | None]] = {}
+        """Test hook: path prefix -> (3xx status, Location or None): answer such upgrade requests
+        with that redirect instead (§2: the agent MUST NOT follow one)."""
         self._ids = itertools.count(1)
         self._changed = asyncio.Event()
         self._server: Server | None = None
@@ -481,6 +486,14 @@ class IndependentControlPlane:
         await self.close()
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        self.requests.append(request.path)
+        self._notify()
+        for prefix, (status, location) in self.redirects.items():
+            if request.path.startswith(prefix):
+                response = connection.respond(http.HTTPStatus(status), "moved\n")
+                if location is not None:
+                    response.headers["Location"] = location
+                return response
         if urlsplit(request.path).path != PATH:
             self.refused_requests.append(request.path)
             return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")

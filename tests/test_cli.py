@@ -77,6 +77,20 @@ def test_policy_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "max_replcas" in capsys.readouterr().err
 
 
+def test_policy_check_refuses_a_numeric_host_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``2852039166`` resolves to 169.254.169.254: it is not a host name (PROTOCOL §13.1)."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        'version = 1\n[open_stream]\ntargets = ["2852039166:80"]\nmax_duration = 60\n'
+    )
+    assert agent_cli(["policy", "check", str(policy)]) == 2
+    err = capsys.readouterr().err
+    assert "2852039166" in err
+    assert "dotted-decimal" in err
+
+
 def test_keys_kid_is_the_rfc7638_thumbprint(
     pki: PKIPaths, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import random
+import re
 import string
 import time
 import traceback
@@ -1157,7 +1158,7 @@ def oracle_problem(result: VerifiedToken, token: str, now: float, kit: TokenKit)
         return "iss/aud"
     if not isinstance(claims["jti"], str) or not ID_PATTERN.fullmatch(claims["jti"]):
         return "jti"
-    if not isinstance(claims["cmd"], dict):
+    if not _cmd_well_formed(claims["cmd"]):
         return "cmd"
     if not (exp > iat and exp > nbf and now - SKEW < exp):
         return "expired or inverted"
@@ -1170,9 +1171,29 @@ def oracle_problem(result: VerifiedToken, token: str, now: float, kit: TokenKit)
         kit.kid,
     ):
         return "VerifiedToken fields differ from the claims"
-    if (result.iat, result.nbf, result.exp, dict(result.cmd)) != (iat, nbf, exp, claims["cmd"]):
+    if (result.iat, result.nbf, result.exp, _cmd_of(result)) != (
+        iat,
+        nbf,
+        exp,
+        {"params": {}, **claims["cmd"]},
+    ):
         return "VerifiedToken dates/cmd differ from the claims"
     return None
+
+
+def _cmd_well_formed(cmd: object) -> bool:
+    """PROTOCOL §5.1: an object with a ``type`` code and an optional ``params`` object."""
+    return (
+        isinstance(cmd, dict)
+        and set(cmd) <= {"type", "params"}
+        and isinstance(cmd.get("type"), str)
+        and re.fullmatch(r"[a-z][a-z0-9_]{0,63}", cmd["type"]) is not None
+        and isinstance(cmd.get("params", {}), dict)
+    )
+
+
+def _cmd_of(result: VerifiedToken) -> dict[str, object]:
+    return {"type": result.command_type, "params": dict(result.params)}
 
 
 def check_token(
@@ -1466,7 +1487,7 @@ def _expect_valid(header: dict[str, Any], payload: Any, signed_by: str, now: flo
         return False
     if not (isinstance(jti, str) and ID_PATTERN.fullmatch(jti)):
         return False
-    if aud != AGENT or not isinstance(aud, str) or not isinstance(cmd, dict):
+    if aud != AGENT or not isinstance(aud, str) or not _cmd_well_formed(cmd):
         return False
     dates = [payload[n] for n in ("iat", "nbf", "exp")]
     if any(isinstance(d, bool) or not isinstance(d, int | float) for d in dates):
@@ -1542,7 +1563,7 @@ def test_verifier_accepts_exactly_the_well_formed_signed_in_window_tokens(
     assert result.jti == payload["jti"]
     assert result.kid == _TRUSTED_KID
     assert result.exp == float(payload["exp"])
-    assert dict(result.cmd) == payload["cmd"]
+    assert _cmd_of(result) == {"params": {}, **payload["cmd"]}
 
 
 @settings(max_examples=300, deadline=None)

@@ -45,11 +45,13 @@ def keyset(
     )
 
 
-def code_of(token: str, root: Ed25519PrivateKey, current: int = 0, now: float = NOW) -> str:
+def code_of(
+    token: str, root: Ed25519PrivateKey, current: str | None = None, now: float = NOW
+) -> str:
+    """The refusal of ``token`` by an agent that holds the set ``current`` (a token) in force."""
+    held = None if current is None else read_keyset(current, signer=root.public_key())
     with pytest.raises(KeySetRejected) as info:
-        accept_keyset(
-            token, root=root.public_key(), current_version=current, now=now, clock_skew=60
-        )
+        accept_keyset(token, root=root.public_key(), current=held, now=now, clock_skew=60)
     return info.value.code
 
 
@@ -59,7 +61,7 @@ def code_of(token: str, root: Ed25519PrivateKey, current: int = 0, now: float = 
 def test_a_set_signed_by_the_root_is_accepted() -> None:
     root, key = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     accepted = accept_keyset(
-        keyset(root, 1, key), root=root.public_key(), current_version=0, now=NOW, clock_skew=60
+        keyset(root, 1, key), root=root.public_key(), current=None, now=NOW, clock_skew=60
     )
     assert accepted.version == 1
     assert list(accepted.keys.by_kid) == [jwk_thumbprint(key.public_key())]
@@ -73,8 +75,13 @@ def test_refusals() -> None:
     good = keyset(root, 5, key)
     head, body, signature = good.split(".")
     assert code_of(f"{head}.{body}.{signature[:-4]}AAAA", root) == "bad_signature"
-    assert code_of(good, root, current=7) == "rollback"
-    assert code_of(good, root, current=5) == "already_current"
+    assert code_of(good, root, current=keyset(root, 7, key)) == "rollback"
+    assert code_of(good, root, current=good) == "already_current"
+    # The same version with other content is not the set in force offered again: it is not
+    # newer, so it is a rollback (the error budget), not a harmless re-offer (docs §5.4).
+    other_key = Ed25519PrivateKey.generate()
+    assert code_of(keyset(root, 5, other_key), root, current=good) == "rollback"
+    assert code_of(keyset(root, 5, key, lifetime=2 * DAY), root, current=good) == "rollback"
     assert code_of(keyset(root, 1, key, lifetime=60), root, now=NOW + 3600) == "expired"
     assert code_of(keyset(root, 1, key, now=NOW + 3600), root) == "issued_in_future"
     too_many = [Ed25519PrivateKey.generate() for _ in range(33)]

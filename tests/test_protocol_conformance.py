@@ -6,6 +6,7 @@ assertion here is about what crosses the wire, and names the section it comes fr
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -290,6 +291,35 @@ async def test_hs256_and_wrong_audience_refused(
     assert driver.calls == []
 
 
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        {"type": "collect_metrics", "params": "junk"},
+        {"type": "collect_metrics", "params": ["workload"]},
+        {"type": "collect_metrics", "params": None},
+        {"type": 7, "params": {}},
+        {"type": "scale", "params": {"replicas": 2}, "extra": True},
+        "scale",
+    ],
+    ids=repr,
+)
+async def test_wrongly_typed_cmd_is_invalid_claims_and_never_runs(
+    cp: IndependentControlPlane, start_agent: AgentStarter, cmd: object
+) -> None:
+    """§5.1/§5.2 check 6: the command is fully typed before anything is decided; a signed
+    ``cmd`` of the wrong shape is refused on delivery (its jti never stored), never run with
+    default parameters and never coerced (a ``type`` of 7 is not ``"7"``)."""
+    _, conn, driver = await _connect(cp, start_agent)
+    claims = cp.signer.claims(AGENT_ID, "collect_metrics", {})
+    claims["cmd"] = cmd
+    delivery = await cp.deliver(AGENT_ID, cp.signer.sign(claims))
+    refused = await cp.wait_rejection(AGENT_ID, delivery.ref, within=scaled(WAIT))
+    _assert_rejection_frame(refused, delivery.ref)
+    assert refused["reason"] == "invalid_claims"
+    assert conn.frames("status") == []
+    assert driver.calls == []
+
+
 # 6 -------------------------------------------------------------------------------------------
 
 
@@ -543,3 +573,153 @@ async def test_agent_heartbeat_timeout_raised_to_three_intervals(
         assert conn.close_code_received in (None, 4004)
         plane.silent = False
         await plane.wait_connection(AGENT_ID, after=conn, within=scaled(WAIT))
+
+
+# Issue 9: rules the document now states exactly ---------------------------------------------------
+
+
+async def test_token_header_limit_and_kid_typ_types(
+    cp: IndependentControlPlane, start_agent: AgentStarter
+) -> None:
+    """§5.1/§5.2: a header over 4,096 bytes is ``malformed_token`` (extra members are otherwise
+    ignored); a missing or non-string ``typ`` is ``bad_typ``; a missing, empty or non-string
+    ``kid`` is ``unknown_kid``."""
+    _, conn, driver = await _connect(cp, start_agent)
+    claims = cp.signer.claims(AGENT_ID, "scale", {"replicas": 2})
+    cases: list[tuple[dict[str, Any], str | None]] = [
+        ({"x5c": ["A" * 3000]}, None),  # an ignored member, within the limit: accepted
+        ({"x5c": ["A" * 4200]}, "malformed_token"),
+        ({"typ": None}, "bad_typ"),
+        ({"typ": 7}, "bad_typ"),
+        ({"kid": ""}, "unknown_kid"),
+        ({"kid": 7}, "unknown_kid"),
+    ]
+    for headers, code in cases:
+        claims["jti"] = f"hdr-{len(conn.received)}-{code}"
+        header = {"alg": "EdDSA", "typ": "byoc-command+jwt", "kid": cp.signer.kid, **headers}
+        token = _raw_token(cp, header, json.dumps(claims))
+        delivery = await cp.deliver(AGENT_ID, token)
+        if code is None:
+            final = await cp.wait_final(AGENT_ID, delivery.ref, within=scaled(WAIT))
+            assert final.state == "succeeded"
+        else:
+            refused = await cp.wait_rejection(AGENT_ID, delivery.ref, within=scaled(WAIT))
+            assert refused["reason"] == code, headers
+    assert len(driver.calls) == 1
+
+
+async def test_token_payload_follows_the_json_rules(
+    cp: IndependentControlPlane, start_agent: AgentStarter
+) -> None:
+    """§3 applied to the payload: a duplicate key is ``invalid_claims``, even signed."""
+    _, _, driver = await _connect(cp, start_agent)
+    header = {"alg": "EdDSA", "typ": "byoc-command+jwt", "kid": cp.signer.kid}
+    claims = cp.signer.claims(AGENT_ID, "scale", {"replicas": 2})
+    body = json.dumps(claims)[:-1] + ', "iss": "someone-else"}'  # "iss" twice
+    token = _raw_token(cp, header, body)
+    delivery = await cp.deliver(AGENT_ID, token)
+    refused = await cp.wait_rejection(AGENT_ID, delivery.ref, within=scaled(WAIT))
+    assert refused["reason"] == "invalid_claims"
+    assert driver.calls == []
+
+
+def _raw_token(cp: IndependentControlPlane, header: dict[str, Any], payload: str) -> str:
+    """A JWS signed by the control plane's key over exactly this header and payload text
+    (libraries refuse to produce some of the headers these tests need)."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(payload.encode())}"
+    signature = cp.signer.private_key.sign(signing_input.encode())
+    return f"{signing_input}.{b64(signature)}"
+
+
+async def test_params_may_be_absent(cp: IndependentControlPlane, start_agent: AgentStarter) -> None:
+    """§5.1: an absent ``params`` is ``{}``: collect_metrics then uses its default targets."""
+    _, _, driver = await _connect(cp, start_agent)
+    claims = cp.signer.claims(AGENT_ID, "collect_metrics", {})
+    claims["cmd"] = {"type": "collect_metrics"}
+    delivery = await cp.deliver(AGENT_ID, cp.signer.sign(claims))
+    final = await cp.wait_final(AGENT_ID, delivery.ref, within=scaled(WAIT))
+    assert final.state == "succeeded"
+    assert driver.calls == [("collect_metrics", ("workload", "host"), claims["jti"])]
+
+
+@pytest.mark.parametrize("host", ["2852039166", "0xa9.0xfe.0xa9.0xfe", "169.254.43518"])
+async def test_numeric_host_targets_are_invalid_params(
+    cp: IndependentControlPlane, start_agent: AgentStarter, host: str
+) -> None:
+    """§13.1: a numeric form of an IPv4 address is not a host name (2852039166 is
+    169.254.169.254): the grant is accepted, then rejected before anything is resolved."""
+    _, _, driver = await _connect(cp, start_agent)
+    delivery = await cp.command(
+        AGENT_ID, "open_stream", {"target": f"{host}:80", "max_duration": 60}
+    )
+    final = await cp.wait_final(AGENT_ID, delivery.ref, within=scaled(WAIT))
+    last = final.last_status
+    assert last is not None
+    assert (last["state"], last["reason"]) == ("rejected", "invalid_params")
+    assert driver.calls == []
+
+
+async def test_invalid_utf8_text_closes_with_1007(
+    cp: IndependentControlPlane, start_agent: AgentStarter
+) -> None:
+    """§3/§4.2: invalid UTF-8 in a text message fails the WebSocket connection (1007); the
+    agent dials again."""
+    _, conn, _ = await _connect(cp, start_agent)
+    await conn.ws.send(b'{"type":"ping","id":1,"x":"\xff"}', text=True)
+    await cp.wait_until(conn.closed.is_set, within=scaled(WAIT))
+    assert conn.close_code_received == 1007
+    await cp.wait_until(
+        lambda: len([c for c in cp.connections if c.agent_id == AGENT_ID]) >= 2,
+        within=scaled(WAIT),
+    )
+
+
+async def test_rate_limit_is_per_agent_across_connections(
+    cp: IndependentControlPlane, start_agent: AgentStarter
+) -> None:
+    """§5.2 check 0a: the token bucket belongs to the agent process, not to a connection:
+    reconnecting does not refill it."""
+    driver = RecordingDriver()
+    await start_agent(port=cp.port, driver=driver, command_rate=0.01, command_burst=2)
+    first = await cp.wait_connection(AGENT_ID, within=scaled(WAIT))
+    for _ in range(2):
+        delivery = await cp.command(AGENT_ID, "collect_metrics", {"targets": ["host"]})
+        await cp.wait_final(AGENT_ID, delivery.ref, within=scaled(WAIT))
+    await cp.drop(first)
+    second = await cp.wait_until(
+        lambda: next(
+            (c for c in cp.connections if c is not first and c.ready and not c.closed.is_set()),
+            None,
+        ),
+        within=scaled(WAIT),
+    )
+    assert second is not first
+    delivery = await cp.command(AGENT_ID, "collect_metrics", {"targets": ["host"]})
+    refused = await cp.wait_rejection(AGENT_ID, delivery.ref, within=scaled(WAIT))
+    assert refused["reason"] == "rate_limited"
+    assert len(driver.calls) == 2
+
+
+async def test_forbidden_ip_literal_under_a_broad_rule_is_refused_on_arrival(
+    cp: IndependentControlPlane, start_agent: AgentStarter
+) -> None:
+    """§13.2: an IP-literal target that is forbidden (the metadata service) and covered only by
+    a broad rule is ``rejected`` / ``policy_denied`` when the grant arrives: nothing is dialed."""
+    policy = (
+        "version = 1\n[open_stream]\nallow = true\n"
+        'targets = ["0.0.0.0/0:1-65535", "[::/0]:1-65535"]\nmax_duration = 600\n'
+    )
+    driver = RecordingDriver()
+    await start_agent(port=cp.port, driver=driver, policy=policy)
+    await cp.wait_connection(AGENT_ID, within=scaled(WAIT))
+    for target in ("169.254.169.254:80", "[64:ff9b::a9fe:a9fe]:80", "[fe80::1]:80"):
+        delivery = await cp.command(AGENT_ID, "open_stream", {"target": target, "max_duration": 60})
+        final = await cp.wait_final(AGENT_ID, delivery.ref, within=scaled(WAIT))
+        assert final.states == ["received", "rejected"], target
+        last = final.last_status
+        assert last is not None
+        assert last["reason"] == "policy_denied", target

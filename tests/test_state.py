@@ -36,7 +36,8 @@ def token(jti: str = "j-1", *, exp: float = NOW + 300, iat: float = NOW) -> Veri
         iat=iat,
         nbf=iat,
         exp=exp,
-        cmd={"type": "scale", "params": {"replicas": 3}},
+        command_type="scale",
+        params={"replicas": 3},
         token_sha256="ab" * 32,
     )
 
@@ -56,9 +57,7 @@ def state(db_path: Path) -> Iterator[AgentState]:
 def claim(
     store: AgentState, jti: str = "j-1", *, ref: str = "d-1", now: float = NOW, **kw: Any
 ) -> CommandRow | None:
-    return store.claim(
-        token(jti, **kw), ref=ref, command_type="scale", params={"replicas": 3}, now=now
-    )
+    return store.claim(token(jti, **kw), ref=ref, now=now)
 
 
 def round_trip(row: OutboxRow) -> Status | DeliveryRejected:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent.commands import OpenStream, parse_command
@@ -84,20 +84,49 @@ def test_bad_rules_are_refused(text: str) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(st.ip_addresses())
+@example(ipaddress.ip_address("64:ff9b::a9fe:a9fe"))
+@example(ipaddress.ip_address("64:ff9b:1::a9fe:1"))
+@example(ipaddress.ip_address("::169.254.169.254"))
+@example(ipaddress.ip_address("::ffff:0:a9fe:a9fe"))
+@example(ipaddress.ip_address("64:ff9b::a00:1"))
 def test_forbidden_is_exactly_link_local_and_the_metadata_service(
     address: ipaddress.IPv4Address | ipaddress.IPv6Address,
 ) -> None:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        effective: ipaddress.IPv4Address | ipaddress.IPv6Address = address.ipv4_mapped
+    """Link-local and the metadata service, also inside the IPv6 forms that carry an IPv4
+    address in their last 32 bits and reach it (mapped, NAT64 /96, compatible, translated)."""
+    link_local = ipaddress.ip_network("169.254.0.0/16")
+    if address.version == 4:
+        expected = address in link_local
     else:
-        effective = address
-    expected = (
-        effective in ipaddress.ip_network("169.254.0.0/16")
-        if effective.version == 4
-        else effective in ipaddress.ip_network("fe80::/10")
-        or effective == ipaddress.ip_address("fd00:ec2::254")
-    )
+        carried = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        carrier = int(address) >> 32
+        carriers = {0xFFFF, 0x64FF9B << 64, (0x64FF9B << 64) | (1 << 48), 0, 0xFFFF << 16}
+        expected = (
+            (carrier in carriers and carried in link_local)
+            or address in ipaddress.ip_network("fe80::/10")
+            or address == ipaddress.ip_address("fd00:ec2::254")
+        )
     assert forbidden(address) is expected
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["2852039166", "127.1", "0xa9.0xfe.0xa9.0xfe", "0251.0376.0251.0376", "010.0.0.1", "0x7f000001",
+     "169.254.43518", "db.123", "1.2.3.4.5", "127.0.0.1."],
+)  # fmt: skip
+def test_numeric_host_forms_are_not_host_names(host: str) -> None:
+    """What a resolver reads as an IPv4 address is refused as a host name, in a grant and in a
+    rule alike: ``2852039166`` is 169.254.169.254 (docs/PROTOCOL.md §13.1)."""
+    with pytest.raises(TargetError, match="dotted-decimal"):
+        parse_target(f"{host}:80")
+    with pytest.raises(TargetError, match="dotted-decimal"):
+        parse_rule(f"{host}:80")
+
+
+@pytest.mark.parametrize("host", ["1e100.net", "0x.example", "db-1.internal", "123abc.example"])
+def test_names_with_digits_are_still_host_names(host: str) -> None:
+    assert parse_target(f"{host}:80").address is None
+    assert parse_rule(f"{host}:80").name == host
 
 
 def _policy(*rules: str, max_duration: int = 600, approval: bool = False) -> Policy:
@@ -128,6 +157,9 @@ def _grant(target: str, max_duration: int = 60) -> OpenStream:
         (("[::/0]:1-65535",), "[fd00:ec2::254]:80", Verdict.DENY),
         (("[::/0]:1-65535",), "[fe80::1]:80", Verdict.DENY),
         (("0.0.0.0/0:80",), "[::ffff:169.254.169.254]:80", Verdict.DENY),
+        (("[::/0]:1-65535",), "[64:ff9b::a9fe:a9fe]:80", Verdict.DENY),  # NAT64
+        (("[::/0]:1-65535",), "[::169.254.169.254]:80", Verdict.DENY),  # IPv4-compatible
+        (("[64:ff9b::a9fe:a9fe/128]:80",), "[64:ff9b::a9fe:a9fe]:80", Verdict.ALLOW),  # named
         (("db.internal:5432",), "DB.internal:5432", Verdict.ALLOW),
         (("db.internal:5432",), "db.internal.evil.example:5432", Verdict.DENY),
         (("10.0.0.0/8:5432",), "db.internal:5432", Verdict.DENY),  # names need name rules

@@ -136,7 +136,8 @@ def test_valid_token(verifier: CommandVerifier, key: Ed25519PrivateKey) -> None:
         iat=float(NOW),
         nbf=float(NOW),
         exp=float(NOW + 300),
-        cmd={"type": "scale", "params": {"replicas": 3}},
+        command_type="scale",
+        params={"replicas": 3},
         token_sha256=hashlib.sha256(token.encode()).hexdigest(),
     )
 
@@ -670,7 +671,7 @@ def test_stub_signer_token_accepted_by_verifier(pki: PKIPaths, verifier: Command
     )
     result = verifier.verify(signed.token, now=NOW + 1)
     assert result.jti == "j-1"
-    assert result.cmd == {"type": "scale", "params": {"replicas": 2}}
+    assert (result.command_type, result.params) == ("scale", {"replicas": 2})
     assert result.exp == signed.exp
 
 
