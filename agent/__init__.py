@@ -17,7 +17,7 @@ Sans-I/O core (plain functions and classes: bytes, time and state in, decisions 
 I/O layer (asyncio, sockets, files, processes):
     audit_log, state, tls, tunnel, executor, control_socket, sdnotify, daemon, cli, drivers.*
 
-The exception tree lives in :mod:`agent.errors`.
+The exception tree lives in :mod:`agent.core.errors`.
 """
 
 __version__ = "0.1.0"

@@ -28,15 +28,16 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from agent import __version__, event_loop
-from agent.audit_log import verify_file
+from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH, load_config
-from agent.control_socket import request
+from agent.core.errors import AgentError, AuditIntegrityError, ConfigError, PolicyError
+from agent.core.verifier import jwk_thumbprint
 from agent.daemon import Agent
-from agent.errors import AgentError, AuditIntegrityError, ConfigError, PolicyError
+from agent.io import event_loop
+from agent.io.audit_file import verify_file
+from agent.io.control_socket import request
+from agent.io.policy_file import read_policy
 from agent.logs import configure_logging
-from agent.policy_file import read_policy
-from agent.verifier import jwk_thumbprint
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

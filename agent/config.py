@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
 
-from agent.backoff import BackoffSettings
-from agent.errors import ConfigError
-from agent.event_loop import EVENT_LOOPS
-from agent.proxy_url import normalize_proxy_url
-from agent.session import HeartbeatSettings
-from agent.streams import StreamSettings
-from agent.targets import TargetError, parse_listen
-from agent.toml_tables import Table
+from agent.core.backoff import BackoffSettings
+from agent.core.errors import ConfigError
+from agent.core.session import HeartbeatSettings
+from agent.core.targets import TargetError, parse_listen
+from agent.core.toml_tables import Table
+from agent.io.event_loop import EVENT_LOOPS
+from agent.io.proxy_url import normalize_proxy_url
+from agent.io.streams import StreamSettings
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/byoc-agent/agent.toml")
 AGENT_ID_PATTERN: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -96,9 +96,9 @@ class AgentConfig:
     driver_settings: Mapping[str, object]
     streams: StreamSettings = field(default_factory=StreamSettings)
     event_loop: str = "asyncio"
-    """``asyncio`` or ``uvloop`` (the ``fast`` extra): agent/event_loop.py."""
+    """``asyncio`` or ``uvloop`` (the ``fast`` extra): agent/io/event_loop.py."""
     health_listen: tuple[str, int] | None = ("127.0.0.1", 9464)
-    """Where /healthz, /readyz and /metrics are served (agent/health.py); None: nowhere."""
+    """Where /healthz, /readyz and /metrics are served (agent/io/health.py); None: nowhere."""
 
 
 def _path(base: Path, value: str) -> Path:
@@ -156,7 +156,7 @@ def _connect_to(value: str | None, default_port: int) -> tuple[str, int] | None:
 def _proxy(value: str, *, replaced: bool) -> str:
     if value in ("environment", "none"):
         return value
-    # Checked again (and the credentials file applied) for every connection: agent/egress.py.
+    # Checked again (and the credentials file applied) for every connection: agent/io/egress.py.
     return normalize_proxy_url(value, source="control_plane.proxy", credentials_replaced=replaced)
 
 
@@ -247,7 +247,7 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
     log_level = agent.string("log_level", "info")
     event_loop = agent.string("event_loop", "asyncio")
     if event_loop not in EVENT_LOOPS:
-        raise ConfigError(f"agent.event_loop must be one of {EVENT_LOOPS}")
+        raise ConfigError(f"agent.io.event_loop must be one of {EVENT_LOOPS}")
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"agent.log_level must be one of {LOG_LEVELS}")
     if not root.has("control_plane"):

@@ -32,29 +32,29 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from cryptography.x509 import load_pem_x509_certificate
 
 from agent import __version__
-from agent.audit_log import AuditLog
-from agent.commands import COMMAND_TYPES
 from agent.config import AgentConfig
-from agent.control_socket import ControlSocketServer
+from agent.core.commands import COMMAND_TYPES
+from agent.core.errors import AgentError, AuditError, CommandRejected, ConfigError
+from agent.core.frames import MAX_FRAME_TO_AGENT, PROTOCOL_VERSION, Hello, KeySetStatus
+from agent.core.targets import is_loopback_host
+from agent.core.trust import KeyRing, KeySetRejected, key_from_jwk, public_jwk, read_keyset
+from agent.core.verifier import CommandVerifier, TrustedKeys, VerifierSettings, jwk_thumbprint
 from agent.drivers import load_driver_factory
 from agent.drivers.base import Driver, DriverEnvironment
-from agent.errors import AgentError, AuditError, CommandRejected, ConfigError
 from agent.executor import CommandLimits, CommandProcessor, DeliveryOutcome, Operator
-from agent.frames import MAX_FRAME_TO_AGENT, PROTOCOL_VERSION, Hello, KeySetStatus
-from agent.health import HealthServer
-from agent.keyset import KeyRing, KeySetRejected, key_from_jwk, public_jwk, read_keyset
-from agent.metrics import Snapshot
-from agent.metrics import render as render_metrics
-from agent.policy_file import PolicyFile
-from agent.receipts import ReceiptKeyFiles
-from agent.renewal import CertificateRenewer
-from agent.sdnotify import SystemdNotifier, run_watchdog
-from agent.state import AgentState
-from agent.streams import StreamManager
-from agent.targets import is_loopback_host
-from agent.tls import certificate_common_name, check_private_key_file, client_context
-from agent.tunnel import Tunnel
-from agent.verifier import CommandVerifier, TrustedKeys, VerifierSettings, jwk_thumbprint
+from agent.io.audit_file import AuditLog
+from agent.io.control_socket import ControlSocketServer
+from agent.io.health import HealthServer
+from agent.io.metrics import Snapshot
+from agent.io.metrics import render as render_metrics
+from agent.io.policy_file import PolicyFile
+from agent.io.receipt_keys import ReceiptKeyFiles
+from agent.io.renewal import CertificateRenewer
+from agent.io.sdnotify import SystemdNotifier, run_watchdog
+from agent.io.store import AgentState
+from agent.io.streams import StreamManager
+from agent.io.tls import certificate_common_name, check_private_key_file, client_context
+from agent.io.tunnel import Tunnel
 
 HOUSEKEEPING_INTERVAL: Final = 60.0
 FLUSH_ON_STOP: Final = 5.0

@@ -16,10 +16,10 @@ import httpx
 from cryptography import x509
 
 from agent.config import AGENT_ID_PATTERN
-from agent.errors import AgentError
-from agent.files import write_atomic
-from agent.renewal import new_key_and_csr, private_key_pem
-from agent.tls import common_name, verify_context
+from agent.core.errors import AgentError
+from agent.io.files import write_atomic
+from agent.io.renewal import new_key_and_csr, private_key_pem
+from agent.io.tls import common_name, verify_context
 
 ENROLL_TIMEOUT = 30.0
 

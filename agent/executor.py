@@ -31,18 +31,18 @@ from typing import Any, Final, Literal
 
 import structlog
 
-from agent.audit_log import AuditLog
-from agent.commands import CollectMetrics, Command, OpenStream, Scale, Upgrade, parse_command
+from agent.core.commands import CollectMetrics, Command, OpenStream, Scale, Upgrade, parse_command
+from agent.core.errors import AuditError, CommandRejected, DriverError, StateError
+from agent.core.frames import FINAL_STATES
+from agent.core.limits import TokenBucket
+from agent.core.policy import Decision, Policy, Verdict
+from agent.core.receipts import ReceiptInvalid, ReceiptSigner
+from agent.core.results import fit_result, well_formed
+from agent.core.verifier import CommandVerifier, TrustedKeys, peek, token_sha256
 from agent.drivers.base import Driver, ExecContext
-from agent.errors import AuditError, CommandRejected, DriverError, StateError
-from agent.frames import FINAL_STATES
-from agent.limits import TokenBucket
-from agent.policy import Decision, Policy, Verdict
-from agent.receipts import ReceiptInvalid, ReceiptSigner
-from agent.results import fit_result, well_formed
-from agent.state import AgentState, CommandRow
-from agent.streams import StreamManager
-from agent.verifier import CommandVerifier, TrustedKeys, peek, token_sha256
+from agent.io.audit_file import AuditLog
+from agent.io.store import AgentState, CommandRow
+from agent.io.streams import StreamManager
 
 DeliveryOutcome = Literal["accepted", "deferred", "refused"]
 BENIGN_REFUSALS: Final = frozenset({"shutting_down", "busy", "rate_limited", "duplicate_delivery"})

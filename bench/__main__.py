@@ -19,8 +19,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Final
 
-from agent import event_loop
-from agent.event_loop import EVENT_LOOPS
+from agent.io import event_loop
+from agent.io.event_loop import EVENT_LOOPS
 from agent.logs import configure_logging
 from bench import suites
 from bench.harness import Workspace

@@ -3,7 +3,7 @@
 The stub is the real ``cp-stub serve`` in its own process (so its RSS is its own). The agents
 are *fleet clients*: minimal, protocol-complete agents — their own certificate and key each,
 mutual TLS, ``hello``/``welcome``, protocol heartbeats both ways, reconnection with the agent's
-own capped, fully jittered backoff (agent/backoff.py, default settings) — without the state,
+own capped, fully jittered backoff (agent/core/backoff.py, default settings) — without the state,
 audit log and executor of a full agent, so that thousands fit in two worker processes. They
 report how many of them are connected as JSON lines on stdout.
 
@@ -25,10 +25,8 @@ from pathlib import Path
 
 from websockets.asyncio.client import connect
 
-from agent import event_loop
-from agent.backoff import Backoff, BackoffSettings
-from agent.event_loop import EVENT_LOOPS
-from agent.frames import (
+from agent.core.backoff import Backoff, BackoffSettings
+from agent.core.frames import (
     MAX_FRAME_TO_AGENT,
     PROTOCOL_VERSION,
     TO_AGENT,
@@ -38,7 +36,9 @@ from agent.frames import (
     decode,
     encode,
 )
-from agent.tls import client_context
+from agent.io import event_loop
+from agent.io.event_loop import EVENT_LOOPS
+from agent.io.tls import client_context
 from certs.pki import PKIPaths, issue_agent_cert
 
 HEARTBEAT = 15.0

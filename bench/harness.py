@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import psutil
 
-from agent.session import HeartbeatSettings
+from agent.core.session import HeartbeatSettings
 from certs.pki import PKIPaths, init_pki
 from control_plane_stub.server import StubConfig, StubServer
 

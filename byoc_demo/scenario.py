@@ -39,7 +39,7 @@ from typing import Any, TextIO
 import psutil
 
 from agent.config import load_config
-from agent.targets import TargetError, is_loopback_host, parse_listen
+from agent.core.targets import TargetError, is_loopback_host, parse_listen
 from byoc_demo.layout import BROKEN_VERSION, DEMO_AGENT_ID, DemoPaths, write_agent_files
 from control_plane_stub.client import StubClient
 from control_plane_stub.errors import ApiError

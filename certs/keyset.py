@@ -17,8 +17,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.keyset import KEYSET_TYP, public_jwk
-from agent.verifier import jwk_thumbprint
+from agent.core.trust import KEYSET_TYP, public_jwk
+from agent.core.verifier import jwk_thumbprint
 from certs.errors import PKIError
 from certs.pki import _write_private_key, _write_public
 

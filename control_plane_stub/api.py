@@ -40,11 +40,11 @@ from typing import Any, Final
 import jwt
 from aiohttp import web
 
-from agent.commands import MAX_STREAM_DURATION
 from agent.config import AGENT_ID_PATTERN
-from agent.frames import MAX_TOKEN_CHARS
-from agent.session import CloseCode
-from agent.verifier import peek
+from agent.core.commands import MAX_STREAM_DURATION
+from agent.core.frames import MAX_TOKEN_CHARS
+from agent.core.session import CloseCode
+from agent.core.verifier import peek
 from control_plane_stub.enrollment import TOKEN_TTL, CertificateAuthority
 from control_plane_stub.errors import (
     BadRequest,

@@ -36,11 +36,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from agent import event_loop
-from agent.errors import ConfigError
-from agent.event_loop import EVENT_LOOPS
+from agent.core.errors import ConfigError
+from agent.core.session import HeartbeatSettings
+from agent.io import event_loop
+from agent.io.event_loop import EVENT_LOOPS
 from agent.logs import configure_logging
-from agent.session import HeartbeatSettings
 from certs.pki import PKIPaths
 from control_plane_stub.client import StubClient, default_api_url, describe
 from control_plane_stub.errors import StubError
@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--event-loop",
         default="asyncio",
         choices=EVENT_LOOPS,
-        help="uvloop: faster, needs the 'fast' extra (agent/event_loop.py)",
+        help="uvloop: faster, needs the 'fast' extra (agent/io/event_loop.py)",
     )
     p.set_defaults(func=cmd_serve, client=False)
 

@@ -29,7 +29,7 @@ import structlog
 from aiohttp import web
 from cryptography import x509
 
-from agent import sqlite_db
+from agent.io import sqlite_db
 from certs.issuing import CSRRejected, certificate_pem, issue_from_csr, parse_csr
 from certs.pki import PKIPaths
 from control_plane_stub.errors import BadRequest, StubError

@@ -20,8 +20,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from agent.config import AGENT_ID_PATTERN
-from agent.errors import ProtocolError, TLSRejected
-from agent.frames import (
+from agent.core.errors import ProtocolError, TLSRejected
+from agent.core.frames import (
     MAX_FRAME_TO_CONTROL_PLANE,
     PROTOCOL_VERSION,
     TO_CONTROL_PLANE,
@@ -43,9 +43,9 @@ from agent.frames import (
     decode,
     encode,
 )
-from agent.receipts import ReceiptInvalid, result_sha256, verify_receipt
-from agent.session import CloseCode, HeartbeatSettings, HeartbeatTimer
-from agent.tls import PeerCertificate
+from agent.core.receipts import ReceiptInvalid, result_sha256, verify_receipt
+from agent.core.session import CloseCode, HeartbeatSettings, HeartbeatTimer
+from agent.io.tls import PeerCertificate
 from control_plane_stub.enrollment import CertificateAuthority, EnrollmentRefused
 from control_plane_stub.store import StubStore
 

@@ -15,12 +15,12 @@ from cryptography import x509
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from agent.errors import TLSRejected
-from agent.frames import MAX_FRAME_TO_CONTROL_PLANE
-from agent.session import HeartbeatSettings
-from agent.splice import STREAM_QUEUE
-from agent.targets import is_loopback_host
-from agent.tls import PeerCertificate, enrollment_server_context, server_context
+from agent.core.errors import TLSRejected
+from agent.core.frames import MAX_FRAME_TO_CONTROL_PLANE
+from agent.core.session import HeartbeatSettings
+from agent.core.targets import is_loopback_host
+from agent.io.splice import STREAM_QUEUE
+from agent.io.tls import PeerCertificate, enrollment_server_context, server_context
 from certs.pki import PKIPaths
 from control_plane_stub.api import OperatorApi
 from control_plane_stub.enrollment import CERT_LIFETIME, CertificateAuthority, enrollment_app

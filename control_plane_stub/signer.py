@@ -14,7 +14,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from agent.verifier import COMMAND_TYP, jwk_thumbprint
+from agent.core.verifier import COMMAND_TYP, jwk_thumbprint
 from control_plane_stub.errors import StubConfigError
 
 DEFAULT_TTL: Final = 300

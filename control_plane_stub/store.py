@@ -17,8 +17,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
-from agent import sqlite_db
-from agent.frames import FINAL_STATES, DeliveryRejected, Status
+from agent.core.frames import FINAL_STATES, DeliveryRejected, Status
+from agent.io import sqlite_db
 from control_plane_stub.errors import BadRequest, StubError, UnknownCommand
 
 RANK: Final = {

@@ -6,7 +6,7 @@ accepted on it becomes one stream: the stub signs an ``open_stream`` grant for t
 stream id), queues it like any command, and waits until the agent dials
 ``/v1/agent/streams/<jti>`` with the certificate of that same agent, or until the grant ends
 without a stream (refused by the policy, denied, expired, target unreachable). Then bytes flow
-between the local connection and the agent's stream connection (agent/splice.py).
+between the local connection and the agent's stream connection (agent/io/splice.py).
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from typing import Any, Final
 import structlog
 from websockets.asyncio.server import ServerConnection
 
-from agent.splice import Splice
-from agent.targets import (
+from agent.core.targets import (
     TargetError,
     format_host_port,
     is_loopback_host,
     parse_listen,
     parse_target,
 )
+from agent.io.splice import Splice
 from control_plane_stub.errors import BadRequest, UnknownCommand, UnknownForward
 from control_plane_stub.hub import Hub
 from control_plane_stub.signer import CommandSigner

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from agent.config import AgentConfig, load_config
+from agent.core.session import HeartbeatSettings
 from agent.daemon import Agent
 from agent.drivers.base import Driver
-from agent.session import HeartbeatSettings
 from byoc_demo.layout import DemoPaths, write_agent_files
 from certs.pki import PKIPaths, init_pki
 from control_plane_stub.client import StubClient

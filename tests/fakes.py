@@ -11,8 +11,8 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from agent.core.errors import DriverError
 from agent.drivers.base import ExecContext
-from agent.errors import DriverError
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """A misbehaving control plane: a test double that sends what the real stub never would.
 
-It speaks the real wire format (:mod:`agent.frames`) over a real WebSocket with real mutual TLS
+It speaks the real wire format (:mod:`agent.core.frames`) over a real WebSocket with real mutual TLS
 on loopback (server certificate from the test PKI, client certificates required from the agent
 CA, path ``/v1/agent``, exactly like :mod:`control_plane_stub.server`), and completes the real
 handshake: it reads the agent's ``hello`` and answers ``welcome`` with the agent id taken from
@@ -27,8 +27,8 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from agent.errors import ProtocolError, TLSRejected
-from agent.frames import (
+from agent.core.errors import ProtocolError, TLSRejected
+from agent.core.frames import (
     MAX_FRAME_TO_CONTROL_PLANE,
     PROTOCOL_VERSION,
     TO_CONTROL_PLANE,
@@ -45,8 +45,8 @@ from agent.frames import (
     decode,
     encode,
 )
-from agent.session import CloseCode
-from agent.tls import PeerCertificate, server_context
+from agent.core.session import CloseCode
+from agent.io.tls import PeerCertificate, server_context
 from certs.pki import PKIPaths
 
 AGENT_PATH: Final = "/v1/agent"

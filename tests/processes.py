@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from agent.audit_log import verify_file
-from agent.state import AgentState
+from agent.io.audit_file import verify_file
+from agent.io.store import AgentState
 from certs.pki import PKIPaths
 from control_plane_stub.client import StubClient
 from tests.conftest import scaled

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.audit_log import verify_file
+from agent.io.audit_file import verify_file
 from byoc_demo.layout import BROKEN_VERSION, DemoPaths, write_agent_files
 from certs.pki import PKIPaths
 from control_plane_stub.client import StubClient

@@ -14,13 +14,14 @@ import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from agent.audit_chain import ChainHead, make_record, verify_lines
-from agent.audit_log import AuditLog, verify_file
-from agent.canonical import canonicalize
 from agent.cli import main as agent_cli
-from agent.errors import AuditIntegrityError
-from agent.frames import Status
-from agent.receipts import ReceiptInvalid, ReceiptSigner, result_sha256, verify_receipt
+from agent.core.audit_chain import ChainHead, make_record, verify_lines
+from agent.core.canonical import canonicalize
+from agent.core.errors import AuditIntegrityError
+from agent.core.frames import Status
+from agent.core.receipts import ReceiptInvalid, ReceiptSigner, result_sha256, verify_receipt
+from agent.io.audit_file import AuditLog, verify_file
+from agent.io.receipt_keys import signer_from_files
 from certs.pki import PKIPaths
 from control_plane_stub.cli import main as stub_cli
 from control_plane_stub.client import StubClient
@@ -73,8 +74,8 @@ def test_a_receipt_from_another_key_or_for_another_report_is_not_valid(
     cert = x509.load_pem_x509_certificate(pki.agent_cert("agent-1").read_bytes())
     store.remember_certificate("agent-1", "sha", cert.public_bytes(Encoding.DER))
     hub = Hub(store, HubSettings(), structlog.get_logger())
-    own = ReceiptSigner.from_files("agent-1", pki.agent_cert("agent-1"), pki.agent_key("agent-1"))
-    other = ReceiptSigner.from_files("agent-1", pki.agent_cert("agent-2"), pki.agent_key("agent-2"))
+    own = signer_from_files("agent-1", pki.agent_cert("agent-1"), pki.agent_key("agent-1"))
+    other = signer_from_files("agent-1", pki.agent_cert("agent-2"), pki.agent_key("agent-2"))
     result = {"replicas": 2}
 
     def status(signer: ReceiptSigner, state: str = "succeeded") -> Status:
@@ -98,7 +99,7 @@ def test_a_receipt_for_another_time_is_a_mismatch(tmp_path: Path, pki: PKIPaths)
     cert = x509.load_pem_x509_certificate(pki.agent_cert("agent-1").read_bytes())
     store.remember_certificate("agent-1", "sha", cert.public_bytes(Encoding.DER))
     hub = Hub(store, HubSettings(), structlog.get_logger())
-    own = ReceiptSigner.from_files("agent-1", pki.agent_cert("agent-1"), pki.agent_key("agent-1"))
+    own = signer_from_files("agent-1", pki.agent_cert("agent-1"), pki.agent_key("agent-1"))
     result = {"replicas": 3}
     receipt = own.sign(jti="j", ref="r", state="succeeded", reason=None, result=result, at=1000.0)
 
@@ -127,7 +128,7 @@ def test_a_receipt_is_kept_only_with_the_report_held_for_the_command(
         command_type="scale",
         params={"replicas": 3},
     )
-    own = ReceiptSigner.from_files("agent-1", pki.agent_cert("agent-1"), pki.agent_key("agent-1"))
+    own = signer_from_files("agent-1", pki.agent_cert("agent-1"), pki.agent_key("agent-1"))
 
     def status(state: str, result: dict[str, object], *, signed: bool = True) -> Status:
         receipt = own.sign(jti="j", ref="r", state=state, reason=None, result=result, at=5.0)

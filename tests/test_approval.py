@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from agent.audit_log import verify_file
 from agent.cli import main as agent_cli
-from agent.control_socket import request
+from agent.io.audit_file import verify_file
+from agent.io.control_socket import request
 from byoc_demo.layout import REFERENCE_POLICY
 from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubServer

@@ -1,4 +1,4 @@
-"""Tests of the hash-chained audit records (agent.audit_chain) and the log file (audit_log)."""
+"""Tests of the hash-chained audit records (agent.core.audit_chain) and the log file (audit_log)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.audit_chain import (
+from agent.core.audit_chain import (
     GENESIS,
     RESERVED,
     ChainHead,
@@ -22,8 +22,8 @@ from agent.audit_chain import (
     record_hash,
     verify_lines,
 )
-from agent.audit_log import AuditLog, utc_timestamp, verify_file
-from agent.errors import AuditError, AuditIntegrityError
+from agent.core.errors import AuditError, AuditIntegrityError
+from agent.io.audit_file import AuditLog, utc_timestamp, verify_file
 
 TS = "2026-11-23T10:00:00.123456Z"
 

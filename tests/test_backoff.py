@@ -1,4 +1,4 @@
-"""Tests of reconnection delays (agent.backoff): capped exponential backoff with full jitter."""
+"""Reconnection delays (agent.core.backoff): capped exponential backoff with full jitter."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from agent.backoff import Backoff, BackoffSettings
+from agent.core.backoff import Backoff, BackoffSettings
 
 SETTINGS = BackoffSettings(base=1.0, cap=60.0, tls_rejected=300.0)
 

@@ -23,10 +23,10 @@ import pytest
 import structlog
 
 from agent.config import load_config
+from agent.core.session import HeartbeatSettings
 from agent.daemon import Agent
 from agent.drivers.base import DriverEnvironment, ExecContext
 from agent.drivers.journal import JournalDriver
-from agent.session import HeartbeatSettings
 from byoc_demo.layout import DemoPaths
 from certs.pki import PKIPaths
 from control_plane_stub.client import StubClient

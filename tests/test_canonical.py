@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.canonical import canonicalize, number
+from agent.core.canonical import canonicalize, number
 
 
 def ieee(hex_bits: str) -> float:

@@ -10,9 +10,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from agent.audit_log import AuditLog
 from agent.cli import main as agent_cli
-from agent.verifier import COMMAND_TYP, jwk_thumbprint
+from agent.core.verifier import COMMAND_TYP, jwk_thumbprint
+from agent.io.audit_file import AuditLog
 from byoc_demo.layout import REFERENCE_POLICY
 from certs.pki import PKIPaths
 from control_plane_stub.cli import main as stub_cli

@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.commands import COMMAND_TYPES, parse_command
-from agent.errors import CommandRejected
-from agent.verifier import (
+from agent.core.commands import COMMAND_TYPES, parse_command
+from agent.core.errors import CommandRejected
+from agent.core.verifier import (
     COMMAND_TYP,
     CommandVerifier,
     TrustedKeys,

@@ -1,4 +1,4 @@
-"""Tests of command parsing (agent.commands): typed commands out, strict parameters."""
+"""Tests of command parsing (agent.core.commands): typed commands out, strict parameters."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from agent.commands import (
+from agent.core.commands import (
     COMMAND_TYPES,
     DEFAULT_METRICS_TARGETS,
     MAX_REPLICAS,
@@ -17,7 +17,7 @@ from agent.commands import (
     Upgrade,
     parse_command,
 )
-from agent.errors import CommandRejected
+from agent.core.errors import CommandRejected
 
 
 def rejection(cmd: object) -> CommandRejected:

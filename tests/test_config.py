@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from agent.backoff import BackoffSettings
 from agent.config import (
     AgentConfig,
     ControlPlaneConfig,
@@ -14,8 +13,9 @@ from agent.config import (
     load_config,
     parse_config,
 )
-from agent.errors import ConfigError
-from agent.session import HeartbeatSettings
+from agent.core.backoff import BackoffSettings
+from agent.core.errors import ConfigError
+from agent.core.session import HeartbeatSettings
 
 CONTROL_PLANE = """
 [control_plane]

@@ -6,7 +6,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from agent.audit_log import verify_file
+from agent.io.audit_file import verify_file
 from tests.conftest import scaled
 
 

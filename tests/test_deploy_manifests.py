@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from agent.config import parse_config
+from agent.core.policy import Policy
 from agent.drivers.kubernetes import KubernetesSettings
-from agent.policy import Policy
 from tests.processes import REPO
 
 DEPLOY = REPO / "deploy" / "kubernetes"

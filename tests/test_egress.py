@@ -21,14 +21,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from websockets.exceptions import InvalidProxy
 
-from agent.audit_log import AuditLog
 from agent.config import ControlPlaneConfig, TunnelConfig, parse_config
-from agent.egress import Route, redact_url, route_for
-from agent.errors import ConfigError
-from agent.frames import Hello
-from agent.proxy_url import normalize_proxy_url, scrub
-from agent.state import AgentState
-from agent.tunnel import Tunnel
+from agent.core.errors import ConfigError
+from agent.core.frames import Hello
+from agent.io.audit_file import AuditLog
+from agent.io.egress import Route, redact_url, route_for
+from agent.io.proxy_url import normalize_proxy_url, scrub
+from agent.io.store import AgentState
+from agent.io.tunnel import Tunnel
 from certs.pki import PKIPaths, issue_agent_cert
 from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubServer
@@ -524,7 +524,7 @@ async def test_an_error_text_quoting_the_proxy_url_is_scrubbed(
     async def connect(*_args: object, proxy: str, **_kwargs: object) -> None:
         raise InvalidProxy(proxy, "hostile library text; password pw-SECRET")
 
-    monkeypatch.setattr("agent.tunnel.connect", connect)
+    monkeypatch.setattr("agent.io.tunnel._ConnectWithoutRedirects", connect)
     tunnel = offline_tunnel(tmp_path, control_plane(tmp_path, proxy=url))
     shown = await attempt_once(tunnel)
     assert tunnel.last_error is not None

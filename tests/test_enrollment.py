@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import serialization
 from agent.config import load_config
 from agent.daemon import Agent
 from agent.enroll import EnrollmentFailed, enroll
-from agent.files import write_atomic
-from agent.renewal import Validity, new_key_and_csr, private_key_pem, renewal_due
+from agent.io.files import write_atomic
+from agent.io.renewal import Validity, new_key_and_csr, private_key_pem, renewal_due
 from byoc_demo.layout import DemoPaths, write_agent_files
 from certs.issuing import issue_from_csr, parse_csr
 from certs.pki import PKIPaths

@@ -1,4 +1,4 @@
-"""The optional uvloop event loop (agent/event_loop.py)."""
+"""The optional uvloop event loop (agent/io/event_loop.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import event_loop
 from agent.config import load_config
-from agent.errors import ConfigError
+from agent.core.errors import ConfigError
+from agent.io import event_loop
 from byoc_demo.layout import write_agent_files
 
 

@@ -1,4 +1,4 @@
-"""Tests of the wire codec (agent.frames): round trips, direction sets, size and shape rules."""
+"""Wire codec (agent.core.frames): round trips, direction sets, size and shape rules."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import FrameTooLarge, MalformedFrame, ProtocolError
-from agent.frames import (
+from agent.core.errors import FrameTooLarge, MalformedFrame, ProtocolError
+from agent.core.frames import (
     COMMAND_STATES,
     MAX_FRAME_TO_AGENT,
     MAX_FRAME_TO_CONTROL_PLANE,

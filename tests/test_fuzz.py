@@ -1,21 +1,21 @@
 """Bounded fuzzing of the agent's sans-I/O core, and property tests of verifier and policy.
 
 1. A seeded, structure-aware fuzz run (:func:`test_fuzz_frames_and_session`): valid frames of
-   every type are built from the :mod:`agent.frames` dataclasses, encoded, then mutated (bytes
+   every type are built from the :mod:`agent.core.frames` dataclasses, encoded, then mutated (bytes
    flipped, inserted, deleted; members dropped, duplicated, retyped; deep nesting, huge numbers,
    unicode edge cases, truncation, oversize padding, random JSON) and fed to
-   :func:`agent.frames.decode` with both accept sets and their size limits, and to a READY
-   :class:`agent.session.AgentSession` (plus a fresh one still awaiting ``welcome``). The only
-   allowed outcomes are a frame or a :class:`agent.errors.ProtocolError` from the codec, and a
+   :func:`agent.core.frames.decode` with both accept sets and their size limits, and to a READY
+   :class:`agent.core.session.AgentSession` (plus a fresh one still awaiting ``welcome``). The only
+   allowed outcomes are a frame or a :class:`agent.core.errors.ProtocolError` from the codec, and a
    list of events from the session, which must agree with the codec and only ever queue frames
    a control plane accepts. (The session may close a connection after too many refused frames,
    docs/PROTOCOL.md §3; the run then goes on with a new READY session.)
 2. The same for tokens (:func:`test_fuzz_verifier_and_peek`): valid tokens from the stub's
    :class:`control_plane_stub.signer.CommandSigner`, mutated per segment (re-signed with the
    trusted key after a header or claims mutation, so the claim checks are reached too), fed to
-   :meth:`agent.verifier.CommandVerifier.verify` (a VerifiedToken, checked against an independent
-   oracle, or :class:`agent.errors.CommandRejected`) and :func:`agent.verifier.peek` (never
-   raises).
+   :meth:`agent.core.verifier.CommandVerifier.verify` (a VerifiedToken, checked against an
+   independent oracle, or :class:`agent.core.errors.CommandRejected`) and
+   :func:`agent.core.verifier.peek` (never raises).
 3. Hypothesis properties that tests/test_frames.py, test_verifier.py and test_policy.py do not
    already cover: the verifier on arbitrary JSON header/claims combinations (returns a
    VerifiedToken exactly for correctly signed, well-formed, in-window tokens), the policy parser
@@ -55,7 +55,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.commands import (
+from agent.core.commands import (
     COMMAND_TYPES,
     MAX_REPLICAS,
     TARGET_PATTERN,
@@ -67,8 +67,8 @@ from agent.commands import (
     Upgrade,
     parse_command,
 )
-from agent.errors import CommandRejected, PolicyError, ProtocolError
-from agent.frames import (
+from agent.core.errors import CommandRejected, PolicyError, ProtocolError
+from agent.core.frames import (
     COMMAND_STATES,
     ID_PATTERN,
     MAX_FRAME_TO_AGENT,
@@ -89,8 +89,8 @@ from agent.frames import (
     decode,
     encode,
 )
-from agent.policy import Decision, Policy, Verdict
-from agent.session import (
+from agent.core.policy import Decision, Policy, Verdict
+from agent.core.session import (
     Acked,
     AgentSession,
     CertificateIssued,
@@ -104,8 +104,8 @@ from agent.session import (
     Phase,
     Welcomed,
 )
-from agent.targets import allowed_by_name
-from agent.verifier import (
+from agent.core.targets import allowed_by_name
+from agent.core.verifier import (
     COMMAND_TYP,
     REQUIRED_CLAIMS,
     CommandVerifier,
@@ -654,7 +654,7 @@ def _fallback_value(annotation: str) -> object:
 
 
 def frame_classes() -> list[type[Frame]]:
-    """Every frame dataclass of agent.frames (found, so that a new frame type is fuzzed too)."""
+    """Every frame dataclass of agent.core.frames (found, so a new frame type is fuzzed too)."""
     found: list[type[Frame]] = []
     todo = list(Frame.__subclasses__())
     while todo:
@@ -1698,7 +1698,7 @@ def _parse_policy(data: bytes) -> Policy | PolicyError | Exception:
 
 def _check_policy_parse(data: bytes) -> None:
     """Policy.from_toml returns a consistent Policy or raises PolicyError, nothing else: the
-    agent keeps its previous policy on a PolicyError only (agent/policy_file.py), so any other
+    agent keeps its previous policy on a PolicyError only (agent/io/policy_file.py), so any other
     exception escapes into command processing, and ``byoc-agent policy check`` crashes."""
     parsed = _parse_policy(data)
     if isinstance(parsed, PolicyError):

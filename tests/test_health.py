@@ -1,4 +1,4 @@
-"""The health and metrics endpoint (agent/health.py, agent/metrics.py), on a real socket."""
+"""The health and metrics endpoint (agent/io/health.py, agent/io/metrics.py), on a real socket."""
 
 from __future__ import annotations
 

@@ -32,8 +32,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from agent.audit_log import verify_file
-from agent.frames import (
+from agent.core.frames import (
     FINAL_STATES,
     MAX_FRAME_TO_AGENT,
     PROTOCOL_VERSION,
@@ -44,8 +43,9 @@ from agent.frames import (
     Welcome,
     encode,
 )
-from agent.tunnel import WEBSOCKET_MAX_SIZE
-from agent.verifier import COMMAND_TYP, jwk_thumbprint
+from agent.core.verifier import COMMAND_TYP, jwk_thumbprint
+from agent.io.audit_file import verify_file
+from agent.io.tunnel import WEBSOCKET_MAX_SIZE
 from certs.pki import PKIPaths
 from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubServer

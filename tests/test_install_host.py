@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from agent.config import parse_config
+from agent.core.policy import Policy
 from agent.drivers.systemd import SystemdSettings
-from agent.policy import Policy
 from tests.processes import REPO
 
 

@@ -45,8 +45,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from websockets.exceptions import ConnectionClosed
 
-from agent.audit_log import verify_file
-from agent.frames import (
+from agent.core.frames import (
     FINAL_STATES,
     MAX_FRAME_TO_AGENT,
     PROTOCOL_VERSION,
@@ -61,8 +60,9 @@ from agent.frames import (
     Welcome,
     encode,
 )
-from agent.tunnel import WEBSOCKET_MAX_SIZE
-from agent.verifier import COMMAND_TYP, jwk_thumbprint
+from agent.core.verifier import COMMAND_TYP, jwk_thumbprint
+from agent.io.audit_file import verify_file
+from agent.io.tunnel import WEBSOCKET_MAX_SIZE
 from byoc_demo.layout import DEMO_ISSUER, DemoPaths, write_agent_files
 from certs.pki import PKIPaths
 from control_plane_stub.signer import CommandSigner

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.keyset import KeyRing, KeySetRejected, accept_keyset, read_keyset
-from agent.verifier import jwk_thumbprint
+from agent.core.trust import KeyRing, KeySetRejected, accept_keyset, read_keyset
+from agent.core.verifier import jwk_thumbprint
 from certs.cli import main as certs_cli
 from certs.keyset import load_ed25519_private, sign_keyset
 from certs.pki import PKIPaths

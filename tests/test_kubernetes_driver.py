@@ -17,10 +17,10 @@ import pytest
 import structlog
 from aiohttp import web
 
+from agent.core.errors import ConfigError, DriverError
 from agent.drivers import load_driver_factory
 from agent.drivers.base import DriverEnvironment, ExecContext
 from agent.drivers.kubernetes import KubernetesDriver
-from agent.errors import ConfigError, DriverError
 from certs.pki import PKIPaths
 from tests.fake_kube_api import DEPLOYMENT, MILVUS, NS, FakeKubeApi, tls_context
 

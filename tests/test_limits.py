@@ -12,12 +12,10 @@ from pathlib import Path
 import pytest
 import structlog
 
-from agent.audit_log import AuditLog
 from agent.config import ControlPlaneConfig, TunnelConfig
-from agent.executor import DeliveryOutcome
-from agent.frames import DeliveryRejected, Frame, Hello, KeySetStatus, Status, Welcome, encode
-from agent.limits import ErrorBudget, TokenBucket
-from agent.session import (
+from agent.core.frames import DeliveryRejected, Frame, Hello, KeySetStatus, Status, Welcome, encode
+from agent.core.limits import ErrorBudget, TokenBucket
+from agent.core.session import (
     AgentSession,
     CloseCode,
     CloseRequested,
@@ -26,8 +24,10 @@ from agent.session import (
     HeartbeatSettings,
     KeySetOffered,
 )
-from agent.state import AgentState
-from agent.tunnel import Tunnel
+from agent.executor import DeliveryOutcome
+from agent.io.audit_file import AuditLog
+from agent.io.store import AgentState
+from agent.io.tunnel import Tunnel
 from certs.pki import PKIPaths
 from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubServer

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from agent.core.errors import DriverError
 from agent.drivers.metrics import Sample, host_metrics, parse_prometheus_text, scrape
-from agent.errors import DriverError
 
 
 def exposition() -> str:

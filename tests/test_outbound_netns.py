@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.audit_log import verify_file
+from agent.io.audit_file import verify_file
 from byoc_demo.scenario import listening_sockets
 from tests.conftest import scaled
 from tests.netns import (

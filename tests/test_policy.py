@@ -1,4 +1,4 @@
-"""Tests of the customer's policy (agent.policy): strict parsing and decisions."""
+"""Tests of the customer's policy (agent.core.policy): strict parsing and decisions."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.commands import MAX_REPLICAS, CollectMetrics, Scale, Upgrade
-from agent.errors import PolicyError
-from agent.policy import (
+from agent.core.commands import MAX_REPLICAS, CollectMetrics, Scale, Upgrade
+from agent.core.errors import PolicyError
+from agent.core.policy import (
     CollectMetricsRules,
     Decision,
     Policy,

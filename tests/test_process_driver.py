@@ -21,6 +21,7 @@ import psutil
 import pytest
 import structlog
 
+from agent.core.errors import ConfigError, DriverError
 from agent.drivers.base import Driver, DriverEnvironment, DriverFactory, ExecContext
 from agent.drivers.process import (
     STATE_FILE,
@@ -30,7 +31,6 @@ from agent.drivers.process import (
     render_argv,
 )
 from agent.drivers.process_control import MARKER_ENV
-from agent.errors import ConfigError, DriverError
 from byoc_demo.layout import workload_argv
 from tests.conftest import scaled
 

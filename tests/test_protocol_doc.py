@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from agent import frames
-from agent.frames import MAX_TOKEN_CHARS
-from agent.session import CloseCode, HeartbeatSettings
-from agent.verifier import COMMAND_TYP
+from agent.core import frames
+from agent.core.frames import MAX_TOKEN_CHARS
+from agent.core.session import CloseCode, HeartbeatSettings
+from agent.core.verifier import COMMAND_TYP
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "PROTOCOL.md").read_text()

@@ -1,7 +1,7 @@
 """Restart the stub under 200 connected agents: they all come back, spread out by the jittered
 backoff, and the stub keeps answering meanwhile.
 
-Each client is the agent's real :class:`agent.tunnel.Tunnel` (real mutual TLS with its own
+Each client is the agent's real :class:`agent.io.tunnel.Tunnel` (real mutual TLS with its own
 certificate, real WebSocket, its own SQLite state and audit log), without the rest of the agent,
 all in this event loop together with the stub.
 """
@@ -27,14 +27,14 @@ from typing import Final
 import pytest
 import structlog
 
-from agent.audit_log import AuditLog, verify_file
-from agent.backoff import Backoff, BackoffSettings
 from agent.config import ControlPlaneConfig, TunnelConfig
-from agent.frames import PROTOCOL_VERSION, Hello
-from agent.session import HeartbeatSettings
-from agent.state import AgentState
-from agent.tls import client_context
-from agent.tunnel import Tunnel
+from agent.core.backoff import Backoff, BackoffSettings
+from agent.core.frames import PROTOCOL_VERSION, Hello
+from agent.core.session import HeartbeatSettings
+from agent.io.audit_file import AuditLog, verify_file
+from agent.io.store import AgentState
+from agent.io.tls import client_context
+from agent.io.tunnel import Tunnel
 from certs.pki import PKIPaths, issue_agent_cert
 from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubServer

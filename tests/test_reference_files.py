@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.config import parse_config
+from agent.core.policy import Policy
 from agent.drivers.process import ProcessDriverSettings
-from agent.policy import Policy
 from byoc_demo.layout import REFERENCE_POLICY
 
 SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"

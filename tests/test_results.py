@@ -1,4 +1,4 @@
-"""agent.results: a driver's result made strict JSON and small enough for one frame."""
+"""agent.core.results: a driver's result made strict JSON and small enough for one frame."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.canonical import canonicalize
-from agent.frames import MAX_FRAME_TO_CONTROL_PLANE, TO_CONTROL_PLANE, Status, decode, encode
-from agent.results import RESULT_BUDGET, fit_result, strict_json
+from agent.core.canonical import canonicalize
+from agent.core.frames import MAX_FRAME_TO_CONTROL_PLANE, TO_CONTROL_PLANE, Status, decode, encode
+from agent.core.results import RESULT_BUDGET, fit_result, strict_json
 
 
 def size(value: object) -> int:

@@ -22,17 +22,17 @@ import pytest
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.audit_log import AuditLog, verify_file
 from agent.config import load_config
+from agent.core.errors import ConfigError
+from agent.core.frames import Ack, DeliveryRejected, ErrorFrame, Status
+from agent.core.policy import Policy
+from agent.core.verifier import CommandVerifier, TrustedKeys, VerifierSettings, jwk_thumbprint
 from agent.daemon import Agent
 from agent.drivers.base import ExecContext
 from agent.drivers.process_control import workload_environment
-from agent.errors import ConfigError
 from agent.executor import CommandLimits, CommandProcessor
-from agent.frames import Ack, DeliveryRejected, ErrorFrame, Status
-from agent.policy import Policy
-from agent.state import AgentState
-from agent.verifier import CommandVerifier, TrustedKeys, VerifierSettings, jwk_thumbprint
+from agent.io.audit_file import AuditLog, verify_file
+from agent.io.store import AgentState
 from certs.pki import PKIPaths
 from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubServer

@@ -1,4 +1,4 @@
-"""The sd_notify protocol of :mod:`agent.sdnotify`, checked on the wire.
+"""The sd_notify protocol of :mod:`agent.io.sdnotify`, checked on the wire.
 
 systemd is not PID 1 where these tests run, so each test plays systemd's side itself: it binds a
 real ``AF_UNIX`` ``SOCK_DGRAM`` socket (a file in ``tmp_path``, or a name in the Linux abstract
@@ -24,8 +24,8 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
-from agent import sdnotify
-from agent.sdnotify import SystemdNotifier, run_watchdog
+from agent.io import sdnotify
+from agent.io.sdnotify import SystemdNotifier, run_watchdog
 
 RECV_TIMEOUT_S = 5.0
 MakeNotifier = Callable[[Mapping[str, str]], SystemdNotifier]

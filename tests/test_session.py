@@ -1,4 +1,4 @@
-"""Tests of the agent-side protocol state machine (agent.session), driven with explicit times."""
+"""Agent-side protocol state machine (agent.core.session), driven with explicit times."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from agent.errors import ProtocolError
-from agent.frames import (
+from agent.core.errors import ProtocolError
+from agent.core.frames import (
     MAX_FRAME_TO_AGENT,
     PROTOCOL_VERSION,
     TO_CONTROL_PLANE,
@@ -21,7 +21,7 @@ from agent.frames import (
     decode,
     encode,
 )
-from agent.session import (
+from agent.core.session import (
     Acked,
     AgentSession,
     CloseCode,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.audit_log import verify_file
+from agent.io.audit_file import verify_file
 from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubServer
 from tests.conftest import AgentStarter, scaled

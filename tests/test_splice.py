@@ -1,4 +1,4 @@
-"""How a stream connection's framing failures end a stream (agent/splice.py, PROTOCOL §13.4).
+"""How a stream connection's framing failures end a stream (agent/io/splice.py, PROTOCOL §13.4).
 
 The agent's side of a stream connection is driven here directly, over a real WebSocket on
 loopback, by a peer that breaks the framing rules: the stream must end with a reason of its own
@@ -16,8 +16,8 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from agent.splice import MAX_STREAM_MESSAGE, CloseCode, Splice
-from agent.streams import AGENT_SIDE_ENDS
+from agent.io.splice import MAX_STREAM_MESSAGE, CloseCode, Splice
+from agent.io.streams import AGENT_SIDE_ENDS
 from tests.conftest import scaled
 
 

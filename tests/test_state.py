@@ -1,4 +1,4 @@
-"""Tests of the durable state store (agent.state): replay cache, transitions, outbox."""
+"""Tests of the durable state store (agent.io.store): replay cache, transitions, outbox."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from agent.errors import StateError
-from agent.frames import (
+from agent.core.errors import StateError
+from agent.core.frames import (
     FINAL_STATES,
     MAX_FRAME_TO_CONTROL_PLANE,
     TO_CONTROL_PLANE,
@@ -21,8 +21,8 @@ from agent.frames import (
     decode,
     encode,
 )
-from agent.state import PURGE_MARGIN, AgentState, CommandRow, OutboxRow
-from agent.verifier import VerifiedToken
+from agent.core.verifier import VerifiedToken
+from agent.io.store import PURGE_MARGIN, AgentState, CommandRow, OutboxRow
 
 NOW = 1_700_000_000.0
 

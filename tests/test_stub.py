@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.frames import DeliveryRejected, Status
+from agent.core.frames import DeliveryRejected, Status
 from control_plane_stub.server import StubServer
 from control_plane_stub.store import StubStore
 

@@ -31,10 +31,10 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from agent.core.errors import ConfigError, DriverError
 from agent.drivers import load_driver_factory
 from agent.drivers.base import DriverEnvironment, ExecContext
 from agent.drivers.systemd import SystemdDriver
-from agent.errors import ConfigError, DriverError
 from tests.processes import REPO
 
 UNIT = "demo-workload@{index}.service"

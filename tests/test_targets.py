@@ -1,4 +1,4 @@
-"""Stream targets and the policy's rules about them (agent/targets.py, policy [open_stream])."""
+"""Stream targets and the policy's rules about them (agent/core/targets.py, [open_stream])."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from agent.commands import OpenStream, parse_command
-from agent.errors import CommandRejected, PolicyError
-from agent.policy import Policy, Verdict
-from agent.targets import (
+from agent.core.commands import OpenStream, parse_command
+from agent.core.errors import CommandRejected, PolicyError
+from agent.core.policy import Policy, Verdict
+from agent.core.targets import (
     TargetError,
     check_resolved,
     forbidden,

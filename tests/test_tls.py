@@ -1,4 +1,4 @@
-"""Tests of TLS contexts and certificate helpers (agent.tls), with real handshakes on loopback."""
+"""TLS contexts and certificate helpers (agent.io.tls), with real handshakes on loopback."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from agent.errors import ConfigError, TLSRejected
-from agent.session import CloseCode
-from agent.tls import (
+from agent.core.errors import ConfigError, TLSRejected
+from agent.core.session import CloseCode
+from agent.io.tls import (
     PeerCertificate,
     certificate_common_name,
     check_private_key_file,

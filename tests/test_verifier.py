@@ -1,4 +1,4 @@
-"""Tests of command verification (agent.verifier): every rejection code, in order, and interop."""
+"""Command verification (agent.core.verifier): every rejection code, in order, and interop."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import CommandRejected
-from agent.frames import MAX_TOKEN_CHARS
-from agent.verifier import (
+from agent.core.errors import CommandRejected
+from agent.core.frames import MAX_TOKEN_CHARS
+from agent.core.verifier import (
     COMMAND_TYP,
     REQUIRED_CLAIMS,
     CommandVerifier,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
+from agent.core.errors import ConfigError
 from agent.drivers.base import Driver, DriverEnvironment, DriverFactory
-from agent.errors import ConfigError
 
 ENTRY_POINT_GROUP = "byoc_agent.drivers"
 

@@ -2,7 +2,7 @@
 
 The executor calls a driver with typed, verified, policy-approved parameters. A driver:
 
-- raises :class:`agent.errors.DriverError` with a short ``code`` when a command fails (its
+- raises :class:`agent.core.errors.DriverError` with a short ``code`` when a command fails (its
   ``result`` travels to the control plane with the ``failed`` status);
 - returns a JSON-serialisable ``dict`` describing what it did on success;
 - writes an audit record *before* each action it takes on the workload (start or stop a replica,
@@ -74,7 +74,7 @@ class Driver(Protocol):
 class DriverFactory(Protocol):
     """Builds a driver from its ``[driver.<kind>]`` settings table.
 
-    Raises :class:`agent.errors.ConfigError` naming the key when a setting is invalid.
+    Raises :class:`agent.core.errors.ConfigError` naming the key when a setting is invalid.
     """
 
     def __call__(self, settings: Mapping[str, object], env: DriverEnvironment) -> Driver: ...

@@ -21,9 +21,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from agent.core.errors import ConfigError
+from agent.core.toml_tables import Table
 from agent.drivers.base import DriverEnvironment, ExecContext
-from agent.errors import ConfigError
-from agent.toml_tables import Table
 
 
 class JournalDriver:

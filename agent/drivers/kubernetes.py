@@ -42,11 +42,11 @@ from typing import Any, Final
 
 import httpx
 
+from agent.core.errors import ConfigError, DriverError
+from agent.core.toml_tables import Table
 from agent.drivers import metrics
 from agent.drivers.base import DriverEnvironment, ExecContext
-from agent.errors import ConfigError, DriverError
-from agent.tls import verify_context
-from agent.toml_tables import Table
+from agent.io.tls import verify_context
 
 SERVICE_ACCOUNT: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 KINDS: Final = {"Deployment": "deployments", "StatefulSet": "statefulsets", "Milvus": "milvuses"}

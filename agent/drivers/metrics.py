@@ -18,7 +18,7 @@ import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.errors import DriverError
+from agent.core.errors import DriverError
 
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})
 

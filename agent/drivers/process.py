@@ -47,6 +47,7 @@ import httpx
 import psutil
 from structlog.typing import FilteringBoundLogger
 
+from agent.core.errors import DriverError
 from agent.drivers import metrics
 from agent.drivers.base import AuditSink, DriverEnvironment, ExecContext
 from agent.drivers.process_control import (
@@ -65,7 +66,6 @@ from agent.drivers.process_state import (
     load_state,
     save_state,
 )
-from agent.errors import DriverError
 
 __all__ = [
     "PLACEHOLDERS",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from agent.sdnotify import NOTIFY_ENV_VARS
+from agent.io.sdnotify import NOTIFY_ENV_VARS
 
 _CREATE_TIME_TOLERANCE = 1.0
 """psutil derives create times from the boot time, which moves by up to a second with NTP."""

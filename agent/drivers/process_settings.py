@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from types import MappingProxyType
 
-from agent.errors import ConfigError
+from agent.core.errors import ConfigError
 
 PLACEHOLDERS = frozenset({"python", "port", "host", "version", "replica", "state_dir"})
 _PREFIX = "driver.process"

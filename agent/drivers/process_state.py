@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar, cast
 
-from agent.errors import DriverError
-from agent.files import write_atomic
+from agent.core.errors import DriverError
+from agent.io.files import write_atomic
 
 STATE_FILE = "process-driver.json"
 _STATE_FORMAT = 1

@@ -59,12 +59,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from agent.commands import MAX_REPLICAS, VERSION_PATTERN
+from agent.core.commands import MAX_REPLICAS, VERSION_PATTERN
+from agent.core.errors import ConfigError, DriverError
+from agent.core.toml_tables import Table
 from agent.drivers import metrics
 from agent.drivers.base import DriverEnvironment, ExecContext
-from agent.errors import ConfigError, DriverError
-from agent.files import write_atomic
-from agent.toml_tables import Table
+from agent.io.files import write_atomic
 
 STATE_FILE: Final = "systemd-driver.json"
 TARGETS: Final = ("workload", "host")

@@ -22,7 +22,7 @@ import re
 import urllib.parse
 from typing import Final
 
-from agent.errors import ConfigError
+from agent.core.errors import ConfigError
 
 REDACTED: Final = "***"
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")

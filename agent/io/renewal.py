@@ -25,10 +25,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.audit_log import AuditLog
-from agent.files import write_atomic
-from agent.frames import CertificateFrame, RenewRequest
-from agent.tls import common_name
+from agent.core.frames import CertificateFrame, RenewRequest
+from agent.io.audit_file import AuditLog
+from agent.io.files import write_atomic
+from agent.io.tls import common_name
 
 RENEW_AT: Final = 2 / 3
 """The fraction of the validity period after which the agent renews."""

@@ -7,7 +7,7 @@
   cause in a window; a peer over budget is disconnected (close code 4005), which also bounds how
   fast it can make the agent write audit records. A second, larger one bounds the refusals that
   are no fault of the peer's (redeliveries, ``rate_limited``, key set re-offers), which are
-  audited too (agent/session.py).
+  audited too (agent/core/session.py).
 """
 
 from __future__ import annotations

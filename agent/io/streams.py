@@ -36,12 +36,12 @@ import structlog
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from agent.commands import OpenStream
+from agent.core.commands import OpenStream
+from agent.core.errors import CommandRejected, DriverError, RedirectRefused
+from agent.core.policy import Policy
+from agent.core.targets import IPAddress, format_host_port, unmapped
 from agent.drivers.base import ExecContext
-from agent.errors import CommandRejected, DriverError, RedirectRefused
-from agent.policy import Policy
-from agent.splice import MAX_STREAM_MESSAGE, Splice, close_code
-from agent.targets import IPAddress, format_host_port, unmapped
+from agent.io.splice import MAX_STREAM_MESSAGE, Splice, close_code
 
 AGENT_SIDE_ENDS: Final = frozenset(
     {"session_lost", "agent_stopping", "protocol_error", "message_too_large"}

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import structlog
 
-from agent.audit_log import AuditLog
-from agent.errors import ConfigError, PolicyError
-from agent.policy import Policy
+from agent.core.errors import ConfigError, PolicyError
+from agent.core.policy import Policy
+from agent.io.audit_file import AuditLog
 
 
 def read_policy(path: Path) -> Policy:

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, TypeVar
 
-from agent.errors import ConfigError
+from agent.core.errors import ConfigError
 
 EVENT_LOOPS: Final = ("asyncio", "uvloop")
 T = TypeVar("T")

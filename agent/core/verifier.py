@@ -22,7 +22,7 @@ Order of checks (docs/PROTOCOL.md §5.2); the first failure decides the rejectio
     ``iat`` ahead -> ``issued_in_future``; ``exp - iat`` over the maximum -> ``lifetime_too_long``
 
 The replay check (``jti`` never seen before) needs the persisted cache and is done by the caller
-with :meth:`agent.state.AgentState.claim_command`, right after this succeeds.
+with :meth:`agent.io.store.AgentState.claim_command`, right after this succeeds.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agent.errors import CommandRejected, ProtocolError
-from agent.frames import ID_PATTERN, MAX_TOKEN_CHARS, parse_json_object
+from agent.core.errors import CommandRejected, ProtocolError
+from agent.core.frames import ID_PATTERN, MAX_TOKEN_CHARS, parse_json_object
 
 COMMAND_TYP: Final = "byoc-command+jwt"
 ALLOWED_ALGORITHMS: Final = ("EdDSA",)
@@ -220,7 +220,7 @@ class CommandVerifier:
     def verify(self, token: str, *, now: float) -> VerifiedToken:
         """Verify ``token`` at wall-clock time ``now`` (seconds since the epoch).
 
-        Raises :class:`~agent.errors.CommandRejected` with the code of the first failed check.
+        Raises :class:`~agent.core.errors.CommandRejected` with the code of the first failed check.
         """
         header = self._check_shape_and_header(token)
         kid = header["kid"]

@@ -15,7 +15,6 @@ import base64
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 import jwt
@@ -23,8 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
 
-from agent.canonical import canonicalize
-from agent.errors import AgentError
+from agent.core.canonical import canonicalize
+from agent.core.errors import AgentError
 
 RECEIPT_TYP: Final = "byoc-receipt+jwt"
 _CURVES: Final = {"secp256r1": "ES256", "secp384r1": "ES384"}
@@ -63,11 +62,12 @@ class ReceiptSigner:
     cert_der: bytes
 
     @classmethod
-    def from_files(cls, agent_id: str, cert: Path, key: Path) -> ReceiptSigner:
+    def from_pem(cls, agent_id: str, cert_pem: bytes, key_pem: bytes) -> ReceiptSigner:
+        """A signer from the agent's certificate and private key (PEM bytes)."""
         try:
-            certificate = x509.load_pem_x509_certificate(cert.read_bytes())
-            private = load_pem_private_key(key.read_bytes(), password=None)
-        except (OSError, ValueError, TypeError) as exc:
+            certificate = x509.load_pem_x509_certificate(cert_pem)
+            private = load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError) as exc:
             raise ReceiptInvalid(f"cannot load the receipt key: {exc}") from exc
         if not isinstance(
             private, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
@@ -124,25 +124,3 @@ def verify_receipt(token: str, certificate: x509.Certificate) -> dict[str, Any]:
     except jwt.PyJWTError as exc:
         raise ReceiptInvalid(f"signature does not verify: {exc}") from exc
     return claims
-
-
-class ReceiptKeyFiles:
-    """The agent's receipt signer, loaded from its client certificate and key files, reloaded
-    when they change (a renewed certificate signs the receipts after the renewal)."""
-
-    def __init__(self, agent_id: str, cert: Path, key: Path) -> None:
-        self._agent_id = agent_id
-        self._cert = cert
-        self._key = key
-        self._stamp: tuple[int, int] | None = None
-        self._signer: ReceiptSigner | None = None
-
-    def __call__(self) -> ReceiptSigner | None:
-        try:
-            stamp = (self._cert.stat().st_mtime_ns, self._key.stat().st_mtime_ns)
-        except OSError as exc:
-            raise ReceiptInvalid(f"cannot read the receipt key files: {exc}") from exc
-        if stamp != self._stamp:
-            self._signer = ReceiptSigner.from_files(self._agent_id, self._cert, self._key)
-            self._stamp = stamp
-        return self._signer

@@ -1,7 +1,7 @@
 """The outbound tunnel: one mutually authenticated WebSocket connection to the control plane,
 kept up for as long as the agent runs.
 
-This is the I/O shell around :class:`agent.session.AgentSession`. Per connection it runs three
+This is the I/O shell around :class:`agent.core.session.AgentSession`. Per connection it runs three
 tasks: a reader (frames in, through the session), a ticker (heartbeats and timeouts, asked of the
 session) and an outbox pump (unacknowledged status frames out, from SQLite, oldest first; all of
 them again after every reconnect). Between connections it waits with capped exponential backoff
@@ -31,13 +31,10 @@ from websockets.exceptions import (
 )
 from websockets.protocol import State
 
-from agent.audit_log import AuditLog
-from agent.backoff import Backoff
 from agent.config import ControlPlaneConfig, TunnelConfig
-from agent.egress import Route, route_for
-from agent.errors import AuditError, ConfigError, RedirectRefused, TLSRejected
-from agent.executor import DeliveryOutcome
-from agent.frames import (
+from agent.core.backoff import Backoff
+from agent.core.errors import AuditError, ConfigError, RedirectRefused, TLSRejected
+from agent.core.frames import (
     FINAL_STATES,
     MAX_FRAME_TO_AGENT,
     MAX_FRAME_TO_CONTROL_PLANE,
@@ -50,7 +47,7 @@ from agent.frames import (
     Status,
     encode,
 )
-from agent.session import (
+from agent.core.session import (
     Acked,
     AgentSession,
     CertificateIssued,
@@ -63,9 +60,12 @@ from agent.session import (
     PeerReportedError,
     Welcomed,
 )
-from agent.splice import MAX_STREAM_MESSAGE, STREAM_QUEUE
-from agent.state import AgentState, OutboxRow
-from agent.tls import PeerCertificate, classify_tls_failure
+from agent.executor import DeliveryOutcome
+from agent.io.audit_file import AuditLog
+from agent.io.egress import Route, route_for
+from agent.io.splice import MAX_STREAM_MESSAGE, STREAM_QUEUE
+from agent.io.store import AgentState, OutboxRow
+from agent.io.tls import PeerCertificate, classify_tls_failure
 
 # Hard cap enforced by the WebSocket layer while reading, so a hostile peer cannot make us buffer
 # more than this; frames between MAX_FRAME_TO_AGENT and this cap are refused by the codec with an
@@ -207,7 +207,7 @@ class Tunnel:
             context = self._ssl_context()
             route = route_for(self._cp)
         except ConfigError as exc:
-            # Our own texts, which show proxy URLs redacted only (agent/proxy_url.py).
+            # Our own texts, which show proxy URLs redacted only (agent/io/proxy_url.py).
             self._route = Route(proxy=None)
             self.route = "none (the connection settings are unusable)"
             self.last_error = str(exc)

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from agent.commands import (
+from agent.core.commands import (
     MAX_REPLICAS,
     MAX_STREAM_DURATION,
     TARGET_PATTERN,
@@ -61,8 +61,8 @@ from agent.commands import (
     Scale,
     Upgrade,
 )
-from agent.errors import CommandRejected, PolicyError
-from agent.targets import (
+from agent.core.errors import CommandRejected, PolicyError
+from agent.core.targets import (
     IPAddress,
     TargetError,
     TargetRule,
@@ -71,7 +71,7 @@ from agent.targets import (
     forbidden,
     parse_rule,
 )
-from agent.toml_tables import Table
+from agent.core.toml_tables import Table
 
 POLICY_FORMAT_VERSION: Final = 1
 _SECTIONS: Final = ("scale", "upgrade", "collect_metrics", "open_stream", "approvals")

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from agent.errors import AuditError, AuditIntegrityError
+from agent.core.errors import AuditError, AuditIntegrityError
 
 GENESIS: Final = "0" * 64
 RESERVED: Final = frozenset({"seq", "ts", "event", "prev", "hash"})

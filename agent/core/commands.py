@@ -1,7 +1,7 @@
 """Command types and their typed parameters (docs/PROTOCOL.md §5.3).
 
 A verified token carries ``cmd = {"type": ..., "params": {...}}``. :func:`parse_command` turns it
-into one of the frozen dataclasses below or raises :class:`~agent.errors.CommandRejected` with
+into one of the frozen dataclasses below or raises :class:`~agent.core.errors.CommandRejected` with
 ``unknown_command_type`` or ``invalid_params``. Parameters are strict: unknown keys, wrong types
 and out-of-range values are refused, never coerced.
 """
@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
-from agent.errors import CommandRejected
-from agent.targets import Target, TargetError, parse_target
+from agent.core.errors import CommandRejected
+from agent.core.targets import Target, TargetError, parse_target
 
 MAX_REPLICAS: Final = 1000
 VERSION_PATTERN: Final = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}")

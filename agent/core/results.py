@@ -23,7 +23,7 @@ import math
 from collections.abc import Mapping
 from typing import Final
 
-from agent.frames import MAX_FRAME_TO_CONTROL_PLANE
+from agent.core.frames import MAX_FRAME_TO_CONTROL_PLANE
 
 # Room for the rest of a status frame: ids, state, reason, detail (<= 1,024 chars), numbers.
 RESULT_BUDGET: Final = MAX_FRAME_TO_CONTROL_PLANE - 16 * 1024

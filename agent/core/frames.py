@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, TypeVar
 
-from agent.errors import FrameTooLarge, MalformedFrame, ProtocolError
+from agent.core.errors import FrameTooLarge, MalformedFrame, ProtocolError
 
 PROTOCOL_VERSION: Final = 1
 MAX_FRAME_TO_AGENT: Final = 64 * 1024
@@ -505,7 +505,7 @@ def decode(data: str | bytes, *, accept: frozenset[str], max_bytes: int) -> Fram
     :data:`TO_CONTROL_PLANE`). Binary WebSocket messages must be passed as ``bytes`` and are
     refused: they are reserved for a future version.
 
-    Raises :class:`~agent.errors.FrameTooLarge`, :class:`~agent.errors.MalformedFrame` or
+    Raises :class:`~agent.core.errors.FrameTooLarge`, :class:`~agent.core.errors.MalformedFrame` or
     :class:`UnknownFrameType`, each with a ``code`` for an ``error`` frame.
     """
     if isinstance(data, bytes):

@@ -31,7 +31,7 @@ from typing import Any, Final
 
 import structlog
 
-from agent.errors import ControlSocketError
+from agent.core.errors import ControlSocketError
 from agent.executor import Operator
 
 MAX_REQUEST_BYTES: Final = 64 * 1024

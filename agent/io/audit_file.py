@@ -1,7 +1,7 @@
 """The audit log file: append-only JSON Lines, hash-chained, each record fsync'd before the action
 it describes is taken (the caller awaits nothing between ``append`` returning and acting).
 
-The chain itself is built by :mod:`agent.audit_chain`; this module owns the file.
+The chain itself is built by :mod:`agent.core.audit_chain`; this module owns the file.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from agent.audit_chain import ChainHead, ChainVerifier, make_record, parse_line, record_hash
-from agent.errors import AuditError, AuditIntegrityError
+from agent.core.audit_chain import ChainHead, ChainVerifier, make_record, parse_line, record_hash
+from agent.core.errors import AuditError, AuditIntegrityError
 
 _TAIL_CHUNK: Final = 64 * 1024
 

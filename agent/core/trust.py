@@ -28,9 +28,9 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agent.errors import CommandRejected, ProtocolError
-from agent.frames import MAX_TOKEN_CHARS, parse_json_object
-from agent.verifier import TrustedKeys, jwk_thumbprint
+from agent.core.errors import CommandRejected, ProtocolError
+from agent.core.frames import MAX_TOKEN_CHARS, parse_json_object
+from agent.core.verifier import TrustedKeys, jwk_thumbprint
 
 KEYSET_TYP: Final = "byoc-keyset+jwt"
 MAX_KEYS: Final = 32

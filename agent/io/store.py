@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from agent import sqlite_db
-from agent.errors import StateError
-from agent.frames import FINAL_STATES, Anchor, DeliveryRejected, Frame, Status
-from agent.verifier import VerifiedToken
+from agent.core.errors import StateError
+from agent.core.frames import FINAL_STATES, Anchor, DeliveryRejected, Frame, Status
+from agent.core.verifier import VerifiedToken
+from agent.io import sqlite_db
 
 SCHEMA_VERSION: Final = 1
 PURGE_MARGIN: Final = 600.0

@@ -22,7 +22,7 @@ from typing import Final
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from agent.errors import ConfigError, TLSRejected
+from agent.core.errors import ConfigError, TLSRejected
 
 AEAD_TLS12_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20"
 

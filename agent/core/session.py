@@ -21,8 +21,8 @@ from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 
-from agent.errors import ProtocolError
-from agent.frames import (
+from agent.core.errors import ProtocolError
+from agent.core.frames import (
     MAX_FRAME_TO_AGENT,
     PROTOCOL_VERSION,
     TO_AGENT,
@@ -39,7 +39,7 @@ from agent.frames import (
     decode,
     encode,
 )
-from agent.limits import ErrorBudget
+from agent.core.limits import ErrorBudget
 
 
 class CloseCode:

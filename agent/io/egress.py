@@ -10,7 +10,7 @@ picked up), from ``[control_plane]``:
 - ``proxy = "http://host:port"`` (or ``https://``): this proxy.
 
 Whatever its source, the proxy URL is put in normal form first
-(:func:`agent.proxy_url.normalize_proxy_url`): a scheme-less value means ``http://``, and a SOCKS
+(:func:`agent.io.proxy_url.normalize_proxy_url`): a scheme-less value means ``http://``, and a SOCKS
 or other scheme is refused with a :class:`ConfigError` rather than failing obscurely later.
 
 Proxy credentials come from the proxy URL or, better, from ``proxy_credentials_file`` (one line
@@ -34,9 +34,9 @@ from websockets.proxy import get_proxy
 from websockets.uri import parse_uri
 
 from agent.config import ControlPlaneConfig
-from agent.errors import ConfigError
-from agent.proxy_url import normalize_proxy_url, redact_url, scrub
-from agent.tls import check_private_key_file
+from agent.core.errors import ConfigError
+from agent.io.proxy_url import normalize_proxy_url, redact_url, scrub
+from agent.io.tls import check_private_key_file
 
 __all__ = ["Route", "redact_url", "route_for"]
 
