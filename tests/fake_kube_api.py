@@ -172,6 +172,7 @@ class FakeKubeApi:
     watchers: list[Watcher] = field(default_factory=list)
     namespace: str = NS
     _rolled_out: dict[str, Any] = field(default_factory=dict)
+    _waiters: list[asyncio.Queue[None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.put("deployments", {
@@ -219,7 +220,20 @@ class FakeKubeApi:
         for watcher in self.watchers:
             if watcher.resource == resource and watcher.name in (None, meta["name"]):
                 watcher.queue.put_nowait({"type": event, "object": snapshot})
+        for waiter in self._waiters:
+            waiter.put_nowait(None)
         return obj
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Until ``predicate()`` holds, checked after every write (bound it with
+        ``asyncio.timeout``)."""
+        waiter: asyncio.Queue[None] = asyncio.Queue()
+        self._waiters.append(waiter)
+        try:
+            while not predicate():
+                await waiter.get()
+        finally:
+            self._waiters.remove(waiter)
 
     def compact(self) -> None:
         """Forget the history up to now, like etcd compaction: older versions get 410."""
