@@ -144,18 +144,22 @@ async def cluster(vendor_pki: PKIPaths) -> AsyncIterator[tuple[FakeKubeApi, str]
         yield api, url
 
 
-def _volumes(root: Path, vendor_pki: PKIPaths) -> dict[str, Path]:
+def configmap_files(vendor_pki: PKIPaths) -> dict[str, Path]:
+    """The ConfigMap README's `kubectl create configmap ... --from-file` makes: key -> file."""
+    files = {p.name: p for p in (DEPLOY / "config").iterdir()}
+    return {**files, "ca.pem": vendor_pki.server_ca_cert,
+            "command-signing.pub": vendor_pki.signing_pub}  # fmt: skip
+
+
+def _volumes(root: Path, vendor_pki: PKIPaths, configmap: dict[str, Path]) -> dict[str, Path]:
     """The pod's volumes as directories, filled as the kubelet would fill them."""
     made = {
         name: root / name for name in ("config", "enroll-token", "kube-api", "state", "run", "tmp")
     }
     for path in made.values():
         path.mkdir()
-    # The ConfigMap, as README's `kubectl create configmap ... --from-file` makes it.
-    for source in (DEPLOY / "config").iterdir():
-        shutil.copy(source, made["config"] / source.name)
-    shutil.copy(vendor_pki.server_ca_cert, made["config"] / "ca.pem")
-    shutil.copy(vendor_pki.signing_pub, made["config"] / "command-signing.pub")
+    for key, source in configmap.items():
+        shutil.copy(source, made["config"] / key)
     (made["kube-api"] / "token").write_text("projected-token-1")
     shutil.copy(vendor_pki.server_ca_cert, made["kube-api"] / "ca.crt")
     (made["kube-api"] / "namespace").write_text(NAMESPACE)
@@ -169,11 +173,23 @@ def _volumes(root: Path, vendor_pki: PKIPaths) -> dict[str, Path]:
     return made
 
 
-async def _start_pod(root: Path, vendor_pki: PKIPaths, cp: str, enroll_at: str, kube: str) -> Pod:
-    deployment = _manifest()
-    pod = deployment["spec"]["template"]["spec"]
+def start_pod(
+    root: Path,
+    vendor_pki: PKIPaths,
+    cp: str,
+    enroll_at: str,
+    kube: str,
+    configmap: dict[str, Path] | None = None,
+    deployment: dict[str, Any] | None = None,
+    token: str | None = None,
+) -> Pod:
+    """Start the agent as the standalone Deployment's pod would run (``deployment``: as
+    applied; default: the shipped one)."""
+    pod = (deployment or _manifest())["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    volumes = _volumes(root, vendor_pki)
+    volumes = _volumes(root, vendor_pki, configmap or configmap_files(vendor_pki))
+    if token is not None:  # the Secret, when it exists before the pod starts
+        (volumes["enroll-token"] / "token").write_text(token)
     # The one change to the shipped configuration: the pod has a network namespace of its own,
     # this machine does not, so the health port is a free loopback port instead of 0.0.0.0:9464.
     config = volumes["config"] / "agent.toml"
@@ -201,7 +217,7 @@ async def _start_pod(root: Path, vendor_pki: PKIPaths, cp: str, enroll_at: str, 
     assert {e["name"] for e in container["env"]} == {"POD_NAME", "POD_NAMESPACE", "POD_UID"}
     assert host == "localhost"
     argv = [str(Path(sys.executable).parent / "byoc-agent"), *container["args"]]
-    hosts = Path("/etc/hosts").read_text() + (  # noqa: ASYNC240  # a small local file
+    hosts = Path("/etc/hosts").read_text() + (
         f"\n{cp} cp.vendor.example\n{enroll_at} enroll.vendor.example\n"
     )
     security = container["securityContext"]
@@ -210,7 +226,7 @@ async def _start_pod(root: Path, vendor_pki: PKIPaths, cp: str, enroll_at: str, 
     (root / "spec.json").write_text(json.dumps(spec))
     log = root / "agent.log"
     with log.open("wb") as out:
-        process = subprocess.Popen(  # noqa: ASYNC220  # started, not waited for here
+        process = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "--",
              sys.executable, str(REPO / "tests" / "pod_sandbox.py"), str(root / "spec.json")],
             stdout=out, stderr=subprocess.STDOUT,
@@ -246,7 +262,7 @@ async def test_a_fresh_pod_enrolls_itself_without_exec(
         root = tmp_path / "pod"
         root.mkdir()
         root.chmod(0o755)
-        pod = await _start_pod(root, vendor_pki, cp, enroll_at, kube)
+        pod = start_pod(root, vendor_pki, cp, enroll_at, kube)
         try:
             pod.token(spent)
 
