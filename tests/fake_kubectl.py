@@ -35,12 +35,16 @@ SIM = Path(os.environ.get("KUBECTL_SIM", "."))
 def validate(document: dict[str, object], name: str) -> None:
     path = SIM / f"{name}.json"
     path.write_text(json.dumps(document))
+    validate_file(path)
+
+
+def validate_file(path: Path) -> None:
     done = subprocess.run(
         [os.environ["KUBERNETES_VALIDATE"], "--strict", "--quiet", str(path)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if done.returncode != 0:
-        sys.exit(f"kubectl (simulated): invalid {name}: {done.stdout}{done.stderr}")
+        sys.exit(f"kubectl (simulated): invalid {path.name}: {done.stdout}{done.stderr}")
 
 
 def from_files(args: list[str]) -> dict[str, Path]:
@@ -84,12 +88,7 @@ def kubectl(argv: list[str]) -> int:
             print(f"secret/{name} created")
         case ["apply", "-f", directory]:
             for path in sorted(Path(directory).glob("*.yaml")):
-                done = subprocess.run(
-                    [os.environ["KUBERNETES_VALIDATE"], "--strict", "--quiet", str(path)],
-                    capture_output=True, text=True, check=False,
-                )  # fmt: skip
-                if done.returncode != 0:
-                    sys.exit(f"kubectl (simulated): {path}: {done.stdout}{done.stderr}")
+                validate_file(path)
                 (SIM / "applied").mkdir(exist_ok=True)
                 shutil.copy(path, SIM / "applied" / path.name)
                 print(f"{path.name} applied (validated)")

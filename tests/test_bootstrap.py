@@ -59,6 +59,13 @@ async def stub(tmp_path: Path, pki: PKIPaths) -> AsyncIterator[tuple[StubServer,
         await server.close()
 
 
+def start(config: AgentConfig) -> tuple[Bootstrap, Events, asyncio.Event, asyncio.Task[bool]]:
+    events = Events()
+    bootstrap = Bootstrap(config, log=structlog.get_logger(), events=events)
+    stop = asyncio.Event()
+    return bootstrap, events, stop, asyncio.create_task(bootstrap.run(stop))
+
+
 def write_config(root: Path, pki: PKIPaths, server: StubServer) -> AgentConfig:
     shutil.copy(pki.signing_pub, root / "signing.pub")
     (root / "policy.toml").write_text(POLICY)
@@ -105,10 +112,7 @@ async def test_a_local_problem_is_reported_before_the_token_is_sent(
     (tmp_path / "policy.toml").write_text("version = 1\n[scale]\nsurprise = 1\n")
     token = (await client.enroll_token("agent-9", ttl=600))["token"]
     (tmp_path / "token").write_text(token)
-    events = Events()
-    bootstrap = Bootstrap(config, log=structlog.get_logger(), events=events)
-    stop = asyncio.Event()
-    running = asyncio.create_task(bootstrap.run(stop))
+    bootstrap, events, _stop, running = start(config)
     await events.until("EnrollmentBlocked")
     assert bootstrap.state.state == "blocked"
     assert "policy" in bootstrap.state.message
@@ -126,10 +130,7 @@ async def test_a_refused_token_is_not_sent_again_and_a_new_one_is_used(
     server, client = stub
     config = write_config(tmp_path, pki, server)
     (tmp_path / "token").write_text("not-a-token-the-vendor-made")
-    events = Events()
-    bootstrap = Bootstrap(config, log=structlog.get_logger(), events=events)
-    stop = asyncio.Event()
-    running = asyncio.create_task(bootstrap.run(stop))
+    bootstrap, events, _stop, running = start(config)
     await events.until("EnrollmentTokenRefused")
     assert bootstrap.state.state == "token_refused"
     assert "kubectl" in bootstrap.state.action
@@ -151,10 +152,7 @@ async def test_no_token_waits_and_stop_ends_the_wait(
     tmp_path: Path, pki: PKIPaths, stub: tuple[StubServer, StubClient]
 ) -> None:
     config = write_config(tmp_path, pki, stub[0])
-    events = Events()
-    bootstrap = Bootstrap(config, log=structlog.get_logger(), events=events)
-    stop = asyncio.Event()
-    running = asyncio.create_task(bootstrap.run(stop))
+    _bootstrap, events, stop, running = start(config)
     await events.until("EnrollmentTokenMissing")
     stop.set()
     assert await asyncio.wait_for(running, scaled(10)) is False
