@@ -1,5 +1,7 @@
-# The BYOC agent as a container (the EKS sidecar: deploy/kubernetes/). Non-root, read-only
-# root filesystem friendly (state on a volume), no shell needed at run time.
+# The BYOC agent as a container (deploy/kubernetes/standalone/ or sidecar/). It runs as 10001
+# with a read-only root filesystem: it writes only to its volumes (/var/lib/byoc-agent: key,
+# certificate, state, audit log; /run/byoc-agent: control socket; /tmp), never to the image
+# (no bytecode caches). tests/test_pod_enrollment.py runs the agent that way.
 FROM python:3.11.7-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./

@@ -29,7 +29,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from agent import __version__
-from agent.config import DEFAULT_CONFIG_PATH, load_config
+from agent.bootstrap import ensure_enrolled
+from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from agent.core.errors import AgentError, AuditIntegrityError, ConfigError, PolicyError
 from agent.core.verifier import jwk_thumbprint
 from agent.daemon import Agent
@@ -65,8 +66,16 @@ def _print_json(value: object) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(_config_path(args))
     configure_logging(config.log_level)
+    return event_loop.run(_run(config), config.event_loop)
+
+
+async def _run(config: AgentConfig) -> int:
+    # No certificate yet and [enroll] set (a fresh pod): enroll first, waiting as long as it
+    # takes; the agent's id comes from the certificate (agent/bootstrap.py).
+    if not await ensure_enrolled(config):
+        return 0  # stopped while waiting to enroll
     agent = Agent(config)
-    event_loop.run(agent.run(), config.event_loop)
+    await agent.run()
     return agent.exit_code
 
 
@@ -81,6 +90,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = _control(args, {"op": "status"})["status"]
     if args.json:
         _print_json(status)
+        return 0
+    if status.get("phase") == "enrolling":  # agent/bootstrap.py: no certificate yet
+        enrollment = status["enrollment"]
+        print(f"agent:        not enrolled yet (version {status['version']})")
+        print(f"enrollment:   {enrollment['state']}: {enrollment['message']}")
+        if enrollment.get("action"):
+            print(f"  what to do: {enrollment['action']}")
+        print(f"  attempts:   {enrollment['attempts']}")
         return 0
     connection = status.get("connection") or {}
     print(f"agent:        {status['agent_id']} (version {status['version']})")

@@ -55,6 +55,20 @@ class ControlPlaneConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EnrollConfig:
+    """``[enroll]``: enroll at first start from a one-time token file (agent/bootstrap.py), e.g.
+    a Kubernetes Secret mounted in the pod, instead of a person running ``byoc-agent enroll``."""
+
+    url: str
+    """The control plane's enrollment endpoint, ``https://``."""
+    token_file: Path
+    ca_bundle: Path
+    """Verifies the enrollment endpoint (default: ``control_plane.ca_bundle``)."""
+    check_interval: float = 10.0
+    """While waiting (no token yet, a refused one, a local problem): how often to look again."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class TunnelConfig:
     heartbeat: HeartbeatSettings = field(default_factory=HeartbeatSettings)
     backoff: BackoffSettings = field(default_factory=BackoffSettings)
@@ -98,7 +112,9 @@ class AgentConfig:
     event_loop: str = "asyncio"
     """``asyncio`` or ``uvloop`` (the ``fast`` extra): agent/io/event_loop.py."""
     health_listen: tuple[str, int] | None = ("127.0.0.1", 9464)
-    """Where /healthz, /readyz and /metrics are served (agent/io/health.py); None: nowhere."""
+    """Where /healthz, /livez, /readyz and /metrics are served (agent/io/health.py); None: off."""
+    enroll: EnrollConfig | None = None
+    """Self-enrollment at first start; None: enroll with ``byoc-agent enroll``."""
 
 
 def _path(base: Path, value: str) -> Path:
@@ -222,7 +238,7 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
     root = Table(
         "config",
         doc,
-        {"agent", "control_plane", "tunnel", "commands", "streams", "health", "driver"},
+        {"agent", "control_plane", "tunnel", "commands", "streams", "health", "driver", "enroll"},
         ConfigError,
     )
     base = source.parent
@@ -323,6 +339,7 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
     driver_settings = driver_table.get(driver_kind, {})
     if not isinstance(driver_settings, dict):
         raise ConfigError(f"[driver.{driver_kind}] must be a table")
+    cp = _control_plane(control_plane, base)
     return AgentConfig(
         source=source,
         agent_id=agent_id,
@@ -332,7 +349,7 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
         control_socket=_path(base, agent.string("control_socket", "/run/byoc-agent/control.sock")),
         shutdown_grace=agent.number("shutdown_grace", 30.0, low=0.0, high=3600.0),
         log_level=log_level,
-        control_plane=_control_plane(control_plane, base),
+        control_plane=cp,
         tunnel=_tunnel(tunnel),
         commands=_commands(commands, base),
         driver_kind=driver_kind,
@@ -343,6 +360,24 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
         ),
         event_loop=event_loop,
         health_listen=_listen(health.string("listen", "127.0.0.1:9464")),
+        enroll=_enroll(doc.get("enroll"), base, cp),
+    )
+
+
+def _enroll(table: object, base: Path, cp: ControlPlaneConfig) -> EnrollConfig | None:
+    if table is None:
+        return None
+    t = Table("enroll", table, {"url", "token_file", "ca_bundle", "check_interval"}, ConfigError)
+    url = t.string("url")
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname or parts.username or parts.password:
+        raise ConfigError("enroll.url must be https://host[:port] (no credentials)")
+    ca_bundle = t.optional_string("ca_bundle")
+    return EnrollConfig(
+        url=url,
+        token_file=_path(base, t.string("token_file")),
+        ca_bundle=_path(base, ca_bundle) if ca_bundle else cp.ca_bundle,
+        check_interval=t.number("check_interval", 10.0, low=0.01, high=3600.0),
     )
 
 

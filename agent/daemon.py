@@ -263,6 +263,7 @@ class Agent:
                 host=host,
                 port=port,
                 ready=self._ready,
+                live=lambda: (self._healthy(), "running" if self._healthy() else "stopping"),
                 metrics=lambda: render_metrics(self._snapshot()),
                 log=self.log.bind(component="health"),
             )

@@ -25,7 +25,13 @@ ENROLL_TIMEOUT = 30.0
 
 
 class EnrollmentFailed(AgentError):
-    """Enrollment did not produce a usable certificate (the message says why)."""
+    """Enrollment did not produce a usable certificate (the message says why). ``status`` is
+    the HTTP status of the control plane's refusal (e.g. 403: the token is spent or expired),
+    None when it did not answer or its answer was unusable."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,10 @@ def enroll(
         raise EnrollmentFailed(f"{url} answered HTTP {response.status_code}, not JSON") from exc
     if response.status_code != 200 or not isinstance(answer, dict):
         message = answer.get("message") if isinstance(answer, dict) else None
-        raise EnrollmentFailed(f"enrollment refused (HTTP {response.status_code}): {message}")
+        raise EnrollmentFailed(
+            f"enrollment refused (HTTP {response.status_code}): {message}",
+            status=response.status_code,
+        )
     certificate, bundle = answer.get("certificate"), answer.get("ca_bundle")
     if not isinstance(certificate, str) or not isinstance(bundle, str):
         raise EnrollmentFailed("the answer has no certificate and CA bundle")

@@ -1,21 +1,35 @@
-"""The ``kubernetes`` driver: the agent as a sidecar in EKS, driving the workload through the
-Kubernetes API with its pod's service account.
+"""The ``kubernetes`` driver: the agent in EKS (its own Deployment, or a sidecar), driving the
+workload through the Kubernetes API with its pod's service account.
 
-In-cluster configuration: ``KUBERNETES_SERVICE_HOST``/``_PORT``, the service account's token,
-CA and namespace under ``/var/run/secrets/kubernetes.io/serviceaccount/`` (each overridable in
-``[driver.kubernetes]``; the token is re-read for every request, since Kubernetes rotates it).
-HTTPS with httpx, verified against that CA.
+The API is reached with lightkube (async, typed models, the patch types, watches; README
+"Dependencies"), configured for the pod: ``KUBERNETES_SERVICE_HOST``/``_PORT``, the service
+account's token, CA and namespace under ``/var/run/secrets/kubernetes.io/serviceaccount/``
+(each overridable in ``[driver.kubernetes]``). TLS is the agent's own context (>= 1.2, AEAD
+only) verified against that CA. The token is the projected one the kubelet rewrites about
+hourly: it is read from the file, and read again whenever the API server answers 401, so a
+rotated token is picked up without a restart (lightkube's ``BearerTokenFileAuth``, as
+client-go does).
 
-- ``scale``: a merge patch of the ``/scale`` subresource of the Deployment or StatefulSet; or,
-  for a Milvus custom resource (``milvus.io/v1beta1``, kind ``Milvus``), of
-  ``spec.components.<component>.replicas``.
-- ``upgrade``: set the container's image to ``<image>:<version>`` with the object's
-  ``resourceVersion`` as a precondition (a 409 Conflict is read again and retried), then wait
-  for the rollout (``observedGeneration``, updated and available replicas) until
-  ``rollout_timeout``; a rollout that does not complete is undone (the previous image, the same
-  way) and reported ``rollout_failed_rolled_back``. Milvus: ``spec.components.image``.
+- ``scale``: a merge patch of the ``/scale`` subresource of the Deployment or StatefulSet (the
+  Scale object has no lists, so merge and strategic merge are the same there); or, for a Milvus
+  custom resource (``milvus.io/v1beta1``, kind ``Milvus``), a merge patch of
+  ``spec.components.<component>.replicas`` (custom resources take no strategic merge patch).
+- ``upgrade``: a *strategic merge patch* of the one container, by name, with the object's
+  ``resourceVersion`` as a precondition (a 409 Conflict is read again and retried). Not a JSON
+  merge patch: RFC 7386 replaces a list whole, so a one-item ``containers`` list would delete
+  every other container of the pod, the agent's own sidecar included. Then the rollout is
+  watched (from the patch's ``resourceVersion``: ``observedGeneration``, updated and available
+  replicas, ``Progressing``) until ``rollout_timeout``; one that does not complete, or whose
+  deadline the controller reports exceeded, is undone the same way and reported
+  ``rollout_failed_rolled_back``. Milvus: a merge patch of ``spec.components.image``, watched
+  until the resource is ``Healthy`` for its new generation.
 - ``collect_metrics``: scrape ``http://<pod IP>:<metrics_port><metrics_path>`` of the running
   pods selected by the workload's label selector.
+
+Requests, for the Role (deploy/kubernetes/*/role.yaml): get and patch the workload and its
+``/scale``; watch it with a ``metadata.name`` field selector (so ``resourceNames`` applies);
+list pods (by label: no ``resourceNames`` possible); create Events about the agent's own pod
+(:class:`PodEvents`, used while enrolling).
 
 Settings::
 
@@ -27,20 +41,32 @@ Settings::
     metrics_port = 9091
     metrics_path = "/metrics"
     rollout_timeout = 300.0
-    poll_interval = 2.0
     api_url, token_file, ca_file, namespace   # in-cluster defaults
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
 import httpx
+import httpx2
+from lightkube import ApiError, AsyncClient
+from lightkube.config.kubeconfig import KubeConfig
+from lightkube.config.models import Cluster, User
+from lightkube.core.exceptions import ConfigError as LightkubeConfigError
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.models.core_v1 import EventSource, ObjectReference
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.apps_v1 import Deployment, StatefulSet
+from lightkube.resources.core_v1 import Event, Pod
+from lightkube.types import OnErrorAction, OnErrorResult, PatchType
 
 from agent.core.errors import ConfigError, DriverError
 from agent.core.toml_tables import Table
@@ -49,53 +75,27 @@ from agent.drivers.base import DriverEnvironment, ExecContext
 from agent.io.tls import verify_context
 
 SERVICE_ACCOUNT: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-KINDS: Final = {"Deployment": "deployments", "StatefulSet": "statefulsets", "Milvus": "milvuses"}
 TARGETS: Final = ("workload", "host")
-MERGE_PATCH: Final = "application/merge-patch+json"
 CONFLICT_RETRIES: Final = 5
+API_TIMEOUT: Final = 15.0
+Milvus = create_namespaced_resource("milvus.io", "v1beta1", "Milvus", "milvuses")
+KINDS: Final[Mapping[str, Any]] = {"Deployment": Deployment, "StatefulSet": StatefulSet,
+                                   "Milvus": Milvus}  # fmt: skip
 
 
 @dataclass(frozen=True)
-class KubernetesSettings:
-    kind: str
-    name: str
-    image: str
-    namespace: str
+class ApiSettings:
+    """Where the API server is and who we are to it (the pod's service account)."""
+
     api_url: str
     token_file: Path
     ca_file: Path
-    container: str | None = None
-    component: str | None = None
-    metrics_port: int = 9091
-    metrics_path: str = "/metrics"
-    rollout_timeout: float = 300.0
-    poll_interval: float = 2.0
+    namespace: str
 
     @classmethod
-    def from_table(cls, settings: Mapping[str, object]) -> KubernetesSettings:
-        t = Table(
-            "driver.kubernetes",
-            dict(settings),
-            {
-                "kind", "name", "container", "image", "component", "metrics_port",
-                "metrics_path", "rollout_timeout", "poll_interval", "api_url", "token_file",
-                "ca_file", "namespace",
-            },
-            ConfigError,
-        )  # fmt: skip
-        kind = t.string("kind", "Deployment")
-        if kind not in KINDS:
-            raise ConfigError(f"driver.kubernetes.kind must be one of {sorted(KINDS)}")
-        container = t.optional_string("container")
-        component = t.optional_string("component")
-        if kind == "Milvus" and not component:
-            raise ConfigError("driver.kubernetes.component is required for kind Milvus")
-        if kind != "Milvus" and not container:
-            raise ConfigError(f"driver.kubernetes.container is required for kind {kind}")
-        host, port = (
-            os.environ.get("KUBERNETES_SERVICE_HOST"),
-            os.environ.get("KUBERNETES_SERVICE_PORT", "443"),
-        )
+    def from_table(cls, t: Table) -> ApiSettings:
+        host = os.environ.get("KUBERNETES_SERVICE_HOST")
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         default_url = (
             f"https://{f'[{host}]' if host and ':' in host else host}:{port}" if host else ""
         )
@@ -112,20 +112,105 @@ class KubernetesSettings:
             except OSError as exc:
                 raise ConfigError("driver.kubernetes.namespace: not set and not in a pod") from exc
         return cls(
-            kind=kind,
-            name=t.string("name"),
-            image=t.string("image"),
-            namespace=namespace,
             api_url=api_url.rstrip("/"),
             token_file=Path(t.string("token_file", str(SERVICE_ACCOUNT / "token"))),
             ca_file=Path(t.string("ca_file", str(SERVICE_ACCOUNT / "ca.crt"))),
+            namespace=namespace,
+        )
+
+    def client(self) -> AsyncClient:
+        """A lightkube client: our TLS context, the token file re-read on a 401, no proxy or
+        kubeconfig from the environment."""
+        try:
+            context = verify_context(self.ca_file)  # TLS >= 1.2, AEAD only
+        except ConfigError as exc:
+            raise DriverError("kubernetes_unreachable", f"cannot set up the client: {exc}") from exc
+        config = KubeConfig.from_one(
+            cluster=Cluster(server=self.api_url, certificate_auth=str(self.ca_file)),
+            user=User(token_file=str(self.token_file)),
+            namespace=self.namespace,
+        )
+        return AsyncClient(
+            config,
+            namespace=self.namespace,
+            timeout=httpx2.Timeout(API_TIMEOUT),
+            lazy=False,
+            trust_env=False,
+            field_manager="byoc-agent",
+            transport=httpx2.AsyncHTTPTransport(verify=context, trust_env=False),
+        )
+
+
+TABLE_KEYS: Final = {
+    "kind", "name", "container", "image", "component", "metrics_port", "metrics_path",
+    "rollout_timeout", "api_url", "token_file", "ca_file", "namespace",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    kind: str
+    name: str
+    image: str
+    api: ApiSettings
+    container: str | None = None
+    component: str | None = None
+    metrics_port: int = 9091
+    metrics_path: str = "/metrics"
+    rollout_timeout: float = 300.0
+
+    @property
+    def namespace(self) -> str:
+        return self.api.namespace
+
+    @classmethod
+    def from_table(cls, settings: Mapping[str, object]) -> KubernetesSettings:
+        t = Table("driver.kubernetes", dict(settings), TABLE_KEYS, ConfigError)
+        kind = t.string("kind", "Deployment")
+        if kind not in KINDS:
+            raise ConfigError(f"driver.kubernetes.kind must be one of {sorted(KINDS)}")
+        container = t.optional_string("container")
+        component = t.optional_string("component")
+        if kind == "Milvus" and not component:
+            raise ConfigError("driver.kubernetes.component is required for kind Milvus")
+        if kind != "Milvus" and not container:
+            raise ConfigError(f"driver.kubernetes.container is required for kind {kind}")
+        return cls(
+            kind=kind,
+            name=t.string("name"),
+            image=t.string("image"),
+            api=ApiSettings.from_table(t),
             container=container,
             component=component,
             metrics_port=t.integer("metrics_port", 9091, low=1, high=65535),
             metrics_path=t.string("metrics_path", "/metrics"),
-            rollout_timeout=t.number("rollout_timeout", 300.0, low=1.0, high=86_400.0),
-            poll_interval=t.number("poll_interval", 2.0, low=0.01, high=300.0),
+            rollout_timeout=t.number("rollout_timeout", 300.0, low=0.01, high=86_400.0),
         )
+
+
+@contextlib.contextmanager
+def api_errors(what: str) -> Iterator[None]:
+    """lightkube's and httpx2's errors as the driver's codes (docs/PROTOCOL.md)."""
+    try:
+        yield
+    except ApiError as exc:
+        code, message = exc.status.code, exc.status.message or exc.status.reason or ""
+        if code == 409:
+            raise _Conflict(message) from exc
+        if code == 403:
+            raise DriverError(
+                "forbidden", f"{what}: {message} (the agent's Role does not allow it)"
+            ) from exc
+        if code == 404:
+            raise DriverError("not_found", f"{what}: {message}") from exc
+        raise DriverError("kubernetes_error", f"{what}: HTTP {code} {message}") from exc
+    except LightkubeConfigError as exc:  # the token file is gone
+        raise DriverError("kubernetes_unreachable", f"{what}: {exc}") from exc
+    except httpx2.HTTPStatusError as exc:  # an answer that is not a Status object
+        code = exc.response.status_code
+        raise DriverError("kubernetes_error", f"{what}: HTTP {code}") from exc
+    except httpx2.HTTPError as exc:
+        raise DriverError("kubernetes_unreachable", f"{what}: {exc!r}") from exc
 
 
 class KubernetesDriver:
@@ -134,107 +219,77 @@ class KubernetesDriver:
     def __init__(self, settings: Mapping[str, object], env: DriverEnvironment) -> None:
         self.settings = KubernetesSettings.from_table(settings)
         self._env = env
-        self._client: httpx.AsyncClient | None = None
+        self._client: AsyncClient | None = None
         self._scraper = httpx.AsyncClient(timeout=5.0, trust_env=False)
         self._described: dict[str, object] = {}
 
     async def start(self) -> None:
         metrics.start_cpu_measurement()
-        try:
-            context = verify_context(self.settings.ca_file)  # TLS >= 1.2, AEAD only
-        except ConfigError as exc:
-            raise DriverError("kubernetes_unreachable", f"cannot set up the client: {exc}") from exc
-        self._client = httpx.AsyncClient(
-            base_url=self.settings.api_url, verify=context, timeout=15.0, trust_env=False
-        )
+        self._client = self.settings.api.client()
 
     async def close(self) -> None:
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
         await self._scraper.aclose()
 
     def describe(self) -> dict[str, object]:
         return {"kind": self.kind, "object": f"{self.settings.kind}/{self.settings.name}",
                 **self._described}  # fmt: skip
 
-    # -- API plumbing ---------------------------------------------------------------------
+    @property
+    def _api(self) -> AsyncClient:
+        if self._client is None:
+            raise DriverError("kubernetes_unreachable", "the driver was not started")
+        return self._client
 
     @property
-    def _path(self) -> str:
-        s = self.settings
-        group = "apis/milvus.io/v1beta1" if s.kind == "Milvus" else "apis/apps/v1"
-        return f"/{group}/namespaces/{s.namespace}/{KINDS[s.kind]}/{s.name}"
+    def _resource(self) -> Any:
+        return KINDS[self.settings.kind]
 
-    async def _request(
-        self, method: str, path: str, *, body: object = None, params: dict[str, str] | None = None
+    async def _read(self) -> dict[str, Any]:
+        with api_errors(f"get {self._object()}"):
+            found = await self._api.get(self._resource, self.settings.name)
+        return dict(found.to_dict())
+
+    async def _patch(
+        self, body: dict[str, Any], patch_type: PatchType, *, scale: bool = False
     ) -> dict[str, Any]:
-        assert self._client is not None  # noqa: S101  # start() made it
-        try:
-            token = self.settings.token_file.read_text().strip()  # rotated by the kubelet
-        except OSError as exc:
-            raise DriverError("kubernetes_unreachable", f"no service account token: {exc}") from exc
-        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = MERGE_PATCH
-        try:
-            response = await self._client.request(
-                method, path, json=body, params=params, headers=headers
-            )
-        except httpx.HTTPError as exc:
-            raise DriverError("kubernetes_unreachable", f"{method} {path}: {exc}") from exc
-        try:
-            payload = response.json()
-        except ValueError:
-            payload = {}
-        if response.status_code == httpx.codes.CONFLICT:
-            raise _Conflict(str(payload.get("message", "conflict")))
-        if response.status_code == httpx.codes.FORBIDDEN:
-            raise DriverError(
-                "forbidden",
-                f"{method} {path}: {payload.get('message', 'forbidden')} "
-                "(the agent's Role does not allow it)",
-            )
-        if response.status_code == httpx.codes.NOT_FOUND:
-            raise DriverError("not_found", f"{method} {path}: {payload.get('message', '')}")
-        if response.is_error or not isinstance(payload, dict):
-            raise DriverError(
-                "kubernetes_error",
-                f"{method} {path}: HTTP {response.status_code} {payload.get('message', '')}",
-            )
-        return payload
+        res = self._resource.Scale if scale else self._resource
+        with api_errors(f"patch {self._object()}{'/scale' if scale else ''}"):
+            done = await self._api.patch(res, self.settings.name, body, patch_type=patch_type)
+        return dict(done.to_dict())
 
     # -- commands -------------------------------------------------------------------------
 
     async def scale(self, replicas: int, ctx: ExecContext) -> dict[str, object]:
         s = self.settings
         if s.kind == "Milvus":
-            current = await self._request("GET", self._path)
+            current = await self._read()
             previous = _milvus_component(current, s.component).get("replicas")
             ctx.audit("workload_scaling", object=self._object(), replicas=replicas)
             patch = {"spec": {"components": {s.component: {"replicas": replicas}}}}
-            await self._request("PATCH", self._path, body=patch)
+            await self._patch(patch, PatchType.MERGE)
         else:
-            current = await self._request("GET", self._path + "/scale")
-            previous = current.get("spec", {}).get("replicas")
+            with api_errors(f"get {self._object()}/scale"):
+                scale = await self._api.get(self._resource.Scale, s.name)
+            previous = scale.spec.replicas if scale.spec is not None else None
             ctx.audit("workload_scaling", object=self._object(), replicas=replicas)
-            await self._request(
-                "PATCH", self._path + "/scale", body={"spec": {"replicas": replicas}}
-            )
+            await self._patch({"spec": {"replicas": replicas}}, PatchType.MERGE, scale=True)
         self._described["replicas"] = replicas
         return {"replicas": replicas, "previous_replicas": previous}
 
     async def upgrade(self, version: str, ctx: ExecContext) -> dict[str, object]:
         image = f"{self.settings.image}:{version}"
-        previous = await self._set_image(image, ctx, reason="upgrade")
+        previous, since = await self._set_image(image, ctx, reason="upgrade")
         if previous == image:
             return {"version": version, "image": image, "changed": False}
         try:
-            await self._wait_rollout()
+            await self._wait_rollout(since)
         except _RolloutStuck as stuck:
             ctx.audit("rollback_started", object=self._object(), image=previous, why=str(stuck))
-            await self._set_image(previous, ctx, reason="rollback")
+            _, since = await self._set_image(previous, ctx, reason="rollback")
             try:
-                await self._wait_rollout()
+                await self._wait_rollout(since)
             except _RolloutStuck as again:
                 raise DriverError(
                     "rollback_failed", f"{again}; back on {previous} but not ready"
@@ -254,11 +309,7 @@ class KubernetesDriver:
         samples: list[metrics.Sample] = []
         errors: list[dict[str, object]] = []
         if "workload" in targets:
-            for pod in await self._pods():
-                name = str(pod.get("metadata", {}).get("name"))
-                ip = pod.get("status", {}).get("podIP")
-                if not ip:
-                    continue
+            for name, ip in await self._pods():
                 host = f"[{ip}]" if ":" in ip else ip
                 url = f"http://{host}:{self.settings.metrics_port}{self.settings.metrics_path}"
                 try:
@@ -278,59 +329,92 @@ class KubernetesDriver:
     def _object(self) -> str:
         return f"{self.settings.kind}/{self.settings.namespace}/{self.settings.name}"
 
-    async def _set_image(self, image: str, ctx: ExecContext, *, reason: str) -> str:
-        """Set the image (resourceVersion precondition, retried on conflict); returns the
-        image it replaced."""
+    async def _set_image(self, image: str, ctx: ExecContext, *, reason: str) -> tuple[str, str]:
+        """Set the image (resourceVersion precondition, retried on conflict); returns the image
+        it replaced and the resourceVersion the change was written at."""
         s = self.settings
         for _ in range(CONFLICT_RETRIES):
-            current = await self._request("GET", self._path)
+            current = await self._read()
             previous = _current_image(current, s)
+            version = str(current.get("metadata", {}).get("resourceVersion", ""))
             if previous == image:
-                return previous
-            version = current.get("metadata", {}).get("resourceVersion")
+                return previous, version
             if s.kind == "Milvus":
+                patch_type = PatchType.MERGE  # a custom resource: no strategic merge
                 spec: dict[str, object] = {"components": {"image": image}}
             else:
+                patch_type = PatchType.STRATEGIC  # containers merge by name: others untouched
                 spec = {
                     "template": {"spec": {"containers": [{"name": s.container, "image": image}]}}
                 }
             patch = {"metadata": {"resourceVersion": version}, "spec": spec}
             ctx.audit("image_setting", object=self._object(), image=image, reason=reason)
             try:
-                await self._request("PATCH", self._path, body=patch)
+                done = await self._patch(patch, patch_type)
             except _Conflict:
                 ctx.log.info("kubernetes_conflict_retry", object=self._object())
                 continue
-            return previous
+            return previous, str(done.get("metadata", {}).get("resourceVersion", ""))
         raise DriverError("conflict", f"{self._object()} kept changing under us; gave up")
 
-    async def _wait_rollout(self) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.rollout_timeout
+    async def _wait_rollout(self, since: str) -> None:
+        """Watch the object from ``since`` until the rollout is done, failed, or out of time."""
         last = "no status yet"
-        while loop.time() < deadline:
-            current = await self._request("GET", self._path)
-            done, last = _rollout_done(current, self.settings.kind)
-            if done:
-                return
-            await asyncio.sleep(self.settings.poll_interval)
+        try:
+            async with (
+                asyncio.timeout(self.settings.rollout_timeout),
+                contextlib.aclosing(self._watch(since)) as events,
+            ):
+                async for obj in events:
+                    done, failed, last = _rollout_state(obj, self.settings.kind)
+                    if failed:
+                        raise _RolloutStuck(last)
+                    if done:
+                        return
+        except TimeoutError:
+            pass
         raise _RolloutStuck(
             f"rollout not complete after {self.settings.rollout_timeout:g}s: {last}"
         )
 
-    async def _pods(self) -> list[dict[str, Any]]:
+    async def _watch(self, since: str) -> AsyncGenerator[dict[str, Any], None]:
+        watch = self._api.watch(
+            self._resource,
+            fields={"metadata.name": self.settings.name},
+            resource_version=since or None,
+            on_error=_retry_expired,
+        )
+        with api_errors(f"watch {self._object()}"):
+            async with contextlib.aclosing(watch) as changes:  # type: ignore[type-var]
+                async for kind, obj in changes:
+                    if kind == "DELETED":
+                        raise DriverError("not_found", f"{self._object()} was deleted")
+                    yield dict(obj.to_dict())
+
+    async def _pods(self) -> list[tuple[str, str]]:
         s = self.settings
         if s.kind == "Milvus":
-            selector = f"app.kubernetes.io/instance={s.name}"
+            labels: dict[str, Any] = {"app.kubernetes.io/instance": s.name}
         else:
-            found = await self._request("GET", self._path)
-            labels = found.get("spec", {}).get("selector", {}).get("matchLabels", {})
-            selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-        answer = await self._request(
-            "GET", f"/api/v1/namespaces/{s.namespace}/pods", params={"labelSelector": selector}
-        )
-        pods = answer.get("items", [])
-        return [p for p in pods if p.get("status", {}).get("phase") == "Running"]
+            found = await self._read()
+            labels = dict(found.get("spec", {}).get("selector", {}).get("matchLabels", {}))
+        running: list[tuple[str, str]] = []
+        with api_errors(f"list pods of {self._object()}"):
+            async for pod in self._api.list(Pod, namespace=s.namespace, labels=labels):
+                name = pod.metadata.name if pod.metadata is not None else None
+                phase = pod.status.phase if pod.status is not None else None
+                ip = pod.status.podIP if pod.status is not None else None
+                if name and ip and phase == "Running":
+                    running.append((name, ip))
+        return running
+
+
+def _retry_expired(exc: Exception, count: int) -> OnErrorResult:
+    """Watch errors: a 410 Expired (our resourceVersion was compacted away) restarts the watch
+    from the current state, a few times; anything else is raised."""
+    if isinstance(exc, ApiError) and exc.status.code == 410 and count <= 3:
+        return OnErrorResult(OnErrorAction.RETRY)
+    return OnErrorResult(OnErrorAction.RAISE)
 
 
 class _Conflict(Exception):
@@ -355,20 +439,96 @@ def _current_image(obj: Mapping[str, Any], s: KubernetesSettings) -> str:
     raise DriverError("not_found", f"no container {s.container!r} in {s.kind}/{s.name}")
 
 
-def _rollout_done(obj: Mapping[str, Any], kind: str) -> tuple[bool, str]:
-    """Like ``kubectl rollout status``: the controller saw the change and every replica is
-    updated and available."""
-    status = obj.get("status", {})
-    if kind == "Milvus":
-        ready = status.get("status") == "Healthy"
-        return ready, f"Milvus status {status.get('status')!r}"
+def _rollout_state(obj: Mapping[str, Any], kind: str) -> tuple[bool, bool, str]:
+    """(done, failed, why), like ``kubectl rollout status``: the controller saw this generation,
+    every replica is updated and available and no old one is left; failed when the controller
+    reports the progress deadline exceeded."""
+    status = obj.get("status") or {}
     generation = obj.get("metadata", {}).get("generation", 0)
-    wanted = obj.get("spec", {}).get("replicas", 1)
     observed = status.get("observedGeneration", 0)
+    if kind == "Milvus":
+        healthy = status.get("status") == "Healthy" and observed >= generation
+        return healthy, False, f"Milvus status {status.get('status')!r}"
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Progressing" and condition.get("reason") == (
+            "ProgressDeadlineExceeded"
+        ):
+            return False, True, "the controller reports ProgressDeadlineExceeded"
+    wanted = obj.get("spec", {}).get("replicas", 1)
     updated = status.get("updatedReplicas", 0)
-    available = status.get("availableReplicas", status.get("readyReplicas", 0))
-    done = observed >= generation and updated == wanted and available == wanted
-    return done, f"{updated}/{wanted} updated, {available} available"
+    total = status.get("replicas", 0)
+    available = status.get("availableReplicas", 0)
+    done = (
+        observed >= generation and updated == wanted and total == updated and available == updated
+    )
+    return done, False, f"{updated}/{wanted} updated, {available} available"
 
 
-__all__ = ["KubernetesDriver", "KubernetesSettings"]
+# -- Events about the agent's own pod ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PodRef:
+    """The agent's pod, from the downward API (``POD_NAME``, ``POD_NAMESPACE``, ``POD_UID``)."""
+
+    name: str
+    namespace: str
+    uid: str | None = None
+
+    @classmethod
+    def from_environment(cls) -> PodRef | None:
+        name, namespace = os.environ.get("POD_NAME"), os.environ.get("POD_NAMESPACE")
+        if not name or not namespace:
+            return None
+        return cls(name=name, namespace=namespace, uid=os.environ.get("POD_UID") or None)
+
+
+class PodEvents:
+    """Posts core/v1 Events about the agent's own pod, which ``kubectl describe pod`` and
+    ``kubectl get events`` show: how the agent says what is wrong before it has a tunnel (or a
+    control socket anyone can reach without ``kubectl exec``). Needs ``create`` on ``events``
+    in the pod's namespace. Best effort: a failure to post is returned, never raised."""
+
+    def __init__(self, api: ApiSettings, pod: PodRef) -> None:
+        self._api = api
+        self._pod = pod
+        self._client: AsyncClient | None = None
+
+    async def post(self, *, warning: bool, reason: str, message: str) -> str | None:
+        """Post one Event; returns None, or why it could not be posted."""
+        now = datetime.now(UTC).replace(microsecond=0)
+        event = Event(
+            metadata=ObjectMeta(generateName=f"{self._pod.name}.", namespace=self._pod.namespace),
+            involvedObject=ObjectReference(
+                apiVersion="v1",
+                kind="Pod",
+                name=self._pod.name,
+                namespace=self._pod.namespace,
+                uid=self._pod.uid,
+                fieldPath="spec.containers{byoc-agent}",
+            ),
+            reason=reason,
+            message=message[:1000],
+            type="Warning" if warning else "Normal",
+            source=EventSource(component="byoc-agent"),
+            reportingComponent="byoc-agent",
+            reportingInstance=self._pod.name,
+            firstTimestamp=now,
+            lastTimestamp=now,
+            count=1,
+        )
+        try:
+            if self._client is None:
+                self._client = self._api.client()
+            with api_errors(f"create an Event about pod {self._pod.name}"):
+                await self._client.create(event)
+        except DriverError as exc:
+            return exc.detail
+        return None
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+__all__ = ["ApiSettings", "KubernetesDriver", "KubernetesSettings", "PodEvents", "PodRef"]

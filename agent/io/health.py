@@ -1,12 +1,18 @@
-"""The health and metrics endpoint: ``GET /healthz``, ``/readyz``, ``/metrics``.
+"""The health and metrics endpoint: ``GET /healthz``, ``/livez``, ``/readyz``, ``/metrics``.
 
 Bound to loopback by default (``[health] listen = "127.0.0.1:9464"``); a Kubernetes pod sets
 it to the pod's address for its probes, which is the one inbound port the agent can have and
 is an explicit, audited choice. ``listen = ""`` turns it off.
 
-- ``/healthz``: 200 while the process runs its event loop (liveness).
+- ``/healthz``: 200 while the process runs its event loop.
+- ``/livez``: liveness, for a Kubernetes ``livenessProbe``: 200 while the agent's own process
+  is sound (its event loop answers and its background tasks run, or it is waiting to enroll);
+  503 with the reason otherwise. It never depends on the control plane: a vendor outage must
+  not get the agent restarted (or, as a sidecar, its database pod's containers disturbed).
 - ``/readyz``: 200 when the tunnel is up and the client certificate is within its validity
-  period; otherwise 503 with the reason (readiness).
+  period; otherwise 503 with the reason (readiness). Use it where Ready means "connected" (the
+  standalone Deployment); never as a sidecar's probe, since a sidecar's readiness counts in its
+  pod's Ready condition.
 - ``/metrics``: the Prometheus text format (prometheus_client), gathered when scraped.
 
 HTTP/1.1 is parsed by h11 (sans-I/O); one request per connection, at most 8 KiB of request,
@@ -37,11 +43,13 @@ class HealthServer:
         ready: Callable[[], tuple[bool, str]],
         metrics: Callable[[], tuple[bytes, str]],
         log: structlog.typing.FilteringBoundLogger,
+        live: Callable[[], tuple[bool, str]] | None = None,
     ) -> None:
         self._host = host
         self._port = port
         self._ready = ready
         self._metrics = metrics
+        self._live = live or (lambda: (True, "alive"))
         self._log = log
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -84,13 +92,13 @@ class HealthServer:
         path = request.target.split(b"?", 1)[0]
         if path == b"/healthz":
             return 200, TEXT, b"ok\n"
-        if path == b"/readyz":
-            ready, why = self._ready()
-            return (200 if ready else 503), TEXT, (why + "\n").encode()
+        if path in (b"/readyz", b"/livez"):
+            ok, why = self._ready() if path == b"/readyz" else self._live()
+            return (200 if ok else 503), TEXT, (why + "\n").encode()
         if path == b"/metrics":
             body, content_type = self._metrics()
             return 200, content_type, body
-        return 404, TEXT, b"not found: /healthz, /readyz, /metrics\n"
+        return 404, TEXT, b"not found: /healthz, /livez, /readyz, /metrics\n"
 
 
 async def _read_request(connection: h11.Connection, reader: asyncio.StreamReader) -> h11.Request:
