@@ -421,6 +421,35 @@ def test_a_command_that_needs_approval_shows_as_pending_until_approved_on_the_ho
     assert same_document(browser)
 
 
+def test_without_javascript_the_pages_read_and_the_forms_send(
+    browser: WebDriver, demo: KeptDemo
+) -> None:
+    """Scripts off in the same browser: the page is whole, a form posts the ordinary way and
+    comes back to the agent's page naming what it queued; reloading shows the result."""
+    browser.execute_cdp_cmd("Emulation.setScriptExecutionDisabled", {"value": True})
+    try:
+        open_agent(browser, demo)
+        assert browser.find_elements(By.CSS_SELECTOR, "#commands tr[data-ref]")
+        assert browser.find_elements(By.CSS_SELECTOR, "#metrics svg[role=img]")
+        before = command_refs(browser)
+        form = browser.find_element(By.XPATH, "//form[.//input[@value='collect_metrics']]")
+        form.find_element(By.ID, "target-workload").click()  # host only
+        form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        wait_for(browser, lambda d: "?sent=" in d.current_url)
+        notice = browser.find_element(By.CSS_SELECTOR, "p.notice").text
+        (ref,) = command_refs(browser) - before
+        assert ref[:12] in notice
+
+        def finished(d: WebDriver) -> bool:
+            d.refresh()  # no script: a person reloads
+            return row_of(d, ref).get_attribute("data-state") == "succeeded"
+
+        wait_for(browser, finished)
+        assert 'targets=["host"]' in row_of(browser, ref).text
+    finally:
+        browser.execute_cdp_cmd("Emulation.setScriptExecutionDisabled", {"value": False})
+
+
 def test_a_command_page_shows_its_timeline_and_receipt(browser: WebDriver, demo: KeptDemo) -> None:
     open_agent(browser, demo)
     ref = demo.notes["scaled"]

@@ -354,6 +354,7 @@ class Console:
         try:
             command_type, params, ttl = command_from_form(await request.post())
         except BadRequest as exc:
+            self._log.warning("console_command_refused", agent_id=agent_id, reason=str(exc))
             if _wants_json(request):
                 raise
             return self._agent_page(request, error=f"Not sent: {exc}", status=400)
