@@ -559,17 +559,21 @@ def test_clock_offset_takes_the_report_with_the_least_delay() -> None:
     assert overview.clock_offset([]) is None
 
 
-def test_the_store_samples_the_clock_from_reports_and_anchors(tmp_path: Path) -> None:
-    store = StubStore(tmp_path / "stub.db")
+def queue(store: StubStore, ref: str) -> None:
     store.add_command(
-        ref="r1",
+        ref=ref,
         agent_id="agent-1",
         token="t",
         origin="signed",
-        jti="r1",
+        jti=ref,
         command_type="scale",
         params={},
     )
+
+
+def test_the_store_samples_the_clock_from_reports_and_anchors(tmp_path: Path) -> None:
+    store = StubStore(tmp_path / "stub.db")
+    queue(store, "r1")
     now = time.time()
     store.apply_status("agent-1", Status(seq=1, ref="r1", jti="r1", state="received", at=now + 3.0))
     store.record_anchor("agent-1", 5, "a" * 64, now + 2.5)
@@ -578,15 +582,7 @@ def test_the_store_samples_the_clock_from_reports_and_anchors(tmp_path: Path) ->
     assert max(samples) == pytest.approx(3.0, abs=0.5)
     assert store.clock_samples("agent-1", since=time.time() + 60) == []
     mark = store.change_mark()
-    store.add_command(
-        ref="r2",
-        agent_id="agent-1",
-        token="t",
-        origin="signed",
-        jti="r2",
-        command_type="scale",
-        params={},
-    )
+    queue(store, "r2")
     assert store.change_mark() != mark
     mark = store.change_mark()
     store.mark_sent("r2")

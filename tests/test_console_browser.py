@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+import psutil
 import pytest
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
@@ -131,36 +132,32 @@ def demo(browser: WebDriver, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     keep, stop = _readme_blocks("console")
     root = tmp_path_factory.mktemp("console") / "demo"
     env = {**os.environ, "BYOC_DEMO_DIR": str(root)}
-    ran = subprocess.run(
-        ["sh", "-ec", keep],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=scaled(300),
-        check=False,
-    )
-    assert ran.returncode == 0, ran.stdout + ran.stderr
-    url = re.search(r"^  console:\s+(\S+)$", ran.stdout, re.MULTILINE)
-    token = re.search(r"^  token:\s+(\S+)$", ran.stdout, re.MULTILINE)
-    assert url is not None, ran.stdout
-    assert token is not None, ran.stdout
-    assert token.group(1) == (root / "console.token").read_text().strip()
-    try:
-        yield KeptDemo(url=url.group(1), token=token.group(1), root=root)
-    finally:
-        stopped = subprocess.run(
-            ["sh", "-ec", stop],
+
+    def run(block: str, seconds: float) -> str:
+        done = subprocess.run(
+            ["sh", "-ec", block],
             cwd=REPO,
             env=env,
             capture_output=True,
             text=True,
-            timeout=scaled(120),
+            timeout=scaled(seconds),
             check=False,
         )
-        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-        assert "stopped byoc-agent" in stopped.stdout, stopped.stdout
-        assert "stopped cp-stub" in stopped.stdout, stopped.stdout
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    ran = run(keep, 300)
+    url = re.search(r"^  console:\s+(\S+)$", ran, re.MULTILINE)
+    token = re.search(r"^  token:\s+(\S+)$", ran, re.MULTILINE)
+    assert url is not None, ran
+    assert token is not None, ran
+    assert token.group(1) == (root / "console.token").read_text().strip()
+    try:
+        yield KeptDemo(url=url.group(1), token=token.group(1), root=root)
+    finally:
+        stopped = run(stop, 120)
+        assert "byoc-agent (pid" in stopped, stopped  # stopped here, or by the last test
+        assert "stopped cp-stub" in stopped, stopped
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -467,3 +464,24 @@ def test_a_command_page_shows_its_timeline_and_receipt(browser: WebDriver, demo:
 
     browser.get(demo.url)  # and the fleet's anchor moved on with every command since
     wait_for(browser, lambda d: anchor_seq(d, "#agent-agent-1") > demo.notes["first_anchor"])
+
+
+def test_the_fleet_follows_an_agent_going_offline_live(browser: WebDriver, demo: KeptDemo) -> None:
+    """Last, as it ends the agent: stopped on its host, it turns offline on the open fleet page
+    without a reload."""
+    browser.get(demo.url)
+    row = wait_for(browser, lambda d: d.find_element(By.ID, "agent-agent-1"))
+    assert row.find_element(By.CSS_SELECTOR, "[data-connection]").text == "connected"
+    mark_document(browser)
+    kept = json.loads((demo.root / "kept.json").read_text())
+    (agent,) = [psutil.Process(k["pid"]) for k in kept if k["name"] == "byoc-agent"]
+    agent.terminate()
+    agent.wait(scaled(60))
+    wait_for(
+        browser,
+        lambda d: (
+            d.find_element(By.CSS_SELECTOR, "#agent-agent-1 [data-connection]").text == "offline"
+        ),
+    )
+    assert same_document(browser)
+    check_page(browser, "fleet-offline")
