@@ -81,4 +81,5 @@ install:
 	sh scripts/install-host.sh
 
 clean:
-	rm -rf $(VENV) $(TOOLS) .demo .mypy_cache .ruff_cache .pytest_cache
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m byoc_demo --stop >/dev/null || true; fi
+	rm -rf $(VENV) $(TOOLS) .demo .mypy_cache .ruff_cache .pytest_cache tests/browser/node_modules
