@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv tools test lint typecheck unit demo bench bench-deps install clean
+.PHONY: venv tools browser-deps test lint typecheck unit demo demo-stop bench bench-deps install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -29,6 +29,20 @@ $(TOOLS_STAMP): tools/requirements.in tools/constraints.txt
 
 tools: $(TOOLS_STAMP)
 
+# axe-core (the accessibility checker the console's browser tests run inside Chromium), from
+# the npm registry, pinned by tests/browser/package-lock.json, into a git-ignored node_modules.
+# Chromium and chromedriver are Debian packages (.ci/run installs them). Without npm the
+# browser tests are skipped, except under CI=true, where they fail.
+AXE := tests/browser/node_modules/axe-core/axe.min.js
+
+$(AXE): tests/browser/package.json tests/browser/package-lock.json
+	@if command -v npm >/dev/null; then \
+	  cd tests/browser && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && touch node_modules/axe-core/axe.min.js; \
+	elif [ "$$CI" = true ]; then echo "browser-deps: npm is required (apt-get install npm)" >&2; exit 1; \
+	else echo "browser-deps: no npm here; the console's browser tests will be skipped" >&2; fi
+
+browser-deps: $(AXE)
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -37,13 +51,18 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-unit: venv tools
+unit: venv tools browser-deps
 	$(BIN)/pytest
 
 test: lint typecheck unit
 
+# KEEP=1 leaves the pair running with the web console (address and token printed);
+# `make demo-stop` stops it.
 demo: venv
-	$(BIN)/python -m byoc_demo
+	$(BIN)/python -m byoc_demo $(if $(filter 1 yes true,$(KEEP)),--keep)
+
+demo-stop: venv
+	$(BIN)/python -m byoc_demo --stop
 
 # The benchmark suite (docs/BENCHMARKS.md): about 10 minutes; `make bench BENCH_ARGS=--quick`
 # for a one-minute smoke run. ssh -R is one of the peers, so it needs sshd and ssh.
@@ -63,4 +82,5 @@ install:
 	sh scripts/install-host.sh
 
 clean:
-	rm -rf $(VENV) $(TOOLS) .demo .mypy_cache .ruff_cache .pytest_cache
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m byoc_demo --stop >/dev/null || true; fi
+	rm -rf $(VENV) $(TOOLS) .demo .mypy_cache .ruff_cache .pytest_cache tests/browser/node_modules

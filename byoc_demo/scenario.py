@@ -11,6 +11,10 @@ network namespaces with a firewall between them (``tests/test_outbound_netns.py`
     ip netns exec CP_NS python -m byoc_demo DIR \
         --agent-netns AGENT_NS --stub-host 10.213.0.1 --server-name localhost
 
+``--keep`` leaves the pair running after the scenario, with the web console enabled (its
+address and token are printed), so a person can look; ``--stop`` (``make demo-stop``) stops a
+pair left running in that directory.
+
 ``--agent-netns`` runs every agent-side command (``byoc-agent run``, ``approve``, ``audit
 verify``) under ``ip netns exec``; the stub and the scenario itself (which talks to the stub's
 operator API on loopback) stay where this process runs. ``--stub-host`` is the address the stub
@@ -24,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -45,6 +50,9 @@ from control_plane_stub.client import StubClient
 from control_plane_stub.errors import ApiError
 
 STEP_TIMEOUT = 90.0
+KEPT_FILE = "kept.json"
+"""In the demo directory: the processes ``--keep`` left running, for ``--stop``."""
+CONSOLE_TOKEN_FILE = "console.token"  # noqa: S105  # a file name, not a secret
 
 
 class ScenarioFailed(Exception):
@@ -137,11 +145,55 @@ class Process:
             return self.popen.wait()
 
 
-def start_process(name: str, argv: Sequence[str], log: Path) -> Process:
+def start_process(name: str, argv: Sequence[str], log: Path, *, detach: bool = False) -> Process:
+    """``detach``: in a session of its own, so that it outlives the terminal that started it
+    (a pair left running with ``--keep``)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as handle:
-        popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT)
+        popen = subprocess.Popen(
+            argv, stdout=handle, stderr=subprocess.STDOUT, start_new_session=detach
+        )
     return Process(name, popen, log)
+
+
+def remember_kept(root: Path, processes: Sequence[Process]) -> None:
+    """Note the processes left running (pid and start time: a reused pid is not ours)."""
+    kept = [
+        {"name": p.name, "pid": p.popen.pid, "started": psutil.Process(p.popen.pid).create_time()}
+        for p in processes
+    ]
+    (root / KEPT_FILE).write_text(json.dumps(kept, indent=2) + "\n")
+
+
+def stop_kept(root: Path, timeout: float = 60.0) -> list[str]:
+    """Stop what ``--keep`` left running in ``root`` (SIGTERM, then SIGKILL after
+    ``timeout``); one line for each process, none if nothing was kept."""
+    path = root / KEPT_FILE
+    try:
+        kept = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise ScenarioFailed(f"cannot read {path}: {exc}") from exc
+    said: list[str] = []
+    for entry in reversed(kept):  # the agent first, as a normal shutdown does
+        name, pid = str(entry["name"]), int(entry["pid"])
+        try:
+            process = psutil.Process(pid)
+            if abs(process.create_time() - float(entry["started"])) > 1.0:
+                raise psutil.NoSuchProcess(pid)  # the pid was reused: not ours
+            process.terminate()
+            try:
+                code = process.wait(timeout)
+            except psutil.TimeoutExpired:
+                process.kill()
+                code = process.wait(timeout)
+            status = f", exit status {code}" if code is not None else ""  # None: not our child
+            said.append(f"stopped {name} (pid {pid}{status})")
+        except psutil.NoSuchProcess:
+            said.append(f"{name} (pid {pid}) had already stopped")
+    path.unlink()
+    return said
 
 
 class Scenario:
@@ -153,8 +205,10 @@ class Scenario:
         agent_netns: str | None = None,
         stub_host: str | None = None,
         server_name: str | None = None,
+        keep: bool = False,
     ) -> None:
-        """``agent_netns``: run the agent-side commands in this network namespace.
+        """``keep``: start the stub with its console, detached, to be left running.
+        ``agent_netns``: run the agent-side commands in this network namespace.
         ``stub_host``: the address the stub listens on and the agent dials (default: the stub
         on 127.0.0.1, the agent dialling ``localhost``). ``server_name``: the name the agent
         verifies the stub's certificate for (default: the URL's host)."""
@@ -163,6 +217,8 @@ class Scenario:
         self.agent_netns = agent_netns
         self.stub_host = stub_host
         self.server_name = server_name
+        self.keep = keep
+        self.console_url = ""
         self.processes: list[Process] = []
         self.failures: list[str] = []
         self.paths: DemoPaths | None = None
@@ -193,6 +249,8 @@ class Scenario:
     def setup(self) -> int:
         """Make the PKI, start the stub and the agent; return the stub's agent port."""
         if self.root.exists():
+            for line in stop_kept(self.root):  # a pair an earlier `make demo KEEP=1` left
+                self.say(f"  earlier demo: {line}")
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True)
         pki = self.root / "pki"
@@ -204,6 +262,16 @@ class Scenario:
         listen_host = self.stub_host or "127.0.0.1"
         agent_port, api_port = free_port(listen_host), free_port()
         self.api_url = f"http://127.0.0.1:{api_port}"
+        console: list[str] = []
+        if self.keep:
+            console_port = free_port()
+            self.console_url = f"http://127.0.0.1:{console_port}/"
+            console = [
+                "--console",
+                f"127.0.0.1:{console_port}",
+                "--console-token-file",
+                str(self.root / CONSOLE_TOKEN_FILE),
+            ]
         self.processes.append(
             start_process(
                 "cp-stub",
@@ -218,8 +286,10 @@ class Scenario:
                     f"127.0.0.1:{api_port}",
                     "--db",
                     str(self.root / "cp-stub.db"),
+                    *console,
                 ),
                 self.root / "logs" / "cp-stub.log",
+                detach=self.keep,
             )
         )
         base = 21000 + (os.getpid() % 80) * 100
@@ -239,8 +309,11 @@ class Scenario:
                     _module_cmd("agent.cli", "run", "--config", str(self.paths.config))
                 ),
                 self.root / "logs" / "agent.log",
+                detach=self.keep,
             )
         )
+        if self.keep:
+            remember_kept(self.root, self.processes)
         return agent_port
 
     def agent_listening_sockets(self) -> list[str]:
@@ -377,6 +450,19 @@ class Scenario:
 
     # -- tear-down ------------------------------------------------------------------------
 
+    def console_token(self) -> str:
+        """The console's token, which the stub wrote to a 0600 file when it started."""
+        return (self.root / CONSOLE_TOKEN_FILE).read_text().strip()
+
+    async def wait_console(self, api: StubClient) -> None:
+        """Until the stub has written the console token (it does once the console listens)."""
+        await api.wait_ready(30)
+        deadline = time.monotonic() + 30
+        while not (self.root / CONSOLE_TOKEN_FILE).exists():
+            if time.monotonic() > deadline:
+                raise ScenarioFailed("the stub did not start its console")
+            await asyncio.sleep(0.05)
+
     def shutdown(self) -> None:
         for process in reversed(self.processes):
             code = process.stop()
@@ -434,6 +520,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "or .demo)",
     )
     parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the pair running after the scenario, with the web console on loopback "
+        "(its address and token are printed); `--stop` (make demo-stop) stops it",
+    )
+    parser.add_argument(
+        "--stop",
+        action="store_true",
+        help="stop a pair that --keep left running in DIR, and exit",
+    )
+    parser.add_argument(
         "--agent-netns",
         metavar="NAME",
         help="run the agent-side commands (byoc-agent run, approve, audit verify) in this "
@@ -457,15 +554,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def stop_main(root: Path) -> int:
+    try:
+        said = stop_kept(root)
+    except (ScenarioFailed, psutil.Error) as exc:
+        print(f"demo-stop: {exc}", file=sys.stderr)
+        return 1
+    for line in said or [f"nothing to stop: no demo pair was left running in {root}"]:
+        print(line)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     root = Path(args.dir).resolve()
+    if args.stop:
+        return stop_main(root)
     scenario = Scenario(
         root,
         sys.stdout,
         agent_netns=args.agent_netns,
         stub_host=args.stub_host,
         server_name=args.server_name,
+        keep=args.keep,
     )
     scenario.say("BYOC agent demo: stub control plane -> outbound mTLS tunnel -> agent -> workload")
     started = time.monotonic()
@@ -478,13 +589,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"operator API {scenario.api_url}{where}"
         )
         asyncio.run(_with_client(scenario.api_url, scenario.run_steps))
-        scenario.shutdown()  # the agent's last audit record is written when it stops
+        if args.keep:
+            asyncio.run(_with_client(scenario.api_url, scenario.wait_console))
+        else:
+            scenario.shutdown()  # the agent's last audit record is written when it stops
         scenario.verify_audit()
     except (ScenarioFailed, ApiError, OSError, subprocess.SubprocessError, psutil.Error) as exc:
         scenario.failures.append(f"{type(exc).__name__}: {exc}")
     finally:
-        with contextlib.suppress(Exception):
-            scenario.shutdown()
+        if scenario.failures or not args.keep:
+            with contextlib.suppress(Exception):
+                scenario.shutdown()
+                stop_kept(root)
     elapsed = time.monotonic() - started
     logs = root / "logs"
     if scenario.failures:
@@ -494,6 +610,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         scenario.say(f"  logs: {logs}/agent.log, {logs}/cp-stub.log")
         return 1
     assert scenario.paths is not None  # noqa: S101
+    if args.keep:
+        scenario.say(
+            f"\nDemo complete in {elapsed:.1f}s; the pair is still running.\n"
+            f"  console:      {scenario.console_url}\n"
+            f"  token:        {scenario.console_token()}\n"
+            f"                (sign in with it; it is also in {root / CONSOLE_TOKEN_FILE}, "
+            f"mode 0600)\n"
+            f"  operator API: {scenario.api_url}  (CP_STUB_API={scenario.api_url} "
+            f".venv/bin/cp-stub agents)\n"
+            f"  logs:         {logs}/agent.log, {logs}/cp-stub.log\n"
+            f"  stop it:      make demo-stop"
+        )
+        return 0
     scenario.say(
         f"\nDemo complete in {elapsed:.1f}s; everything was shut down cleanly.\n"
         f"  audit log:   {scenario.paths.audit_log}\n"

@@ -1,12 +1,22 @@
-"""The operator API: HTTP + JSON, bound to loopback. The ``cp-stub`` CLI is a client of it.
+"""The operator API: HTTP + JSON, bound to loopback. The ``cp-stub`` CLI and the console
+(:mod:`control_plane_stub.console`) are its clients.
 
     GET  /v1/healthz
-    GET  /v1/agents                                   all agents ever seen
+    GET  /v1/agents                                   all agents ever seen, with the fleet view:
+                                                      connected (live), agent_version,
+                                                      certificate_not_after, last_heard,
+                                                      last_anchor {audit_seq, audit_hash, age},
+                                                      clock_offset (see AGENT FIELDS below)
     GET  /v1/agents/{agent_id}?wait_connected=S       one agent; optionally wait until connected
     GET  /v1/agents/{agent_id}/anchors?limit=&before= audit chain heads the agent reported,
                                                       highest seq first, at most limit (100,
                                                       up to 1000) a page; "next" is the before=
                                                       cursor of the next page, null at the end
+    GET  /v1/agents/{agent_id}/streams                its forwards (live byte counters) and its
+                                                      open_stream grants (bytes each way, final)
+    GET  /v1/agents/{agent_id}/metrics?collections=N  per replica, from its last N (20, up to
+                                                      100) collect_metrics results: a memory
+                                                      series and the latest figures; the host's
     POST /v1/agents/{agent_id}/keyset                 {"token"}: offer a signed key set
     GET  /v1/agents/{agent_id}/keyset?wait_answer=S   what was offered and what the agent said
     POST /v1/agents/{agent_id}/commands               {"type", "params", "ttl"?}: sign and queue
@@ -19,12 +29,30 @@
                                                       carried to target through the agent
     GET  /v1/forwards                                 forwards and their counters
     DELETE /v1/forwards/{id}                          stop a forward (closes its connections)
-    GET  /v1/commands?agent_id=&final=1&limit=        newest first
+    GET  /v1/commands?agent_id=&final=1&state=&type=&limit=&timeline=1
+                                                      newest first; with timeline=1 each has its
+                                                      "timeline" and "receipt" (as below)
     GET  /v1/commands/{ref}?wait_for=STATE&timeout=S&include_token=1
                                                       one command and its status history; with
                                                       wait_for (received, pending_approval,
                                                       running, final) the answer waits until the
-                                                      command got that far
+                                                      command got that far. "timeline": every
+                                                      step (queued, delivered, then what the
+                                                      agent reported), "receipt_verified":
+                                                      true, false or null (no receipt)
+    GET  /v1/events?agent_id=                         server-sent events (text/event-stream):
+                                                      "agent" {agent_id, connected,
+                                                      agent_version, audit_seq} and "command"
+                                                      {ref, agent_id, type, state, reason} when
+                                                      they change; "tick" {at} after 10 s of
+                                                      quiet (the page's ages move on)
+
+AGENT FIELDS (beyond the registry's): ``connected`` is whether the agent has a session now;
+``last_heard`` when its last frame (pings included) arrived, or its last session ended;
+``certificate_not_after`` the expiry of the certificate it connected with; ``clock_offset``
+its clock minus the stub's in seconds, estimated from its latest reports (each says when the
+agent wrote it): too low by at most a report's delay on the way, null before any report.
+Times are Unix times on the stub's clock; ages and durations in seconds.
 
 Errors are ``{"error": code, "message": text}`` with a 4xx status.
 """
@@ -32,9 +60,11 @@ Errors are ``{"error": code, "message": text}`` with a 4xx status.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
 import jwt
@@ -45,6 +75,7 @@ from agent.core.commands import MAX_STREAM_DURATION
 from agent.core.frames import MAX_TOKEN_CHARS
 from agent.core.session import CloseCode
 from agent.core.verifier import peek
+from control_plane_stub import overview
 from control_plane_stub.enrollment import TOKEN_TTL, CertificateAuthority
 from control_plane_stub.errors import (
     BadRequest,
@@ -55,13 +86,18 @@ from control_plane_stub.errors import (
 )
 from control_plane_stub.hub import Hub
 from control_plane_stub.signer import DEFAULT_TTL, CommandSigner
-from control_plane_stub.store import RANK, StubStore
+from control_plane_stub.store import RANK, CommandRecord, StubStore
 from control_plane_stub.streams import StreamBroker
 
 MAX_WAIT: Final = 600.0
 DEFAULT_STREAM_DURATION: Final = 600
 ANCHORS_PAGE: Final = 100
 MAX_ANCHORS_PAGE: Final = 1000
+MAX_COLLECTIONS: Final = 100
+EVENT_TICK: Final = 10.0
+"""Seconds of quiet after which an event stream sends a ``tick``."""
+WATCHED_COMMANDS: Final = 100
+"""An event stream compares the states of the commands that changed last, this many."""
 WAIT_TARGETS: Final = {
     "received": RANK["received"],
     "pending_approval": RANK["pending_approval"],
@@ -75,7 +111,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "[::1]"})
 
 
-def _host_name(host: str) -> str:
+def host_name(host: str) -> str:
     """``127.0.0.1:8080`` -> ``127.0.0.1``; ``[::1]:8080`` -> ``[::1]``."""
     if host.startswith("["):
         return host.split("]", 1)[0] + "]"
@@ -90,7 +126,7 @@ async def _same_machine_only(request: web.Request, handler: Handler) -> web.Stre
     request needs no preflight) or reach it through DNS rebinding. So the Host header must name
     a loopback host, and a request with a body must be ``application/json``, which a cross-site
     page cannot send without a CORS preflight that this API never answers."""
-    if _host_name(request.host) not in LOOPBACK_HOSTS:
+    if host_name(request.host) not in LOOPBACK_HOSTS:
         return web.json_response(
             {"error": "forbidden", "message": f"Host {request.host!r} is not loopback"},
             status=403,
@@ -168,6 +204,8 @@ class OperatorApi:
                 web.get("/v1/agents", self.list_agents),
                 web.get("/v1/agents/{agent_id}", self.get_agent),
                 web.get("/v1/agents/{agent_id}/anchors", self.list_anchors),
+                web.get("/v1/agents/{agent_id}/streams", self.list_streams),
+                web.get("/v1/agents/{agent_id}/metrics", self.get_metrics),
                 web.post("/v1/agents/{agent_id}/keyset", self.push_keyset),
                 web.get("/v1/agents/{agent_id}/keyset", self.get_keyset),
                 web.post("/v1/agents/{agent_id}/commands", self.send_command),
@@ -180,14 +218,174 @@ class OperatorApi:
                 web.delete("/v1/forwards/{forward_id}", self.stop_forward),
                 web.get("/v1/commands", self.list_commands),
                 web.get("/v1/commands/{ref}", self.get_command),
+                web.get("/v1/events", self.events),
             ]
         )
+        self.closing = asyncio.Event()
+        """Set when the stub shuts down: event streams end."""
+        self.app.on_shutdown.append(self.end_streams)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "agents_connected": len(self._hub.links)})
 
     async def list_agents(self, request: web.Request) -> web.Response:
-        return web.json_response({"agents": self._store.agents()})
+        return web.json_response({"agents": self.fleet()})
+
+    # -- views: used by the JSON routes here and by the console's pages -------------------
+
+    def _last_heard(self, agent_id: str) -> float | None:
+        """When the agent's last frame arrived (this stub's clock), if it is connected."""
+        link = self._hub.links.get(agent_id)
+        if link is None:
+            return None
+        since = asyncio.get_running_loop().time() - link.timer.last_received
+        return time.time() - since
+
+    def _agent_view(self, agent: dict[str, Any], now: float) -> dict[str, object]:
+        agent_id = str(agent["agent_id"])
+        live = agent_id in self._hub.links
+        sha256 = agent.get("cert_sha256")
+        since = agent.get("connected_since") if live else None
+        return overview.agent_view(
+            agent,
+            live=live,
+            last_heard=self._last_heard(agent_id),
+            certificate_der=self._store.certificate(str(sha256)) if sha256 else None,
+            anchors=self._store.anchors(agent_id, 1),
+            clock_samples=self._store.clock_samples(
+                agent_id, since=float(since or 0.0), limit=overview.CLOCK_SAMPLES
+            ),
+            now=now,
+        )
+
+    def fleet(self) -> list[dict[str, object]]:
+        """Every agent ever seen, with what the fleet view adds (see AGENT FIELDS)."""
+        now = time.time()
+        return [self._agent_view(agent, now) for agent in self._store.agents()]
+
+    def agent(self, agent_id: str) -> dict[str, object]:
+        agent = self._find_agent(agent_id)
+        if agent is None:
+            raise UnknownAgent(f"agent {agent_id!r} has never connected")
+        return self._agent_view(agent, time.time())
+
+    def command_views(self, agent_id: str | None, limit: int = 50) -> list[dict[str, object]]:
+        """Recent commands, newest first, each with its timeline and receipt check."""
+        return self._views(self._store.commands(agent_id=agent_id, limit=limit))
+
+    def _views(self, records: list[CommandRecord]) -> list[dict[str, object]]:
+        refs = [r.ref for r in records]
+        histories = self._store.histories(refs)
+        receipts = self._store.receipts(refs)
+        return [
+            overview.command_view(r, histories.get(r.ref, []), receipts.get(r.ref)) for r in records
+        ]
+
+    def command_view(self, ref: str) -> dict[str, object]:
+        (view,) = self._views([self._store.get(ref)])
+        return view
+
+    def refusals(self, agent_id: str, limit: int = 20) -> list[dict[str, object]]:
+        """The agent's latest refusals (commands it rejected), newest first, with reasons."""
+        rejected = self._store.commands(agent_id=agent_id, state="rejected", limit=limit)
+        return overview.refusals(r.to_json() for r in rejected)
+
+    def pending_approvals(self, agent_id: str, limit: int = 50) -> list[dict[str, object]]:
+        waiting = self._store.commands(agent_id=agent_id, state="pending_approval", limit=limit)
+        return overview.pending_approvals(r.to_json() for r in waiting)
+
+    def anchors(self, agent_id: str, limit: int) -> list[dict[str, object]]:
+        return self._store.anchors(agent_id, limit)
+
+    def streams(self, agent_id: str) -> dict[str, object]:
+        """The agent's forwards (live counters: bytes to and from the agent) and its stream
+        grants (bytes to and from the target, as the agent reports them when a stream ends)."""
+        forwards = [f.to_json() for f in self._streams.forwards.values() if f.agent_id == agent_id]
+        grants = self._store.commands(agent_id=agent_id, command_type="open_stream", limit=50)
+        return {"forwards": forwards, "grants": overview.stream_grants(grants)}
+
+    def metrics(
+        self, agent_id: str, collections: int = overview.METRIC_COLLECTIONS
+    ) -> dict[str, object]:
+        records = self._store.commands(
+            agent_id=agent_id, command_type="collect_metrics", state="succeeded", limit=collections
+        )
+        results = [
+            (r.updated_at, (r.result or {}).get("samples") or [])
+            for r in records
+            if isinstance((r.result or {}).get("samples"), list)
+        ]
+        return overview.replica_metrics(results)
+
+    def queue_command(
+        self, agent_id: str, command_type: str, params: dict[str, Any], ttl: int = DEFAULT_TTL
+    ) -> CommandRecord:
+        """Sign a command with the stub's key and queue it for the agent (what ``cp-stub send``
+        and the console's forms do)."""
+        signed = self._signer.sign(
+            agent_id=agent_id, command_type=command_type, params=params, now=time.time(), ttl=ttl
+        )
+        record = self._store.add_command(
+            ref=signed.jti,
+            agent_id=agent_id,
+            token=signed.token,
+            origin="signed",
+            jti=signed.jti,
+            command_type=command_type,
+            params=params,
+        )
+        self._hub.kick(agent_id)
+        return record
+
+    def _snapshot(self, agent_id: str | None) -> overview.Snapshot:
+        agents = self._store.agents()
+        if agent_id is not None:
+            agents = [a for a in agents if a["agent_id"] == agent_id]
+        return overview.snapshot(
+            agents,
+            self._hub.links,
+            self._store.anchor_heads(),
+            self._store.recently_updated(agent_id, WATCHED_COMMANDS),
+        )
+
+    def _change_mark(self) -> tuple[object, ...]:
+        return (*self._store.change_mark(), len(self._hub.links))
+
+    def _moved_on(self, mark: tuple[object, ...]) -> bool:
+        """Something changed since ``mark``, or the stub is shutting down."""
+        return self.closing.is_set() or self._change_mark() != mark
+
+    def changes(
+        self, agent_id: str | None = None, *, tick: float = EVENT_TICK
+    ) -> AsyncIterator[tuple[str, dict[str, object]]]:
+        """Events as agents and commands change (all of them, or one agent's) from now on,
+        until the stub shuts down; a ``tick`` after ``tick`` seconds without any. "Now" is this
+        call: the state it compares with is read here, before the first event is awaited."""
+        seen = self._snapshot(agent_id)
+        mark = self._change_mark()
+
+        async def follow() -> AsyncIterator[tuple[str, dict[str, object]]]:
+            nonlocal seen, mark
+            while not self.closing.is_set():
+                moved = await self._until(functools.partial(self._moved_on, mark), tick)
+                if self.closing.is_set():
+                    return
+                # On a tick too: a change the mark cannot see (the clock stepped back between
+                # two updates) is found there at the latest.
+                mark = self._change_mark()
+                current = self._snapshot(agent_id)
+                for event in overview.changes(seen, current):
+                    yield event
+                seen = current
+                if not moved:
+                    yield "tick", {"at": time.time()}
+
+        return follow()
+
+    async def end_streams(self, app: web.Application) -> None:
+        """End the event streams (the stub is shutting down)."""
+        self.closing.set()
+        await self._hub.notify()
 
     def _find_agent(self, agent_id: str) -> dict[str, object] | None:
         return next((a for a in self._store.agents() if a["agent_id"] == agent_id), None)
@@ -196,10 +394,7 @@ class OperatorApi:
         agent_id = _agent_id(request)
         wait = _number(request, "wait_connected", 0.0, MAX_WAIT)
         await self._until(lambda: agent_id in self._hub.links, wait)
-        agent = self._find_agent(agent_id)
-        if agent is None:
-            raise UnknownAgent(f"agent {agent_id!r} has never connected")
-        return web.json_response({"agent": agent})
+        return web.json_response({"agent": self.agent(agent_id)})
 
     async def list_anchors(self, request: web.Request) -> web.Response:
         limit = int(_number(request, "limit", ANCHORS_PAGE, MAX_ANCHORS_PAGE))
@@ -208,6 +403,21 @@ class OperatorApi:
         page = self._store.anchors(_agent_id(request), limit, before=request.query.get("before"))
         after = page[-1]["cursor"] if len(page) == limit else None
         return web.json_response({"anchors": page, "next": after})
+
+    async def list_streams(self, request: web.Request) -> web.Response:
+        return web.json_response(self.streams(_agent_id(request)))
+
+    async def get_metrics(self, request: web.Request) -> web.Response:
+        collections = int(
+            _number(request, "collections", overview.METRIC_COLLECTIONS, MAX_COLLECTIONS)
+        )
+        return web.json_response(self.metrics(_agent_id(request), max(1, collections)))
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        agent_id = request.query.get("agent_id")
+        if agent_id is not None and not AGENT_ID_PATTERN.fullmatch(agent_id):
+            raise BadRequest(f"{agent_id[:80]!r} is not a valid agent id")
+        return await event_stream(request, self.changes(agent_id))
 
     async def push_keyset(self, request: web.Request) -> web.Response:
         agent_id = _agent_id(request)
@@ -254,19 +464,7 @@ class OperatorApi:
             raise BadRequest("'params' must be an object")
         if not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= 86400:
             raise BadRequest("'ttl' must be an integer number of seconds in 1..86400")
-        signed = self._signer.sign(
-            agent_id=agent_id, command_type=command_type, params=params, now=time.time(), ttl=ttl
-        )
-        record = self._store.add_command(
-            ref=signed.jti,
-            agent_id=agent_id,
-            token=signed.token,
-            origin="signed",
-            jti=signed.jti,
-            command_type=command_type,
-            params=params,
-        )
-        self._hub.kick(agent_id)
+        record = self.queue_command(agent_id, command_type, params, ttl)
         return web.json_response({"command": record.to_json()}, status=201)
 
     async def relay_command(self, request: web.Request) -> web.Response:
@@ -345,7 +543,15 @@ class OperatorApi:
         agent_id = request.query.get("agent_id")
         final_only = request.query.get("final") in ("1", "true")
         limit = int(_number(request, "limit", 50, 10_000))
-        records = self._store.commands(agent_id=agent_id, final_only=final_only, limit=limit)
+        records = self._store.commands(
+            agent_id=agent_id,
+            final_only=final_only,
+            limit=limit,
+            command_type=request.query.get("type"),
+            state=request.query.get("state"),
+        )
+        if request.query.get("timeline") in ("1", "true"):
+            return web.json_response({"commands": self._views(records)})
         return web.json_response({"commands": [r.to_json() for r in records]})
 
     async def get_command(self, request: web.Request) -> web.Response:
@@ -362,11 +568,15 @@ class OperatorApi:
                 lambda: RANK.get(self._store.get(ref).state, 0) >= rank, timeout
             )
         record = self._store.get(ref)
+        history = self._store.history(ref)
+        receipt = self._store.receipt(ref)
         return web.json_response(
             {
                 "command": record.to_json(with_token=request.query.get("include_token") == "1"),
-                "history": self._store.history(ref),
-                "receipt": self._store.receipt(ref),
+                "history": history,
+                "timeline": overview.timeline(record, history),
+                "receipt": receipt,
+                "receipt_verified": overview.receipt_view(receipt, record.state)["verified"],
                 "timed_out": timed_out,
             }
         )
@@ -379,3 +589,26 @@ class OperatorApi:
         except TimeoutError:
             return condition()
         return True
+
+
+async def event_stream(
+    request: web.Request, events: AsyncIterator[tuple[str, dict[str, object]]]
+) -> web.StreamResponse:
+    """Serve ``events`` as server-sent events (``event:`` name, ``data:`` one line of JSON)
+    until they end or the client goes away."""
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-store",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    await response.write(b"retry: 2000\n\n")
+    try:
+        async for name, data in events:
+            payload = json.dumps(data, separators=(",", ":"), allow_nan=False)
+            await response.write(f"event: {name}\ndata: {payload}\n\n".encode())
+    except ConnectionResetError:
+        pass  # the client went away
+    return response

@@ -1,6 +1,7 @@
 """``cp-stub``: run the stub control plane and drive agents through its operator API.
 
     cp-stub serve --pki DIR [--agents HOST:PORT] [--api HOST:PORT] [--db PATH]
+                  [--console HOST:PORT [--console-token-file PATH]]   the web console
     cp-stub agents
     cp-stub send AGENT scale --replicas N [--wait]
     cp-stub send AGENT upgrade --version V [--wait]
@@ -44,6 +45,7 @@ from agent.logs import configure_logging
 from certs.pki import PKIPaths
 from control_plane_stub.client import StubClient, default_api_url, describe
 from control_plane_stub.errors import StubError
+from control_plane_stub.operator_commands import operator_command
 from control_plane_stub.server import StubConfig, StubServer
 from control_plane_stub.signer import DEFAULT_TTL, CommandSigner
 
@@ -103,6 +105,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         enroll_host=args.enroll[0] if args.enroll else "127.0.0.1",
         enroll_port=args.enroll[1] if args.enroll else None,
         cert_lifetime=args.cert_lifetime,
+        console_host=args.console[0] if args.console else "127.0.0.1",
+        console_port=args.console[1] if args.console else None,
+        console_remote=args.console_remote,
+        console_token_file=Path(args.console_token_file) if args.console_token_file else None,
     )
     configure_logging(args.log_level)
 
@@ -111,10 +117,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await StubServer(config).run(stop)
+        server = StubServer(config)
+        await server.start()
+        try:
+            _announce_console(server)
+            await stop.wait()
+        finally:
+            await server.close()
 
     event_loop.run(main(), args.event_loop)
     return 0
+
+
+def _announce_console(server: StubServer) -> None:
+    """Say where the console is, and show its token once: printed here (not logged), or
+    only named when it went to a file (e.g. when this process's output is a log file)."""
+    if server.console is None:
+        return
+    token_file = server.config.console_token_file
+    if token_file is not None:
+        print(f"console: {server.console_url} (token in {token_file})", flush=True)
+    else:
+        print(f"console: {server.console_url} token: {server.console.token}", flush=True)
 
 
 # -- operator commands ---------------------------------------------------------------------
@@ -137,12 +161,12 @@ async def _finish(client: StubClient, command: dict[str, Any], args: argparse.Na
 
 
 async def cmd_send(args: argparse.Namespace, client: StubClient) -> int:
-    if args.type == "scale":
-        command_type, params = "scale", {"replicas": args.replicas}
-    elif args.type == "upgrade":
-        command_type, params = "upgrade", {"version": args.version}
-    else:
-        command_type, params = "collect_metrics", {"targets": args.target or ["workload", "host"]}
+    command_type, params = operator_command(
+        args.type.replace("-", "_"),
+        replicas=getattr(args, "replicas", None),
+        version=getattr(args, "version", None),
+        targets=getattr(args, "target", None) or (),
+    )
     command = await client.send(args.agent, command_type, params, ttl=args.ttl)
     return await _finish(client, command, args)
 
@@ -349,6 +373,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="HOST:PORT of the enrollment listener (HTTPS; needs --pki for the agent CA key)",
     )
     p.add_argument("--cert-lifetime", type=float, default=86400.0, help="seconds (default 24 h)")
+    p.add_argument(
+        "--console",
+        type=_host_port,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve the web console here (loopback; a token, shown once at start, is needed)",
+    )
+    p.add_argument(
+        "--console-remote",
+        action="store_true",
+        help="allow --console on an address other than loopback (served over HTTPS with the "
+        "server certificate; anyone who can reach it and holds the token can send commands)",
+    )
+    p.add_argument(
+        "--console-token-file",
+        metavar="PATH",
+        help="write the console token to this file (mode 0600) instead of printing it",
+    )
     p.add_argument("--issuer", default="cp-stub", help="iss claim of signed commands")
     p.add_argument("--heartbeat-interval", type=float, default=15.0)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

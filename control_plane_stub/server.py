@@ -19,10 +19,12 @@ from agent.core.errors import TLSRejected
 from agent.core.frames import MAX_FRAME_TO_CONTROL_PLANE
 from agent.core.session import HeartbeatSettings
 from agent.core.targets import is_loopback_host
+from agent.io.files import write_atomic
 from agent.io.splice import STREAM_QUEUE
 from agent.io.tls import PeerCertificate, enrollment_server_context, server_context
 from certs.pki import PKIPaths
 from control_plane_stub.api import OperatorApi
+from control_plane_stub.console import Console, ConsoleAuth
 from control_plane_stub.enrollment import CERT_LIFETIME, CertificateAuthority, enrollment_app
 from control_plane_stub.errors import StubConfigError
 from control_plane_stub.hub import Hub, HubSettings
@@ -52,6 +54,15 @@ class StubConfig:
     enroll_port: int | None = None
     """The enrollment listener (HTTPS, server-authenticated only); None: no enrollment."""
     cert_lifetime: float = CERT_LIFETIME.total_seconds()
+    console_host: str = "127.0.0.1"
+    console_port: int | None = None
+    """The web console's listener (control_plane_stub/console); None: no console."""
+    console_remote: bool = False
+    """Allow the console on an address other than loopback (then served over HTTPS)."""
+    console_tls: bool | None = None
+    """Serve the console over HTTPS with the server certificate; None: when not on loopback."""
+    console_token_file: Path | None = None
+    """Write the console token here (0600) instead of printing it."""
 
     def __post_init__(self) -> None:
         if not is_loopback_host(self.api_host):
@@ -59,6 +70,23 @@ class StubConfig:
                 f"the operator API has no authentication and binds to loopback only, "
                 f"not {self.api_host!r}"
             )
+        if (
+            self.console_port is not None
+            and not is_loopback_host(self.console_host)
+            and not self.console_remote
+        ):
+            raise StubConfigError(
+                f"the console binds to loopback unless asked otherwise: {self.console_host!r} "
+                f"needs --console-remote (it is then served over HTTPS, token required)"
+            )
+        if self.console_tls is False and not is_loopback_host(self.console_host):
+            raise StubConfigError("a console on a non-loopback address is served over HTTPS")
+
+    @property
+    def console_uses_tls(self) -> bool:
+        if self.console_tls is not None:
+            return self.console_tls
+        return not is_loopback_host(self.console_host)
 
 
 def _peer_serial(connection: ServerConnection) -> int:
@@ -92,12 +120,23 @@ class StubServer:
         self.hub.ca = self.ca
         self.streams = StreamBroker(self.store, self.hub, self.signer, self.log)
         self.api = OperatorApi(self.store, self.hub, self.signer, self.streams, self.ca)
+        self.console: Console | None = None
+        if config.console_port is not None:
+            self.console = Console(
+                self.api,
+                ConsoleAuth.generate(),
+                log=self.log,
+                loopback_only=is_loopback_host(config.console_host),
+                tls=config.console_uses_tls,
+            )
         self._ws: Server | None = None
         self._runner: web.AppRunner | None = None
         self._enroll_runner: web.AppRunner | None = None
+        self._console_runner: web.AppRunner | None = None
         self.agent_port = 0
         self.api_port = 0
         self.enroll_port = 0
+        self.console_port = 0
 
     async def start(self) -> None:
         config = self.config
@@ -136,12 +175,47 @@ class StubServer:
             )
             await enroll_site.start()
             self.enroll_port = self._enroll_runner.addresses[0][1]
+        if self.console is not None:
+            await self._start_console(self.console)
         self.log.info(
             "stub_listening",
             agents=f"wss://{config.agent_host}:{self.agent_port}{AGENT_PATH}",
             api=f"http://{config.api_host}:{self.api_port}",
+            console=self.console_url or None,
             signing_kid=self.signer.kid,
         )
+
+    async def _start_console(self, console: Console) -> None:
+        config = self.config
+        self._console_runner = web.AppRunner(console.app, access_log=None)
+        await self._console_runner.setup()
+        tls = (
+            enrollment_server_context(cert=config.server_cert, key=config.server_key)
+            if config.console_uses_tls
+            else None
+        )
+        site = web.TCPSite(
+            self._console_runner, config.console_host, config.console_port, ssl_context=tls
+        )
+        await site.start()
+        self.console_port = self._console_runner.addresses[0][1]
+        if config.console_token_file is not None:
+            try:
+                write_atomic(config.console_token_file, console.token.encode() + b"\n", 0o600)
+            except OSError as exc:
+                raise StubConfigError(
+                    f"cannot write the console token to {config.console_token_file}: {exc}"
+                ) from exc
+
+    @property
+    def console_url(self) -> str:
+        """Where a browser opens the console (empty without one)."""
+        if self.console is None or not self.console_port:
+            return ""
+        scheme = "https" if self.config.console_uses_tls else "http"
+        host = self.config.console_host
+        shown = f"[{host}]" if ":" in host else host
+        return f"{scheme}://{shown}:{self.console_port}/"
 
     def _check_path(self, connection: ServerConnection, request: Request) -> Response | None:
         """Before the WebSocket handshake: the control path, or a stream this agent is expected
@@ -173,6 +247,8 @@ class StubServer:
         if self._ws is not None:
             self._ws.close()
             await self._ws.wait_closed()
+        if self._console_runner is not None:
+            await self._console_runner.cleanup()
         if self._runner is not None:
             await self._runner.cleanup()
         self.store.close()

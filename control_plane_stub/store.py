@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -37,6 +37,15 @@ _HASH_DIFFERS: Final = 1
 _HEAD_MOVED_BACK: Final = 2
 _ANCHOR_CONFLICTS: Final = {_HASH_DIFFERS: "hash_differs", _HEAD_MOVED_BACK: "head_moved_back"}
 """``anchors.conflict``: 0 (none) or one of these."""
+
+
+_IN_CHUNK: Final = 500
+"""Values bound in one ``IN (...)`` (SQLite allows 32,766 variables; keep statements small)."""
+
+
+def _chunks(values: Sequence[str]) -> Iterator[list[str]]:
+    for start in range(0, len(values), _IN_CHUNK):
+        yield list(values[start : start + _IN_CHUNK])
 
 
 def _anchor_cursor(cursor: str) -> tuple[int, int]:
@@ -76,6 +85,7 @@ CREATE TABLE IF NOT EXISTS commands (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS commands_by_agent ON commands (agent_id, state, created_at);
+CREATE INDEX IF NOT EXISTS commands_by_update ON commands (updated_at);
 CREATE TABLE IF NOT EXISTS receipts (
     ref         TEXT PRIMARY KEY,
     agent_id    TEXT NOT NULL,
@@ -250,6 +260,11 @@ class StubStore:
         )
         self._known_certs.add(sha256)
 
+    def certificate(self, sha256: str) -> bytes | None:
+        """The DER of a certificate an agent used (``agents.cert_sha256`` names its latest)."""
+        row = self._db.execute("SELECT der FROM agent_certs WHERE sha256 = ?", (sha256,)).fetchone()
+        return None if row is None else bytes(row["der"])
+
     def certificates(self, agent_id: str) -> list[bytes]:
         rows = self._db.execute(
             "SELECT der FROM agent_certs WHERE agent_id = ? ORDER BY first_seen", (agent_id,)
@@ -293,6 +308,23 @@ class StubStore:
         if row is None:
             return None
         return {"token": row["token"], "status": row["status"], "recorded_at": row["recorded_at"]}
+
+    def receipts(self, refs: Sequence[str]) -> dict[str, dict[str, object]]:
+        """:meth:`receipt` for many commands at once (those without a receipt are absent)."""
+        found: dict[str, dict[str, object]] = {}
+        for chunk in _chunks(refs):
+            marks = ",".join("?" * len(chunk))  # placeholders only: the values are bound
+            rows = self._db.execute(
+                f"SELECT * FROM receipts WHERE ref IN ({marks})",  # noqa: S608
+                chunk,
+            ).fetchall()
+            for row in rows:
+                found[row["ref"]] = {
+                    "token": row["token"],
+                    "status": row["status"],
+                    "recorded_at": row["recorded_at"],
+                }
+        return found
 
     def offer_keyset(self, agent_id: str, version: int, token: str) -> None:
         """The key set to give this agent (replacing any earlier offer)."""
@@ -386,6 +418,30 @@ class StubStore:
             for row in rows
         ]
 
+    def clock_samples(self, agent_id: str, *, since: float, limit: int = 20) -> list[float]:
+        """``at - recorded_at`` (the agent's clock when it wrote a report, minus this stub's
+        when it stored it) for the latest reports received since ``since``: status reports and
+        anchors, at most ``limit`` of each. Each is the clock offset minus that report's delay
+        on the way, so the largest is the best estimate (:func:`overview.clock_offset`)."""
+        rows = self._db.execute(
+            """SELECT d FROM (SELECT at - recorded_at AS d FROM status_events
+                               WHERE agent_id = ? AND recorded_at >= ?
+                               ORDER BY id DESC LIMIT ?)
+               UNION ALL
+               SELECT d FROM (SELECT at - recorded_at AS d FROM anchors
+                               WHERE agent_id = ? AND recorded_at >= ?
+                               ORDER BY id DESC LIMIT ?)""",
+            (agent_id, since, limit, agent_id, since, limit),
+        ).fetchall()
+        return [float(row["d"]) for row in rows]
+
+    def anchor_heads(self) -> dict[str, int]:
+        """The highest audit sequence number held for each agent."""
+        rows = self._db.execute(
+            "SELECT agent_id, MAX(audit_seq) AS head FROM anchors GROUP BY agent_id"
+        ).fetchall()
+        return {row["agent_id"]: int(row["head"]) for row in rows}
+
     def agent_disconnected(self, agent_id: str, reason: str) -> None:
         with self._tx(durable=False) as db:  # informational, as agent_connected
             db.execute(
@@ -452,19 +508,55 @@ class StubStore:
         return _record(row)
 
     def commands(
-        self, *, agent_id: str | None = None, final_only: bool = False, limit: int = 50
+        self,
+        *,
+        agent_id: str | None = None,
+        final_only: bool = False,
+        limit: int = 50,
+        command_type: str | None = None,
+        state: str | None = None,
     ) -> list[CommandRecord]:
         query = "SELECT * FROM commands WHERE 1=1"
         args: list[object] = []
         if agent_id is not None:
             query += " AND agent_id = ?"
             args.append(agent_id)
+        if command_type is not None:
+            query += " AND type = ?"
+            args.append(command_type)
+        if state is not None:
+            query += " AND state = ?"
+            args.append(state)
         if final_only:
             query += f" AND state IN ({','.join('?' * len(FINAL_STATES))})"
             args.extend(sorted(FINAL_STATES))
         query += " ORDER BY created_at DESC, ref LIMIT ?"
         args.append(limit)
         return [_record(row) for row in self._db.execute(query, args).fetchall()]
+
+    def recently_updated(
+        self, agent_id: str | None = None, limit: int = 100
+    ) -> list[CommandRecord]:
+        """The commands whose state changed last, newest change first."""
+        rows = self._db.execute(
+            """SELECT * FROM commands WHERE (? IS NULL OR agent_id = ?)
+               ORDER BY updated_at DESC, ref LIMIT ?""",
+            (agent_id, agent_id, limit),
+        ).fetchall()
+        return [_record(row) for row in rows]
+
+    def change_mark(self) -> tuple[object, ...]:
+        """Something that differs after any change an operator watches: a command stored or
+        moved, a status report, an anchor, an agent connecting or leaving. Cheap (indexes and
+        row ids), so that a watcher can test it on every notification."""
+        row = self._db.execute(
+            """SELECT (SELECT MAX(updated_at) FROM commands),
+                      (SELECT MAX(id) FROM status_events),
+                      (SELECT MAX(id) FROM anchors),
+                      (SELECT MAX(last_seen) FROM agents),
+                      (SELECT COUNT(*) FROM agents WHERE connected = 1)"""
+        ).fetchone()
+        return tuple(row)
 
     def undelivered(self, agent_id: str) -> list[CommandRecord]:
         """Commands the agent has not confirmed: queued, or sent without a status back."""
@@ -484,22 +576,32 @@ class StubStore:
         )
 
     def history(self, ref: str) -> list[dict[str, object]]:
-        rows = self._db.execute(
-            """SELECT e.* FROM status_events e
-               JOIN commands c ON c.ref = e.ref AND c.agent_id = e.agent_id
-               WHERE e.ref = ? ORDER BY e.id""",
-            (ref,),
-        ).fetchall()
-        return [
-            {
-                "state": row["state"],
-                "seq": row["seq"],
-                "reason": row["reason"] or None,
-                "detail": row["detail"],
-                "at": row["at"],
-            }
-            for row in rows
-        ]
+        return self.histories([ref]).get(ref, [])
+
+    def histories(self, refs: Sequence[str]) -> dict[str, list[dict[str, object]]]:
+        """The status history of each command (in the order received; ``recorded_at`` is this
+        stub's clock, ``at`` the agent's)."""
+        found: dict[str, list[dict[str, object]]] = {}
+        for chunk in _chunks(refs):
+            marks = ",".join("?" * len(chunk))  # placeholders only: the values are bound
+            rows = self._db.execute(
+                f"""SELECT e.* FROM status_events e
+                   JOIN commands c ON c.ref = e.ref AND c.agent_id = e.agent_id
+                   WHERE e.ref IN ({marks}) ORDER BY e.id""",  # noqa: S608
+                chunk,
+            ).fetchall()
+            for row in rows:
+                found.setdefault(row["ref"], []).append(
+                    {
+                        "state": row["state"],
+                        "seq": row["seq"],
+                        "reason": row["reason"] or None,
+                        "detail": row["detail"],
+                        "at": row["at"],
+                        "recorded_at": row["recorded_at"],
+                    }
+                )
+        return found
 
     # -- status reports -------------------------------------------------------------------
 
