@@ -25,6 +25,8 @@ checks each one through the API, so a moto upgrade that changes them is noticed:
    main table).
 7. The ``Default`` of a list-typed parameter (``List<AWS::EC2::AvailabilityZone::Name>``) is a
    list, as when the value is given (moto keeps the string, so ``Fn::Select`` picks a letter).
+8. A stack created by executing a change set (``aws cloudformation deploy``) has its outputs
+   (moto evaluates them before the resources exist and never again, so there are none).
 
 Not restored (so not tested against moto; README "Onboarding" lists them): parameter
 ``AllowedPattern`` validation, ``Fn::Cidr``, the refusal of private DNS for a service without a
@@ -33,9 +35,11 @@ private DNS name, ``ModifyVpcEndpoint --private-dns-enabled``.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
+from moto.cloudformation.models import CloudFormationBackend
 from moto.cloudformation.parsing import ResourceMap
 from moto.ec2.models import ec2_backends
 from moto.ec2.models.elastic_ip_addresses import ElasticAddress
@@ -65,7 +69,7 @@ def _after_create(cls: Any, then: Any) -> None:
     """Run ``then(resource, properties, account_id, region)`` after moto's own CFN create."""
     original = cls.create_from_cloudformation_json.__func__
 
-    def create(klass: Any, name: str, cfn: Any, account_id: str, region: str, **kw: Any) -> Any:
+    def create(klass: Any, /, name: str, cfn: Any, account_id: str, region: str, **kw: Any) -> Any:
         resource = original(klass, name, cfn, account_id, region, **kw)
         then(resource, cfn.get("Properties", {}), account_id, region)
         return resource
@@ -159,13 +163,29 @@ def _split_list_defaults() -> None:
             kind = slot.get("Type", "String")
             listed = kind == "CommaDelimitedList" or kind.startswith("List")
             if listed and isinstance(value, str) and name not in self.input_parameters:
-                self.resolved_parameters[name] = self._parsed_resources[name] = value.split(",")
+                self._parsed_resources[name] = value.split(",")
 
     ResourceMap.load_parameters = load_parameters
 
 
+def _outputs_after_change_sets() -> None:
+    original = CloudFormationBackend.execute_change_set
+
+    def execute_change_set(self: Any, change_set_name: str, stack_name: str | None = None) -> None:
+        original(self, change_set_name, stack_name)
+        change_set = self.change_sets.get(change_set_name) or next(
+            cs for cs in self.change_sets.values() if cs.change_set_name == change_set_name
+        )
+        stack = self.stacks[change_set.stack_id]
+        stack._parse_template()  # the change set's template, set by the original
+        stack.output_map = stack._create_output_map()
+
+    CloudFormationBackend.execute_change_set = execute_change_set
+
+
 def patch() -> None:
     _split_list_defaults()
+    _outputs_after_change_sets()
     _after_create(VPC, _vpc_dns)
     for cls in (NatGateway, RouteTable, InternetGateway, ElasticAddress):
         _after_create(cls, _tags)
@@ -186,10 +206,8 @@ def main() -> None:
         request_handler=MotoRequestHandler,
     )
     print(f"port {server.server_port}", flush=True)  # listening already: make_server binds
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     sys.exit(0)
 
 
