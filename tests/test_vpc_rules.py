@@ -186,7 +186,11 @@ def test_the_vpc_cidr_rules() -> None:
 
 def test_dns_attributes() -> None:
     failed = failing(replace_vpc(compliant(), dns_support=False, dns_hostnames=False))
-    assert set(failed) == {"dns-resolution", "dns-hostnames"}
+    # without them the VPC's private zones do not answer: the private link breaks too
+    assert set(failed) == {"dns-resolution", "dns-hostnames", "private-link-dns"}
+    assert failed["private-link-dns"].found.endswith(
+        "-> (public DNS: private zones need DNS resolution and hostnames on)"
+    )
     assert failed["dns-hostnames"].fix == (
         "aws ec2 modify-vpc-attribute --vpc-id vpc-1 --enable-dns-hostnames Value=true"
     )
@@ -555,12 +559,12 @@ def test_the_report_formats() -> None:
     assert lines[-1] == f"OK: {len(found)} passed, 0 failed, 0 skipped"
     broken = rules.check(replace_vpc(compliant(), dns_hostnames=False), REQUEST)
     text = report.lines("vpc-1", "us-east-1", broken)
-    (line,) = [line for line in text if line.startswith("FAIL ")]
-    assert line.split()[:2] == ["FAIL", "dns-hostnames"]
-    assert line.endswith(
-        "-> fix: aws ec2 modify-vpc-attribute --vpc-id vpc-1 --enable-dns-hostnames Value=true"
+    (line,) = [line for line in text if " dns-hostnames " in line]
+    assert line == (
+        "FAIL  dns-hostnames            disabled on vpc-1  -> fix: aws ec2 modify-vpc-attribute "
+        "--vpc-id vpc-1 --enable-dns-hostnames Value=true"
     )
-    assert text[-1].startswith("FAILED: ")
+    assert text[-1] == f"FAILED: {len(broken) - 2} passed, 2 failed, 0 skipped"
     document = report.as_json("vpc-1", "us-east-1", broken)
     assert document["ok"] is False
     assert json.loads(json.dumps(document))["findings"][3] == {

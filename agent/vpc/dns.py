@@ -15,6 +15,8 @@ answers as the Route 53 Resolver (the VPC's ``.2`` address) would, from what AWS
   resolve to the addresses of the endpoint's network interfaces.
 
 Any other name is answered by public DNS, which the check does not see: :attr:`Source.PUBLIC`.
+Private hosted zones and endpoints' private DNS answer only in a VPC with both DNS resolution
+and DNS hostnames enabled (AWS's requirement); in any other VPC every name goes to public DNS.
 Not modelled: Resolver forwarding rules, DNS Firewall, zones shared from other accounts.
 """
 
@@ -49,13 +51,15 @@ class Answer:
     addresses: tuple[str, ...] = ()
     chain: tuple[str, ...] = ()
     """Every name followed, the query first, each with where its answer came from."""
+    note: str = ""
 
     def describe(self) -> str:
         steps = " -> ".join(self.chain)
         if self.source is Source.PRIVATE:
             return f"{steps} -> {', '.join(self.addresses)}"
         if self.source is Source.PUBLIC:
-            return f"{steps} -> (public DNS: not in the VPC's private DNS)"
+            why = self.note or "not in the VPC's private DNS"
+            return f"{steps} -> (public DNS: {why})"
         if self.source is Source.NXDOMAIN:
             return f"{steps} -> NXDOMAIN"
         return f"{steps} -> (CNAME chain longer than {MAX_CHAIN})"
@@ -102,10 +106,13 @@ class VpcResolver:
         endpoints: Iterable[Endpoint],
         services: Iterable[EndpointService],
         interfaces: Iterable[NetworkInterface],
+        private_dns: bool = True,
     ) -> None:
+        """``private_dns``: the VPC has DNS resolution and DNS hostnames enabled."""
         addresses_of = {eni.id: eni.addresses for eni in interfaces}
         private_names = {service.name: service.private_dns_names for service in services}
         self._zones: list[_Zone] = []
+        self._note = "" if private_dns else "private zones need DNS resolution and hostnames on"
         self._endpoint_names: dict[str, tuple[str, tuple[str, ...]]] = {}
         for zone in zones:
             hosted = _Zone(normalize(zone.name), f"zone {normalize(zone.name)}")
@@ -129,12 +136,9 @@ class VpcResolver:
                         _Zone(zone_name, f"private DNS of {endpoint.id}", {name: [record]})
                     )
 
-    def endpoint_of(self, name: str) -> str | None:
-        """The endpoint whose own DNS name this is, if any."""
-        found = self._endpoint_names.get(normalize(name))
-        return found[0] if found else None
-
     def _zone_for(self, name: str) -> _Zone | None:
+        if self._note:  # private DNS is off in this VPC
+            return None
         matching = [zone for zone in self._zones if _within(name, zone.name)]
         return max(matching, key=lambda zone: len(zone.name), default=None)
 
@@ -147,7 +151,9 @@ class VpcResolver:
                 endpoint = self._endpoint_names.get(name)
                 if endpoint is None:
                     chain.append(name)
-                    return Answer(name=query, source=Source.PUBLIC, chain=tuple(chain))
+                    return Answer(
+                        name=query, source=Source.PUBLIC, chain=tuple(chain), note=self._note
+                    )
                 chain.append(f"{name} ({endpoint[0]})")
                 return Answer(
                     name=query, source=Source.PRIVATE, addresses=endpoint[1], chain=tuple(chain)

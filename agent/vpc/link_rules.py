@@ -103,6 +103,7 @@ def private_link_rules(layout: Layout) -> list[Finding]:
         endpoints=facts.endpoints,
         services=facts.endpoint_services,
         interfaces=facts.network_interfaces,
+        private_dns=facts.vpc.dns_support and facts.vpc.dns_hostnames,
     )
     cidrs = layout.vpc_cidrs
     targets = list(layout.request.targets)
