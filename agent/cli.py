@@ -8,10 +8,14 @@
     byoc-agent audit verify PATH [--anchor SEQ:HASH ...] [--anchors-file FILE]
     byoc-agent policy check PATH
     byoc-agent keys kid PUBLIC_KEY_PEM
+    byoc-agent vpc check --vpc-id ID [--security-group ID] [--endpoint ID] [--region R] [--json]
+    byoc-agent vpc template [--output FILE] [--azs A,B,C] [--endpoint-service NAME] ...
+    byoc-agent vpc policy
 
 The configuration path defaults to ``$BYOC_AGENT_CONFIG`` or /etc/byoc-agent/agent.toml; the
 local commands only need it to find the control socket (or take ``--socket``).
-Exit status: 0 success, 1 failure (e.g. a broken audit chain), 2 usage or configuration error.
+Exit status: 0 success, 1 failure (e.g. a broken audit chain, a VPC rule not met), 2 usage or
+configuration error.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +221,150 @@ def cmd_keys_kid(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vpc_check(args: argparse.Namespace) -> int:
+    # boto3 (the aws extra) is imported by agent.vpc.aws only when a check runs
+    from agent.vpc import aws, report, rules  # noqa: PLC0415
+    from agent.vpc.private_link import DialTarget, dial_target  # noqa: PLC0415
+    from agent.vpc.requirements import HTTPS_PORT  # noqa: PLC0415
+
+    targets = [DialTarget(host=name, port=HTTPS_PORT, source="--domain") for name in args.domain]
+    if args.config:
+        targets.append(dial_target(load_config(Path(args.config)).control_plane))
+    request = rules.CheckRequest(
+        vpc_id=args.vpc_id,
+        security_group_ids=tuple(args.security_group),
+        endpoint_id=args.endpoint,
+        vendor=args.vendor_tag,
+        targets=tuple(targets),
+    )
+    facts = aws.fetch_facts(aws.session(args.region), request)
+    findings = rules.check(facts, request)
+    if args.json:
+        _print_json(report.as_json(facts.vpc.id, facts.region, findings))
+    else:
+        print("\n".join(report.lines(facts.vpc.id, facts.region, findings)))
+    return EXIT_FAILURE if any(finding.failed for finding in findings) else 0
+
+
+def cmd_vpc_template(args: argparse.Namespace) -> int:
+    from agent.vpc import template  # noqa: PLC0415
+    from agent.vpc.errors import TemplateError  # noqa: PLC0415
+
+    try:
+        options = template.TemplateOptions(
+            name=args.name,
+            availability_zones=tuple(args.azs.split(",")) if args.azs else (),
+            cidr=args.cidr,
+            vendor=args.vendor_tag,
+            https_ingress_cidr=args.https_ingress_cidr,
+            endpoint_service=args.endpoint_service,
+            private_zone=args.private_zone,
+        )
+    except TemplateError as exc:
+        print(f"byoc-agent vpc template: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    text = template.render(template.build(options))
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+    return 0
+
+
+def cmd_vpc_policy(args: argparse.Namespace) -> int:
+    from agent.vpc.aws import policy_document  # noqa: PLC0415  # does not import boto3
+
+    _print_json(policy_document())
+    return 0
+
+
+def _aws_id(prefix: str) -> Callable[[str], str]:
+    pattern = re.compile(rf"{prefix}-[0-9a-f]{{8,17}}")
+
+    def parse(value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise argparse.ArgumentTypeError(f"expected {prefix}-<hex id>, got {value!r}")
+        return value
+
+    return parse
+
+
+def _add_vpc_commands(sub: Any) -> None:
+    from agent.vpc.requirements import DEFAULT_VENDOR, VENDOR_TAG_KEY  # noqa: PLC0415
+
+    vpc = sub.add_parser(
+        "vpc", help="prepare the AWS VPC (template) and check it (the aws extra: boto3)"
+    ).add_subparsers(dest="vpc_command", required=True, metavar="ACTION")
+    vendor_help = f"the {VENDOR_TAG_KEY} tag's value (default {DEFAULT_VENDOR})"
+    p = vpc.add_parser(
+        "check",
+        help="check a VPC against every requirement (read-only AWS calls; one line per rule)",
+    )
+    p.add_argument("--vpc-id", required=True, type=_aws_id("vpc"))
+    p.add_argument(
+        "--security-group",
+        type=_aws_id("sg"),
+        action="append",
+        default=[],
+        metavar="SG_ID",
+        help=f"the agent's security group (default: the endpoint's, else those tagged "
+        f"{VENDOR_TAG_KEY}=VENDOR); may be repeated",
+    )
+    p.add_argument(
+        "--endpoint",
+        type=_aws_id("vpce"),
+        metavar="VPCE_ID",
+        help="the interface endpoint to the vendor's service",
+    )
+    p.add_argument("--region", help="AWS region (default: AWS_REGION or the profile's)")
+    p.add_argument("--vendor-tag", default=DEFAULT_VENDOR, metavar="VENDOR", help=vendor_help)
+    p.add_argument(
+        "--domain",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a control plane host name that must resolve to the private link inside the VPC",
+    )
+    p.add_argument(
+        "--config",
+        metavar="AGENT_TOML",
+        help="the agent's configuration: check the host it dials (connect_to, else the URL's)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_vpc_check)
+
+    p = vpc.add_parser(
+        "template", help="write a CloudFormation template that builds a VPC meeting every rule"
+    )
+    p.add_argument("--output", "-o", metavar="FILE", help="default: standard output")
+    p.add_argument("--name", default="byoc", help="prefix of the Name tags (default byoc)")
+    p.add_argument("--azs", metavar="A,B,C", help="three availability zones of the region")
+    p.add_argument("--cidr", default="10.0.0.0/16", help="the VPC's /16 (default 10.0.0.0/16)")
+    p.add_argument("--vendor-tag", default=DEFAULT_VENDOR, metavar="VENDOR", help=vendor_help)
+    p.add_argument(
+        "--https-ingress-cidr",
+        default="",
+        metavar="CIDR",
+        help="where inbound 443 may come from (default: the VPC's CIDR; 0.0.0.0/0: anywhere)",
+    )
+    p.add_argument(
+        "--endpoint-service",
+        default="",
+        metavar="NAME",
+        help="the vendor's endpoint service (com.amazonaws.vpce.REGION.vpce-svc-ID)",
+    )
+    p.add_argument(
+        "--private-zone",
+        default="",
+        metavar="ZONE",
+        help="a private hosted zone whose names resolve to the endpoint (needs --endpoint-service)",
+    )
+    p.set_defaults(func=cmd_vpc_template)
+
+    p = vpc.add_parser("policy", help="print the least-privilege IAM policy `vpc check` needs")
+    p.set_defaults(func=cmd_vpc_policy)
+
+
 # -- parser --------------------------------------------------------------------------------
 
 
@@ -329,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys.add_parser("kid", help="print the kid (RFC 7638 thumbprint) of an Ed25519 public key")
     p.add_argument("path")
     p.set_defaults(func=cmd_keys_kid)
+
+    _add_vpc_commands(sub)
     return parser
 
 

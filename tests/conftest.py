@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -27,6 +27,9 @@ from byoc_demo.layout import DemoPaths, write_agent_files
 from certs.pki import PKIPaths, init_pki
 from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubConfig, StubServer
+
+if TYPE_CHECKING:
+    from tests.aws_moto import MotoServer
 
 TIMEOUT_FACTOR = float(os.environ.get("BYOC_TEST_TIMEOUT_FACTOR", "1"))
 
@@ -188,3 +191,13 @@ async def start_agent(
         if not handle.task.done():
             with contextlib.suppress(Exception):
                 await handle.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    """The AWS stand-in (moto's server, a separate process on loopback), once per session:
+    tests/aws_moto.py and tests/aws_stand_in.py."""
+    from tests.aws_moto import running_moto  # boto3 only for the VPC tests
+
+    with running_moto() as server:
+        yield server
