@@ -34,7 +34,7 @@ from agent.config import DEFAULT_CONFIG_PATH, load_config
 from agent.control_socket import request
 from agent.daemon import Agent
 from agent.errors import AgentError, AuditIntegrityError, ConfigError, PolicyError
-from agent.logs import configure_logging
+from agent.logs import configure_logging, effective_level
 from agent.policy_file import read_policy
 from agent.verifier import jwk_thumbprint
 
@@ -63,7 +63,7 @@ def _print_json(value: object) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(_config_path(args))
-    configure_logging(config.log_level)
+    configure_logging(effective_level(config.log_level))
     agent = Agent(config)
     event_loop.run(agent.run(), config.event_loop)
     return agent.exit_code
@@ -207,6 +207,10 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     config = load_config(_config_path(args))
     from_stdin = args.token == "-"  # noqa: S105  # "-" means read it from stdin
     token = sys.stdin.readline().strip() if from_stdin else args.token
+    if not token:
+        raise AgentError(
+            "no enrollment token given (--token TOKEN, or --token - and the token on stdin)"
+        )
     cp = config.control_plane
     done = enroll(
         control_plane=args.control_plane,

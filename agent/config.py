@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from agent.backoff import BackoffSettings
 from agent.errors import ConfigError
 from agent.event_loop import EVENT_LOOPS
+from agent.logs import LEVELS as LOG_LEVELS
 from agent.proxy_url import normalize_proxy_url
 from agent.session import HeartbeatSettings
 from agent.streams import StreamSettings
@@ -25,7 +26,6 @@ from agent.toml_tables import Table
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/byoc-agent/agent.toml")
 AGENT_ID_PATTERN: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True, kw_only=True)
