@@ -121,6 +121,12 @@ if [ "$with_venv" = 1 ]; then
         printf '%s\n' "$wanted" >"$stamp"
         say "installed the agent into $root$venv"
     fi
+    # `byoc-agent status`, `approve`, ... on every operator's PATH.
+    [ -d "$root/usr/local/bin" ] || install -d -m 0755 "$root/usr/local/bin"
+    if [ "$(readlink "$root/usr/local/bin/byoc-agent" 2>/dev/null)" != "$venv/bin/byoc-agent" ]; then
+        ln -sfn "$venv/bin/byoc-agent" "$root/usr/local/bin/byoc-agent"
+        say "linked $root/usr/local/bin/byoc-agent"
+    fi
 fi
 
 if [ -n "$root" ]; then

@@ -163,6 +163,48 @@ class _Upgrade:
         return {"from": self.previous, "to": self.to, "moved": self.moved}
 
 
+def extract_release(archive: tarfile.TarFile, dest: Path) -> None:
+    """Unpack with tarfile's ``data`` filter: regular files, directories and links that stay
+    inside ``dest``; no devices, no setuid bits, no group/other write. Python before 3.11.4
+    (Debian 12 ships 3.11.2) has no filters, so there the same rules are applied here."""
+    if hasattr(tarfile, "data_filter"):
+        archive.extractall(dest, filter="data")
+    else:
+        _extract_checked(archive, dest)
+    # The workload runs as another user (DynamicUser=) and the agent's umask is 0077: a release
+    # is readable by everyone, writable by the agent only, executable where the archive says.
+    for path in [dest, *dest.rglob("*")]:
+        if not path.is_symlink():
+            executable = path.is_dir() or path.stat().st_mode & 0o100
+            path.chmod(0o755 if executable else 0o644)
+
+
+def _extract_checked(archive: tarfile.TarFile, dest: Path) -> None:
+    root = dest.resolve()
+    members = []
+    for member in archive.getmembers():
+        member.name = member.name.lstrip("/")  # as the data filter does
+        path = (root / member.name).resolve()
+        target = (path.parent / member.linkname).resolve() if member.issym() else None
+        if member.islnk():
+            target = (root / member.linkname).resolve()
+        inside = path == root or root in path.parents
+        if (
+            not (member.isfile() or member.isdir() or member.issym() or member.islnk())
+            or not inside
+            or (
+                target is not None
+                and (Path(member.linkname).is_absolute() or root not in target.parents)
+            )
+        ):
+            raise tarfile.TarError(f"{member.name!r} is not allowed in a release (data filter)")
+        member.mode &= 0o755
+        member.uid = member.gid = 0
+        member.uname = member.gname = ""
+        members.append(member)
+    archive.extractall(dest, members=members)  # noqa: S202  # checked above
+
+
 class SystemdDriver:
     kind = "systemd"
 
@@ -340,7 +382,7 @@ class SystemdDriver:
             unpacked = Path(tmp) / "release"
             try:
                 with tarfile.open(artifact) as archive:
-                    archive.extractall(unpacked, filter="data")
+                    extract_release(archive, unpacked)
             except (tarfile.TarError, OSError) as exc:
                 raise DriverError("bad_artifact", f"{release.url}: {exc}") from exc
             ctx.audit("release_installing", version=version, path=str(target))

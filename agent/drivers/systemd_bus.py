@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -60,6 +61,7 @@ class SystemdBus:
         self._waiting: dict[str, asyncio.Future[str]] = {}
         self._finished: collections.OrderedDict[str, str] = collections.OrderedDict()
         bus.add_message_handler(self._on_message)
+        self._watch = asyncio.create_task(self._fail_waiters_on_disconnect())
 
     @classmethod
     async def connect(cls, address: str | None = None, *, job_timeout: float) -> SystemdBus:
@@ -97,9 +99,19 @@ class SystemdBus:
 
     def close(self) -> None:
         self._bus.disconnect()
+        self._watch.cancel()
         for future in self._waiting.values():
             if not future.done():
                 future.cancel()
+
+    async def _fail_waiters_on_disconnect(self) -> None:
+        with contextlib.suppress(Exception):  # however it ended, it ended
+            await self._bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+        for job, future in self._waiting.items():
+            if not future.done():
+                future.set_exception(
+                    DriverError("systemd_unreachable", f"{job}: the system bus connection dropped")
+                )
 
     # -- units ------------------------------------------------------------------------------
 
@@ -111,27 +123,15 @@ class SystemdBus:
         if result is None:
             future = asyncio.get_running_loop().create_future()
             self._waiting[job] = future
-            disconnected = asyncio.ensure_future(
-                self._bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
-            )
             try:
-                done, _ = await asyncio.wait(
-                    {future, disconnected},
-                    timeout=self._job_timeout,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-            finally:
-                disconnected.cancel()
-                self._waiting.pop(job, None)
-            if future not in done:
-                if disconnected in done:
-                    raise DriverError(
-                        "systemd_unreachable", f"{verb} {unit}: the system bus connection dropped"
-                    )
+                async with asyncio.timeout(self._job_timeout):
+                    result = await future
+            except TimeoutError as exc:
                 raise DriverError(
                     "job_timeout", f"{verb} {unit}: no result in {self._job_timeout:g}s"
-                )
-            result = future.result()
+                ) from exc
+            finally:
+                self._waiting.pop(job, None)
         if result != "done":
             raise DriverError(
                 "job_failed",
