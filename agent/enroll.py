@@ -14,12 +14,11 @@ is one line that says what to fix, and the token stays unspent.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import ssl
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 from cryptography import x509

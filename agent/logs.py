@@ -123,7 +123,10 @@ class SyslogPrefix:
 
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> str:
         priority = SYSLOG_PRIORITIES.get(str(event_dict.get("level", method_name)), 6)
-        return f"<{priority}>{self._renderer(logger, method_name, event_dict)}"
+        rendered = self._renderer(logger, method_name, event_dict)
+        if isinstance(rendered, bytes | bytearray):
+            rendered = bytes(rendered).decode()
+        return f"<{priority}>{rendered}"
 
 
 def _renderer(form: OutputFormat) -> Processor:

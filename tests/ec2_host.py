@@ -465,7 +465,7 @@ def ec2_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ec2Host]:
             shutil.copyfile(source, machine.path(f"{CLONE}/{name}"))
         for user in (OPERATOR, LOOKER, OUTSIDER):  # groups: the README (alice), the tests
             machine.run("useradd", "--create-home", user)
-        base_port = random.randrange(30000, 39000, 100)
+        base_port = random.randrange(29100, 32600, 100)  # under the ephemeral ports
         ports = {name: free_port() for name in ("agents", "api", "enroll", "health")}
         stub = ChildProcess(
             "cp-stub",

@@ -268,12 +268,15 @@ def boot(name: str, timing: Timing, *, ready_timeout: float = 60.0) -> Machine:
         try:
             machine = Machine(name, nspawn, _find_leader(nspawn, ready_timeout))
             _wait_booted(machine, ready_timeout)
-        except BaseException:
+        except BaseException as exc:
             if machine is None:
                 nspawn.kill()
                 nspawn.wait(30)
             else:
                 machine.stop()
+            if isinstance(exc, RuntimeError):  # this machine cannot boot a container
+                said = log.read_text(errors="replace").strip().splitlines()[-5:]
+                unavailable(f"{exc}; systemd-nspawn said: {' | '.join(said) or 'nothing'}")
             raise
     log.unlink(missing_ok=True)
     return machine
@@ -284,16 +287,14 @@ def _find_leader(nspawn: subprocess.Popen[bytes], timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if nspawn.poll() is not None:
-            raise RuntimeError(
-                f"systemd-nspawn exited {nspawn.returncode} while booting: see {CACHE}/*.log"
-            )
+            raise RuntimeError(f"systemd-nspawn exited {nspawn.returncode} while booting")
         for task in Path(f"/proc/{nspawn.pid}/task").glob("*/children"):
             for child in task.read_text().split():
                 with contextlib.suppress(OSError):
                     if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
                         return int(child)
         time.sleep(0.02)  # polling /proc: nothing else says when the child has exec'd
-    raise RuntimeError(f"no systemd in the container after {timeout:g}s: see {CACHE}/*.log")
+    raise RuntimeError(f"no systemd in the container after {timeout:g}s")
 
 
 def _wait_booted(machine: Machine, timeout: float) -> None:

@@ -230,11 +230,12 @@ async def test_the_approvers_group_decides_who_may_approve(ec2_host: Ec2Host) ->
     assert second["command"]["state"] == "succeeded", second
     records = [r for r in host.audit_records() if r["seq"] > before]
     by_event = {(r["event"], r["jti"]): r for r in records if r.get("jti")}
-    assert by_event["approval_refused", denied["jti"]]["user"] == LOOKER
-    assert by_event["approval_denied", denied["jti"]]["user"] == OPERATOR
+    uid = {u: int(host.machine.run("id", "-u", u).stdout) for u in (LOOKER, OPERATOR)}
+    refusal = by_event["approval_refused", denied["jti"]]
+    assert (refusal["by"], refusal["uid"]) == (LOOKER, uid[LOOKER])  # from SO_PEERCRED
+    assert by_event["approval_denied", denied["jti"]]["by"] == OPERATOR
     granted = by_event["approval_granted", approved["jti"]]
-    assert granted["user"] == OPERATOR
-    assert "byoc-operators" in granted["groups"]
+    assert (granted["by"], granted["uid"]) == (OPERATOR, uid[OPERATOR])
 
 
 # -- staged on this machine (no systemd needed) ---------------------------------------------------

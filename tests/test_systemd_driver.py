@@ -165,12 +165,9 @@ async def test_scale_up_and_down_as_the_unprivileged_user_under_seccomp(ec2_host
         # It was the agent that did it: its own user, its own seccomp filter, no capabilities.
         pid = host.main_pid()
         status = host.machine.path(f"/proc/{pid}/status").read_text()
-        assert (
-            re.search(r"^Uid:\s+(\d+)", status, re.M).group(1)
-            == host.machine.run(  # type: ignore[union-attr]
-                "id", "-u", "byoc-agent"
-            ).stdout.strip()
-        )
+        uid = re.search(r"^Uid:\s+(\d+)", status, re.M)
+        assert uid is not None
+        assert uid.group(1) == host.machine.run("id", "-u", "byoc-agent").stdout.strip()
         assert re.search(r"^Seccomp:\s+2$", status, re.M)
         assert re.search(r"^CapEff:\s+0+$", status, re.M)
         assert "@system-service" in (host.machine.path("/etc/systemd/system") / UNIT).read_text()
