@@ -60,7 +60,7 @@ from certs.pki import PKIPaths, init_pki
 from control_plane_stub.client import StubClient
 from tests.conftest import scaled
 from tests.nspawn import CACHE, Machine, Timing, boot, cache_lock
-from tests.processes import REPO, ChildProcess, free_port
+from tests.processes import REPO, ChildProcess, free_port, stub_process
 from tests.readme_blocks import Block, blocks
 
 AGENT_ID: Final = "ec2-host-1"
@@ -467,30 +467,15 @@ def ec2_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ec2Host]:
             machine.run("useradd", "--create-home", user)
         base_port = random.randrange(29100, 32600, 100)  # under the ephemeral ports
         ports = {name: free_port() for name in ("agents", "api", "enroll", "health")}
-        stub = ChildProcess(
-            "cp-stub",
-            [
-                sys.executable,
-                "-m",
-                "control_plane_stub.cli",
-                "serve",
-                "--pki",
-                str(pki.root),
-                "--agents",
-                f"127.0.0.1:{ports['agents']}",
-                "--api",
-                f"127.0.0.1:{ports['api']}",
-                "--enroll",
-                f"127.0.0.1:{ports['enroll']}",
-                "--db",
-                str(work / "stub.db"),
-                "--heartbeat-interval",
-                "1",
-                "--cert-lifetime",
-                str(CERT_LIFETIME),
-            ],
-            work / "stub.log",
+        stub = stub_process(
+            pki,
+            agent_port=ports["agents"],
+            api_port=ports["api"],
+            db=work / "stub.db",
+            log=work / "stub.log",
         )
+        stub.argv += ["--enroll", f"127.0.0.1:{ports['enroll']}"]
+        stub.argv += ["--cert-lifetime", str(CERT_LIFETIME)]
         stub.start()
         with artifact_server(work / "artifacts") as base:
             releases = publish_releases(work / "artifacts", base, base_port=base_port)

@@ -243,28 +243,27 @@ async def test_reload_applies_an_edited_policy_and_a_broken_one_is_an_error(
     )
 
 
+async def restart_and_read(host: Ec2Host) -> list[tuple[int, dict[str, object]]]:
+    """Load the unit files again, restart the agent, wait until it is connected: its lines."""
+    host.machine.run("systemctl", "daemon-reload")
+    start = cursor(host)
+    host.machine.run("systemctl", "restart", UNIT)
+    async with host.client() as api:
+        await host.wait_connected(api)
+    return agent_lines(host, f"--after-cursor={start}", pid=host.main_pid())
+
+
 async def test_the_log_level_comes_from_the_environment(ec2_host: Ec2Host) -> None:
     host = ec2_host
     dropin = host.machine.path(f"/etc/systemd/system/{UNIT}.d/zz-log-level.conf")
     dropin.write_text("[Service]\nEnvironment=BYOC_LOG_LEVEL=debug\n")
     try:
-        host.machine.run("systemctl", "daemon-reload")
-        start = cursor(host)
-        host.machine.run("systemctl", "restart", UNIT)
-        async with host.client() as api:
-            await host.wait_connected(api)
-        lines = agent_lines(host, f"--after-cursor={start}", pid=host.main_pid())
-        debug = [line for priority, line in lines if priority == 7]
+        debug = [line for priority, line in await restart_and_read(host) if priority == 7]
         assert debug
         assert {line["level"] for line in debug} == {"debug"}
     finally:
         dropin.unlink()
-        host.machine.run("systemctl", "daemon-reload")
-        start = cursor(host)
-        host.machine.run("systemctl", "restart", UNIT)
-        async with host.client() as api:
-            await host.wait_connected(api)
-    quiet = agent_lines(host, f"--after-cursor={start}", pid=host.main_pid())
+        quiet = await restart_and_read(host)
     assert quiet
     assert 7 not in {priority for priority, _ in quiet}
 
