@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import os
@@ -313,7 +314,16 @@ class SystemdDriver:
                 ctx.audit("unit_restarting", unit=self._unit(index), version=version)
                 self._upgrade.moved.append(index)
                 self._persist()
-                problem = await self._start_healthy(index, "restart")
+                try:
+                    problem = await self._start_healthy(index, "restart")
+                except DriverError:
+                    # systemd refused or went away: go back as far as it lets us now; what is
+                    # left stays in the state file, and the next start finishes going back.
+                    with contextlib.suppress(DriverError):
+                        await self._roll_back(previous, self._upgrade.moved, ctx.audit)
+                        self._upgrade = None
+                        self._persist()
+                    raise
                 if problem is not None:
                     await self._roll_back(previous, self._upgrade.moved, ctx.audit)
                     self._upgrade = None
