@@ -385,6 +385,34 @@ async def test_killed_while_restarting_instance_2_of_3_the_workload_converges(
     assert time.monotonic() - killed_at < 60
 
 
+async def test_a_restarted_agent_starts_what_is_down_and_stops_what_is_extra(
+    ec2_host: Ec2Host,
+) -> None:
+    """Instances are not enabled: after a reboot they are down, and the agent, which keeps the
+    count, starts them; one above the count (left by a scale the agent did not finish) it stops."""
+    host = ec2_host
+    async with host.client() as api:
+        await host.ensure(api, version=host.current() or "1.0.0", replicas=2)
+        host.machine.run("systemctl", "stop", WORKLOAD.format(1))
+        host.machine.run("systemctl", "start", WORKLOAD.format(7))
+        before = host.audit_head()
+        old = host.main_pid()
+
+        host.machine.run("systemctl", "restart", UNIT)
+        await host.wait_restarted(old)
+        await host.wait_connected(api)
+
+    assert host.unit_states(2) == ["active", "active"]
+    assert host.machine.show(WORKLOAD.format(7), "ActiveState")["ActiveState"] == "inactive"
+    records = [r for r in host.audit_records() if r["seq"] > before]
+    assert [
+        (r["event"], r["unit"], r["reason"]) for r in records if r["event"].startswith("unit_")
+    ] == [
+        ("unit_stopping", WORKLOAD.format(7), "above the replica count"),
+        ("unit_starting", WORKLOAD.format(1), "reconcile"),
+    ]
+
+
 async def test_the_units_are_loaded_by_systemd_and_verify(ec2_host: Ec2Host) -> None:
     """The example workload unit and the driver's drop-in, as systemd itself loads them."""
     host = ec2_host
