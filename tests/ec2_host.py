@@ -16,7 +16,7 @@ The session fixture :func:`ec2_host`:
    current directory, and an operator's user name (``$OPERATOR``). The one step the README
    leaves to the reader, editing agent.toml and the policy for this vendor (URL, issuer,
    releases, ports), is done by :meth:`Ec2Host.configure` right before the enroll block. A
-   site drop-in shortens the unit's watchdog (5 s) and restart delay (1 s) so that the
+   site drop-in shortens the unit's watchdog (8 s) and restart delay (1 s) so that the
    watchdog test does not wait 30 s; nothing else differs from the shipped unit.
 
 The demo releases (``bin/milvus``, a shell script that runs the demo workload from the agent's
@@ -82,7 +82,7 @@ TEST_TIMING_DROPIN: Final = """\
 # Test timing only (tests/ec2_host.py): the shipped 30 s and 5 s would make the watchdog
 # test wait; every other setting is the shipped unit's.
 [Service]
-WatchdogSec=5s
+WatchdogSec=8s
 RestartSec=1s
 """
 

@@ -41,7 +41,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, NoReturn
@@ -213,9 +213,9 @@ class Machine:
             )
         return done
 
-    def sh(self, script: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-        """Run a shell script (``bash -euo pipefail``) in the container."""
-        return self.run("bash", "-euo", "pipefail", "-c", script, **kwargs)  # type: ignore[arg-type]
+    def sh(self, script: str, *, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """Run a shell script (``bash -euo pipefail``) as root in the container."""
+        return self.run("bash", "-euo", "pipefail", "-c", script, timeout=timeout)
 
     def show(self, unit: str, *properties: str) -> dict[str, str]:
         """``systemctl show -p ...`` as a dict."""
@@ -309,11 +309,6 @@ def _wait_booted(machine: Machine, timeout: float) -> None:
             return
         time.sleep(0.05)
     raise RuntimeError(f"the container did not finish booting in {timeout:g}s (state {state!r})")
-
-
-def failed_units(machine: Machine) -> Sequence[str]:
-    out = machine.run("systemctl", "--failed", "--plain", "--no-legend", check=False)
-    return [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
 
 
 __all__ = ["CACHE", "Machine", "Timing", "boot", "check_host", "unavailable"]

@@ -48,7 +48,7 @@ async def test_active_only_after_ready_with_the_tunnel_state_as_status(ec2_host:
     assert shown == {
         "Type": "notify",
         "NotifyAccess": "main",
-        "WatchdogUSec": "5s",  # the test drop-in; 30 s as shipped
+        "WatchdogUSec": "8s",  # the test drop-in; 30 s as shipped
         "User": "byoc-agent",
     }
     old = host.main_pid()
