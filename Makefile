@@ -76,8 +76,9 @@ bench-deps:
 bench: venv bench-deps
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
-# Install on a host (EC2 with systemd): user, unit, directories, venv, configuration.
-# DRIVER=systemd adds the systemd driver's polkit rule and drop-in; DESTDIR= stages instead.
+# Install on a host (EC2 with systemd), as root: users, unit, directories, venv (pinned to
+# constraints.txt), configuration. DRIVER=systemd adds the systemd driver's polkit rule, drop-in
+# and example unit; WITH_VENV=0 skips the venv; DESTDIR= stages into a directory instead.
 install:
 	sh scripts/install-host.sh
 

@@ -43,7 +43,7 @@ from agent.io import event_loop
 from agent.io.audit_file import verify_file
 from agent.io.control_socket import request
 from agent.io.policy_file import read_policy
-from agent.logs import configure_logging
+from agent.logs import configure_logging, effective_level
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -70,7 +70,7 @@ def _print_json(value: object) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(_config_path(args))
-    configure_logging(config.log_level)
+    configure_logging(effective_level(config.log_level))
     return event_loop.run(_run(config), config.event_loop)
 
 
@@ -374,6 +374,10 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     config = load_config(_config_path(args))
     from_stdin = args.token == "-"  # noqa: S105  # "-" means read it from stdin
     token = sys.stdin.readline().strip() if from_stdin else args.token
+    if not token:
+        raise AgentError(
+            "no enrollment token given (--token TOKEN, or --token - and the token on stdin)"
+        )
     cp = config.control_plane
     done = enroll(
         control_plane=args.control_plane,

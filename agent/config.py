@@ -22,10 +22,10 @@ from agent.core.toml_tables import Table
 from agent.io.event_loop import EVENT_LOOPS
 from agent.io.proxy_url import normalize_proxy_url
 from agent.io.streams import StreamSettings
+from agent.logs import LEVELS as LOG_LEVELS
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/byoc-agent/agent.toml")
 AGENT_ID_PATTERN: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,10 +5,18 @@ control plane's enrollment endpoint, verified against the CA bundle the operator
 (no trust on first use). The control plane decides the identity from the token; the agent checks
 that what comes back is a certificate for *its* new key, then writes key (0600), certificate
 and the CA bundle to the paths of its configuration, each atomically.
+
+A token works once, so everything that can be checked here is checked before it is sent
+(:func:`check_preconditions`): the URL, the CA bundle to verify the endpoint with, and that
+this user can write the directories of the key, the certificate and the CA bundle. A failure
+is one line that says what to fix, and the token stays unspent.
 """
 
 from __future__ import annotations
 
+import ssl
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +24,7 @@ import httpx
 from cryptography import x509
 
 from agent.config import AGENT_ID_PATTERN
-from agent.core.errors import AgentError
+from agent.core.errors import AgentError, ConfigError
 from agent.io.files import write_atomic
 from agent.io.renewal import new_key_and_csr, private_key_pem
 from agent.io.tls import common_name, verify_context
@@ -40,6 +48,39 @@ class Enrolled:
     not_after: float
 
 
+def check_preconditions(
+    *, url: str, trust: Path, outputs: Sequence[tuple[str, Path]]
+) -> ssl.SSLContext:
+    """Everything enrollment needs locally, checked before the token is spent; returns the
+    TLS context that verifies the enrollment endpoint. ``outputs``: (what, path) to write."""
+    if not url.startswith("https://"):
+        raise EnrollmentFailed(f"the enrollment URL must be https://, not {url!r}")
+    try:
+        context = verify_context(trust)
+    except ConfigError as exc:
+        raise EnrollmentFailed(
+            f"{exc}; it verifies the enrollment endpoint: install the vendor's CA bundle there "
+            "or name it with --ca-bundle (the token was not used)"
+        ) from exc
+    for what, path in outputs:
+        _check_writable(what, path)
+    return context
+
+
+def _check_writable(what: str, path: Path) -> None:
+    """Create ``path``'s directory if needed and prove this user can create files in it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe-"):
+            pass
+    except OSError as exc:
+        raise EnrollmentFailed(
+            f"cannot write the {what} {path}: {exc.strerror or exc}; run enroll as the agent's "
+            "user (sudo -u byoc-agent) with key, certificate and CA bundle in a directory it "
+            "owns and the unit may write, such as /var/lib/byoc-agent/tls (the token was not used)"
+        ) from exc
+
+
 def enroll(
     *,
     control_plane: str,
@@ -50,13 +91,16 @@ def enroll(
     ca_bundle: Path,
     expected_id: str | None = None,
 ) -> Enrolled:
-    key, csr = new_key_and_csr("enrolling-agent")
     url = control_plane.rstrip("/") + "/v1/enroll"
-    if not url.startswith("https://"):
-        raise EnrollmentFailed("the enrollment URL must be https://")
+    context = check_preconditions(
+        url=url,
+        trust=trust,
+        outputs=(("key", client_key), ("certificate", client_cert), ("CA bundle", ca_bundle)),
+    )
+    key, csr = new_key_and_csr("enrolling-agent")
     try:
         with httpx.Client(
-            verify=verify_context(trust),
+            verify=context,
             timeout=ENROLL_TIMEOUT,
             follow_redirects=False,  # never dial where the answer points (docs §2)
             trust_env=True,  # HTTPS_PROXY / NO_PROXY, as for the tunnel
@@ -98,9 +142,13 @@ def enroll(
         raise EnrollmentFailed(
             f"the token is for {agent_id!r}, the configuration says {expected_id!r}"
         )
-    for path in (client_key, client_cert, ca_bundle):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(client_key, private_key_pem(key), 0o600)
-    write_atomic(client_cert, certificate.encode(), 0o644)
-    write_atomic(ca_bundle, bundle.encode(), 0o644)
+    try:
+        write_atomic(client_key, private_key_pem(key), 0o600)
+        write_atomic(client_cert, certificate.encode(), 0o644)
+        write_atomic(ca_bundle, bundle.encode(), 0o644)
+    except OSError as exc:
+        raise EnrollmentFailed(
+            f"enrolled as {agent_id}, but writing {exc.filename or 'the files'} failed: "
+            f"{exc.strerror or exc}; ask the vendor for a new token"
+        ) from exc
     return Enrolled(agent_id=agent_id, not_after=cert.not_valid_after_utc.timestamp())

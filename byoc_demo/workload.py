@@ -8,8 +8,8 @@
   counter, uptime, health, and the standard ``process_*`` metrics);
 - ``GET /version``: ``{"version": V}``.
 
-It prints one JSON line (``{"event": "listening", ...}``) to stdout once it is bound, logs no
-requests, and exits 0 on SIGTERM or SIGINT.
+It prints one JSON line (``{"event": "listening", ...}``) to stdout once it is bound (and, as a
+``Type=notify`` systemd unit, sends READY=1), logs no requests, and exits 0 on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+
+from agent.io.sdnotify import SystemdNotifier
 
 KNOWN_PATHS = ("/healthz", "/metrics", "/version")
 _SHUTDOWN_POLL_INTERVAL = 0.05
@@ -152,6 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "version": args.version,
     }
     print(json.dumps(listening), flush=True)
+    notifier = SystemdNotifier.from_environment()
+    notifier.ready(f"version {args.version} serving on {server.server_name}:{server.server_port}")
+    notifier.close()
     try:
         server.serve_forever(poll_interval=_SHUTDOWN_POLL_INTERVAL)
     finally:

@@ -201,3 +201,15 @@ def moto_server() -> Iterator[MotoServer]:
 
     with running_moto() as server:
         yield server
+
+
+# -- the EC2 host (issue 10): systemd as PID 1 in a container, shared by the session -----------
+
+from tests.ec2_host import ec2_host, harness_timings  # noqa: E402, F401
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    timings = harness_timings()
+    if timings:
+        steps = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items())
+        terminalreporter.write_line(f"EC2 host harness (tests/nspawn.py): {steps}")

@@ -165,6 +165,55 @@ async def test_a_token_works_once(
     assert load_config(paths.config).control_plane.client_cert.read_bytes() == first
 
 
+@pytest.mark.parametrize("broken", ["key_dir", "ca_bundle", "url"])
+async def test_a_local_precondition_fails_before_the_token_is_spent(
+    ca_stub: StubServer,
+    ca_api: StubClient,
+    pki: PKIPaths,
+    tmp_path: Path,
+    short_tmp: Path,
+    broken: str,
+) -> None:
+    """Each failure is one line naming the fix, and the same token then works. (Permissions as
+    the unprivileged service user are exercised under real systemd: test_systemd_service.py;
+    these tests run as root, so a file standing where a directory should be breaks writing.)"""
+    paths = agent_files(tmp_path, short_tmp, pki, ca_stub, "agent-4")
+    token = (await ca_api.enroll_token("agent-4", ttl=60))["token"]
+    cp = load_config(paths.config).control_plane
+    url, trust, key = f"https://localhost:{ca_stub.enroll_port}", pki.server_ca_cert, cp.client_key
+    if broken == "key_dir":
+        (tmp_path / "not-a-dir").write_text("")
+        key = tmp_path / "not-a-dir" / "agent.key"
+        expected = "cannot write the key"
+    elif broken == "ca_bundle":
+        trust = tmp_path / "missing-ca.pem"
+        expected = "--ca-bundle"
+    else:
+        url = f"http://localhost:{ca_stub.enroll_port}"
+        expected = "must be https://"
+
+    def attempt(url: str, trust: Path, key: Path) -> str:
+        return enroll(
+            control_plane=url,
+            token=token,
+            trust=trust,
+            client_key=key,
+            client_cert=cp.client_cert,
+            ca_bundle=cp.ca_bundle,
+        ).agent_id
+
+    with pytest.raises(EnrollmentFailed, match=expected) as failed:
+        await asyncio.to_thread(attempt, url, trust, key)
+    assert "\n" not in str(failed.value)
+    assert not cp.client_cert.exists()
+    assert (
+        await asyncio.to_thread(
+            attempt, f"https://localhost:{ca_stub.enroll_port}", pki.server_ca_cert, cp.client_key
+        )
+        == "agent-4"
+    )
+
+
 def _csr() -> str:
     return new_key_and_csr("agent-1")[1]
 

@@ -1,18 +1,23 @@
-"""Tests of operational logging (agent.logs): JSON lines, redaction of secrets."""
+"""Tests of operational logging (agent.logs): JSON lines, redaction of secrets, syslog priorities on
+the journal stream, a console format on a terminal, the level from the environment."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+import os
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
+from typing import TextIO
 
 import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from agent.logs import REDACTED, RedactSecrets, configure_logging, get_logger
+from agent.core.errors import ConfigError
+from agent.logs import REDACTED, RedactSecrets, configure_logging, effective_level, get_logger
 
 
 @pytest.fixture(autouse=True)
@@ -193,3 +198,86 @@ def test_nested_secrets_are_redacted(stream: io.StringIO) -> None:
     (record,) = lines(stream)
     assert record["headers"] == {"Authorization": "[redacted]", "x": 1}
     assert "s3cr3t" not in stream.getvalue()
+
+
+# -- where the lines go: the journal, a terminal, anything else ---------------------------------
+
+
+def journal_stream(path: Path) -> tuple[TextIO, dict[str, str]]:
+    """A file opened as stdout would be, and the ``$JOURNAL_STREAM`` systemd would set for it."""
+    out = path.open("w", encoding="utf-8")
+    info = os.fstat(out.fileno())
+    return out, {"JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"}
+
+
+def test_on_the_journal_stream_each_line_carries_its_syslog_priority(tmp_path: Path) -> None:
+    out, environ = journal_stream(tmp_path / "journal")
+    with out:
+        assert configure_logging("debug", stream=out, environ=environ) == "journal"
+        log = get_logger("agent.test")
+        log.debug("d")
+        log.info("i")
+        log.warning("w")
+        log.error("e")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("x")
+        logging.getLogger("websockets.client").error("library %s", "trouble")
+    prefixes = []
+    for line in (tmp_path / "journal").read_text().splitlines():
+        prefix, sep, rest = line.partition(">")
+        assert sep
+        prefixes.append((prefix + sep, json.loads(rest)["event"]))
+    assert prefixes == [
+        ("<7>", "d"),
+        ("<6>", "i"),
+        ("<4>", "w"),
+        ("<3>", "e"),
+        ("<3>", "x"),
+        ("<3>", "library trouble"),
+    ]
+
+
+def test_another_files_journal_stream_is_not_ours(tmp_path: Path) -> None:
+    """``$JOURNAL_STREAM`` is inherited: a child whose stdout was redirected must not prefix."""
+    other, environ = journal_stream(tmp_path / "elsewhere")
+    other.close()
+    with (tmp_path / "redirected").open("w", encoding="utf-8") as out:
+        assert configure_logging(stream=out, environ=environ) == "json"
+        get_logger("agent.test").info("plain")
+    assert json.loads((tmp_path / "redirected").read_text())["event"] == "plain"
+
+
+def test_on_a_terminal_lines_are_for_people() -> None:
+    leader, follower = os.openpty()
+    with os.fdopen(follower, "w", encoding="utf-8") as tty:
+        assert configure_logging(stream=tty, environ={}) == "console"
+        get_logger("agent.test").warning("disk_nearly_full", free_mb=12)
+        tty.flush()
+        text = os.read(leader, 4096).decode()
+    os.close(leader)
+    assert "disk_nearly_full" in text
+    assert "free_mb" in text
+    assert "warn" in text
+    assert not text.lstrip().startswith("{")
+
+
+@pytest.mark.parametrize(
+    ("environ", "configured", "expected"),
+    [
+        ({}, "info", "info"),
+        ({"BYOC_LOG_LEVEL": "debug"}, "info", "debug"),
+        ({"BYOC_LOG_LEVEL": " ERROR "}, "debug", "error"),
+        ({"BYOC_LOG_LEVEL": ""}, "warning", "warning"),
+    ],
+)
+def test_the_environment_overrides_the_configured_level(
+    environ: dict[str, str], configured: str, expected: str
+) -> None:
+    assert effective_level(configured, environ) == expected
+
+
+def test_an_unknown_level_in_the_environment_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigError, match="BYOC_LOG_LEVEL='loud'"):
+        effective_level("info", {"BYOC_LOG_LEVEL": "loud"})

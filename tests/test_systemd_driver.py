@@ -1,313 +1,54 @@
-"""The ``systemd`` driver (EC2 hosts).
+"""The ``systemd`` driver against a real systemd (tests/nspawn.py, set up by tests/ec2_host.py).
 
-systemd is not PID 1 here, so ``systemctl`` is a stand-in (tests/fake_systemctl.py) that speaks
-its command line, records the calls and really runs the release ``current`` points to. Every
-other part is real: artifacts are downloaded with httpx from a local HTTP server, verified
-(SHA-256, Ed25519 signature), unpacked, the ``current`` symlink is switched, and health checks
-and metrics are HTTP against the running workload processes.
+The driver runs where it runs in production: inside ``byoc-agent.service``, as the
+unprivileged ``byoc-agent`` user, under the unit's SystemCallFilter and sandbox, talking to
+systemd over D-Bus and allowed by the polkit rule ``make install`` added. Commands come from
+the stub control plane; releases from an HTTP server on the host's loopback; the instances are
+real units (``milvus-querynode@N.service``, Type=notify) whose health checks and versions are
+HTTP against the processes systemd started.
+
+No stand-in remains (the stand-in ``systemctl`` these tests used before is gone): every failure
+they need, real systemd produces (a unit that is unhealthy, a start refused by polkit, an agent
+killed half way through an upgrade). Only the settings checks below run without systemd.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import functools
-import hashlib
-import http.server
 import io
-import json
 import os
-import signal
-import sys
+import re
 import tarfile
-import threading
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agent.core.errors import ConfigError, DriverError
+from agent.core.errors import ConfigError
 from agent.drivers import load_driver_factory
-from agent.drivers.base import DriverEnvironment, ExecContext
-from agent.drivers.systemd import SystemdDriver
-from tests.processes import REPO
+from agent.drivers.base import DriverEnvironment
+from agent.drivers.systemd import SystemdDriver, extract_release
+from tests.ec2_host import AGENT_ID, UNIT, Ec2Host
 
-UNIT = "demo-workload@{index}.service"
-
-
-def release_tarball(version: str, *, broken: bool = False) -> bytes:
-    argv = ["{python}", "-m", "byoc_demo.workload", "--port", "{port}", "--version", version]
-    if broken:
-        argv += ["--fail-health", "schema migration failed"]
-    data = json.dumps({"argv": argv}).encode()
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz") as archive:
-        info = tarfile.TarInfo("run.json")
-        info.size = len(data)
-        archive.addfile(info, io.BytesIO(data))
-    return out.getvalue()
+WORKLOAD = "milvus-querynode@{}.service"
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def artifact_server(root: Path) -> Iterator[str]:
-    """A real HTTP server for the artifacts (the vendor's artifact store)."""
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root))
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@dataclass
-class Host:
-    """A stand-in EC2 host: releases directory, ``current`` link, fake systemctl, artifacts."""
-
-    root: Path
-    base: str
-    base_port: int
-    systemctl: Path
-    records: list[tuple[str, dict[str, object]]]
-    settings: dict[str, Any]
-
-    def calls(self) -> list[list[str]]:
-        path = self.root / "systemctl" / "calls.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-    def current(self) -> str:
-        """The release the ``current`` symlink points to."""
-        link = Path(self.settings["current"])
-        assert link.is_symlink()
-        return link.resolve().name
-
-    def installed(self, version: str) -> bool:
-        return (Path(self.settings["releases_dir"]) / version).exists()
-
-    def events(self, name: str) -> list[dict[str, object]]:
-        return [fields for event, fields in self.records if event == name]
-
-    def driver(self, **overrides: Any) -> SystemdDriver:
-        def audit(event: str, /, **fields: object) -> None:
-            self.records.append((event, fields))
-
-        env = DriverEnvironment(
-            state_dir=self.root / "state", audit=audit, log=structlog.get_logger()
-        )
-        return SystemdDriver({**self.settings, **overrides}, env)
-
-    def ctx(self) -> ExecContext:
-        def audit(event: str, /, **fields: object) -> None:
-            self.records.append((event, fields))
-
-        return ExecContext(jti="test", audit=audit, log=structlog.get_logger())
-
-    def stop_all(self) -> None:
-        units = self.root / "systemctl" / "units.json"
-        if units.exists():
-            for state in json.loads(units.read_text()).values():
-                if isinstance(state.get("pid"), int):
-                    with contextlib.suppress(OSError):
-                        os.kill(state["pid"], signal.SIGKILL)
-
-
-@pytest.fixture
-def host(tmp_path: Path, port_range: tuple[int, int]) -> Iterator[Host]:
-    artifacts = tmp_path / "artifacts"
-    artifacts.mkdir()
-    releases = {
-        "1.0.0": release_tarball("1.0.0"),
-        "2.0.0": release_tarball("2.0.0"),
-        "2.1.0": release_tarball("2.1.0", broken=True),
-    }
-    for version, data in releases.items():
-        (artifacts / f"{version}.tar.gz").write_bytes(data)
-    (artifacts / "tampered.tar.gz").write_bytes(release_tarball("6.6.6"))
-    state = tmp_path / "systemctl"
-    state.mkdir()
-    (tmp_path / "state").mkdir()
-    (tmp_path / "opt").mkdir()
-    systemctl = tmp_path / "bin" / "systemctl"
-    systemctl.parent.mkdir()
-    base_port = port_range[0] + 50
-    systemctl.write_text(
-        "#!/bin/sh\n"
-        f"export FAKE_SYSTEMCTL_DIR={state}\n"
-        f"export FAKE_SYSTEMCTL_CURRENT={tmp_path / 'opt' / 'current'}\n"
-        f"export FAKE_SYSTEMCTL_BASE_PORT={base_port}\n"
-        f"export PYTHONPATH={REPO}\n"
-        f'exec {sys.executable} {REPO / "tests" / "fake_systemctl.py"} "$@"\n'
-    )
-    systemctl.chmod(0o755)
-    with artifact_server(artifacts) as base:
-        releases_table: dict[str, dict[str, str]] = {
-            version: {"url": f"{base}{version}.tar.gz", "sha256": hashlib.sha256(data).hexdigest()}
-            for version, data in releases.items()
-        }
-        releases_table["6.6.6"] = {  # served bytes that differ from the pinned digest
-            "url": f"{base}tampered.tar.gz",
-            "sha256": hashlib.sha256(b"what the customer pinned").hexdigest(),
-        }
-        releases_table["7.0.0"] = {
-            "url": "https://elsewhere.example/7.0.0.tar.gz",
-            "sha256": "0" * 64,
-        }
-        settings = {
-            "unit": UNIT,
-            "systemctl": str(systemctl),
-            "releases_dir": str(tmp_path / "opt" / "releases"),
-            "current": str(tmp_path / "opt" / "current"),
-            "allowed_urls": [base],
-            "releases": releases_table,
-            "base_port": base_port,
-            "start_timeout": 3.0,
-            "health_poll_interval": 0.05,
-        }
-        made = Host(tmp_path, base, base_port, systemctl, [], settings)
-        try:
-            yield made
-        finally:
-            made.stop_all()
-
-
-@pytest.fixture
-async def driver(host: Host) -> AsyncIterator[SystemdDriver]:
-    made = host.driver()
-    await made.start()
-    await made.upgrade("1.0.0", host.ctx())  # the host's first release, before any replica
-    yield made
-    await made.close()
+# -- without systemd: the driver's settings --------------------------------------------------
 
 
 def test_the_driver_is_registered() -> None:
     assert load_driver_factory("systemd") is SystemdDriver
 
 
-async def versions(driver: SystemdDriver, host: Host) -> set[str]:
-    result = await driver.collect_metrics(["workload"], host.ctx())
-    samples: list[dict[str, Any]] = result["samples"]  # type: ignore[assignment]
-    return {s["labels"]["version"] for s in samples if s["name"] == "demo_workload_info"}
-
-
-async def test_scale_enables_and_disables_instances_and_checks_health(
-    driver: SystemdDriver, host: Host
-) -> None:
-    assert await driver.scale(2, host.ctx()) == {
-        "replicas": 2,
-        "previous_replicas": 0,
-        "version": "1.0.0",
-    }
-    assert await driver.scale(1, host.ctx()) == {
-        "replicas": 1,
-        "previous_replicas": 2,
-        "version": "1.0.0",
-    }
-
-    assert host.calls() == [
-        ["start", "demo-workload@0.service"],
-        ["start", "demo-workload@1.service"],
-        ["stop", "demo-workload@1.service"],
-    ]
-    assert [e["unit"] for e in host.events("unit_starting")] == [
-        "demo-workload@0.service",
-        "demo-workload@1.service",
-    ]
-    assert await versions(driver, host) == {"1.0.0"}
-    assert json.loads((host.root / "state" / "systemd-driver.json").read_text()) == {"replicas": 1}
-
-
-async def test_upgrade_downloads_verifies_switches_and_restarts_one_by_one(
-    driver: SystemdDriver, host: Host
-) -> None:
-    await driver.scale(2, host.ctx())
-
-    result = await driver.upgrade("2.0.0", host.ctx())
-
-    assert result == {
-        "version": "2.0.0",
-        "previous_version": "1.0.0",
-        "replicas": 2,
-        "changed": True,
-    }
-    assert host.current() == "2.0.0"
-    assert host.calls()[-2:] == [
-        ["restart", "demo-workload@0.service"],
-        ["restart", "demo-workload@1.service"],
-    ]
-    assert await versions(driver, host) == {"2.0.0"}
-    verified = host.events("artifact_verified")[-1]
-    assert verified["version"] == "2.0.0"
-    order = [event for event, _ in host.records[-6:]]
-    assert order.index("artifact_verified") < order.index("release_switching")
-    assert (await driver.upgrade("2.0.0", host.ctx()))["changed"] is False
-
-
-async def test_an_unhealthy_release_is_rolled_back(driver: SystemdDriver, host: Host) -> None:
-    await driver.scale(2, host.ctx())
-    await driver.upgrade("2.0.0", host.ctx())
-
-    with pytest.raises(DriverError) as failed:
-        await driver.upgrade("2.1.0", host.ctx())
-
-    assert failed.value.code == "unhealthy_rolled_back"
-    assert failed.value.result == {"rolled_back": True, "version": "2.0.0", "failed_replica": 0}
-    assert host.current() == "2.0.0"
-    assert host.events("rollback_started")
-    assert await versions(driver, host) == {"2.0.0"}
-
-
-@pytest.mark.parametrize(
-    ("version", "code"),
-    [("6.6.6", "checksum_mismatch"), ("7.0.0", "url_not_allowed"), ("9.9.9", "unknown_version")],
-)
-async def test_an_artifact_that_does_not_verify_changes_nothing(
-    driver: SystemdDriver, host: Host, version: str, code: str
-) -> None:
-    await driver.scale(1, host.ctx())
-    calls = host.calls()
-
-    with pytest.raises(DriverError) as failed:
-        await driver.upgrade(version, host.ctx())
-
-    assert failed.value.code == code
-    assert host.current() == "1.0.0"
-    assert not host.installed(version)
-    assert host.calls() == calls  # no unit touched
-    assert await versions(driver, host) == {"1.0.0"}
-
-
-async def test_a_signed_release_must_carry_a_valid_signature(host: Host) -> None:
-    key = Ed25519PrivateKey.generate()
-    public = host.root / "artifacts.pub"
-    public.write_bytes(
-        key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
-    )
-    artifacts = host.root / "artifacts"
-    good = (artifacts / "2.0.0.tar.gz").read_bytes()
-    (artifacts / "2.0.0.tar.gz.sig").write_text(base64.b64encode(key.sign(good)).decode())
-    (artifacts / "1.0.0.tar.gz.sig").write_text(base64.b64encode(key.sign(b"other")).decode())
-    signed = host.driver(signing_key=str(public))
-    await signed.start()
-    try:
-        with pytest.raises(DriverError) as failed:
-            await signed.upgrade("1.0.0", host.ctx())
-        assert failed.value.code == "signature_invalid"
-        assert (await signed.upgrade("2.0.0", host.ctx()))["version"] == "2.0.0"
-    finally:
-        await signed.close()
+GOOD = {
+    "unit": "milvus-querynode@{index}.service",
+    "releases_dir": "/opt/milvus/releases",
+    "current": "/opt/milvus/current",
+    "allowed_urls": ["https://artifacts.example/milvus/"],
+    "releases": {
+        "1.0.0": {"url": "https://artifacts.example/milvus/1.0.0.tgz", "sha256": "0" * 64}
+    },
+}
 
 
 @pytest.mark.parametrize(
@@ -318,34 +59,369 @@ async def test_a_signed_release_must_carry_a_valid_signature(host: Host) -> None
         ({"allowed_urls": ["ftp://x/"]}, "allowed_urls"),
         ({"releases": {"1.0.0": {"url": "https://x/", "sha256": "abc"}}}, "sha256"),
         ({"releases": {"bad version": {"url": "https://x/", "sha256": "0" * 64}}}, "version"),
+        ({"job_timeout": 0}, "job_timeout"),
+        ({"systemctl": "/usr/bin/systemctl"}, "systemctl"),  # the driver speaks D-Bus now
         ({"surprise": 1}, "surprise"),
     ],
 )
-def test_bad_settings_are_refused(host: Host, change: dict[str, object], message: str) -> None:
+def test_bad_settings_are_refused(tmp_path: Path, change: dict[str, object], message: str) -> None:
+    env = DriverEnvironment(
+        state_dir=tmp_path, audit=lambda *_a, **_k: None, log=structlog.get_logger()
+    )
+    SystemdDriver(GOOD, env)  # the good settings are good
     with pytest.raises(ConfigError, match=message):
-        host.driver(**change)
+        SystemdDriver({**GOOD, **change}, env)
 
 
-async def test_a_restarted_agent_starts_instances_that_are_down(
-    driver: SystemdDriver, host: Host
+def tarball(*members: tarfile.TarInfo) -> tarfile.TarFile:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as archive:
+        for member in members:
+            archive.addfile(member, io.BytesIO(b"x" * member.size) if member.isfile() else None)
+    out.seek(0)
+    return tarfile.open(fileobj=out)
+
+
+def member(
+    name: str, kind: bytes = tarfile.REGTYPE, *, link: str = "", mode: int = 0o644
+) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, link, mode
+    info.size = 1 if kind == tarfile.REGTYPE else 0
+    return info
+
+
+@pytest.fixture(params=["stdlib filter", "without it (Python < 3.11.4)"])
+def extraction(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Debian 12's Python 3.11.2 has no tarfile filters: the driver's own checks run there."""
+    if request.param != "stdlib filter":
+        monkeypatch.delattr(tarfile, "data_filter")
+    return str(request.param)
+
+
+def test_a_release_unpacks_files_directories_and_inner_links(
+    extraction: str, tmp_path: Path
 ) -> None:
-    """After a reboot the units are down (they are not enabled): the agent keeps the count."""
-    await driver.scale(2, host.ctx())
-    host.stop_all()
-    await driver.close()
-
-    again = host.driver()
-    await again.start()
+    archive = tarball(
+        member("bin", tarfile.DIRTYPE, mode=0o755),
+        member("bin/milvus", mode=0o4777),
+        member("bin/alias", tarfile.SYMTYPE, link="milvus"),
+        member("README", mode=0o600),
+    )
+    umask = os.umask(0o077)  # the agent's (UMask= in the unit); the workload is another user
     try:
-        assert host.calls()[-4:] == [
-            ["is-active", "--quiet", "demo-workload@0.service"],
-            ["start", "demo-workload@0.service"],
-            ["is-active", "--quiet", "demo-workload@1.service"],
-            ["start", "demo-workload@1.service"],
-        ]
-        assert [e.get("reason") for e in host.events("unit_starting")][-2:] == ["reconcile"] * 2
-        assert await again._healthy(0)  # started, not waited for: the agent's start goes on
-        assert await again._healthy(1)
-        assert await versions(again, host) == {"1.0.0"}
+        extract_release(archive, tmp_path / "release")
     finally:
-        await again.close()
+        os.umask(umask)
+    assert (tmp_path / "release/bin/milvus").stat().st_mode & 0o7777 == 0o755  # no setuid, no o+w
+    assert (tmp_path / "release/bin").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "release/README").stat().st_mode & 0o777 == 0o644
+    extract_release(tarball(member("/etc/evil")), tmp_path / "other")  # made relative
+    assert (tmp_path / "other/etc/evil").is_file()
+    assert (tmp_path / "release/bin/alias").resolve() == (tmp_path / "release/bin/milvus")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        member("../outside"),
+        member("bin/link", tarfile.SYMTYPE, link="/etc/shadow"),
+        member("bin/link", tarfile.SYMTYPE, link="../../outside"),
+        member("bin/hard", tarfile.LNKTYPE, link="../outside"),
+        member("dev/sda", tarfile.BLKTYPE),
+        member("fifo", tarfile.FIFOTYPE),
+    ],
+    ids=["dotdot", "symlink-absolute", "symlink-out", "hardlink-out", "device", "fifo"],
+)
+def test_a_release_that_reaches_outside_is_refused(
+    extraction: str, tmp_path: Path, bad: tarfile.TarInfo
+) -> None:
+    with pytest.raises(tarfile.TarError):
+        extract_release(tarball(bad), tmp_path / "release")
+    assert not (tmp_path / "outside").exists()
+
+
+# -- against systemd, through the running agent ------------------------------------------------
+
+
+def started_at(host: Ec2Host, index: int) -> int:
+    """When systemd last started instance ``index`` (monotonic microseconds)."""
+    shown = host.machine.show(WORKLOAD.format(index), "ExecMainStartTimestampMonotonic")
+    return int(shown["ExecMainStartTimestampMonotonic"])
+
+
+async def test_scale_up_and_down_as_the_unprivileged_user_under_seccomp(ec2_host: Ec2Host) -> None:
+    host = ec2_host
+    async with host.client() as api:
+        await host.ensure(api, version="1.0.0", replicas=1)
+        before = host.audit_head()
+
+        up = await host.command(api, "scale", {"replicas": 3})
+        assert up["state"] == "succeeded", up
+        assert up["result"]["replicas"] == 3
+        assert host.unit_states(3) == ["active"] * 3
+        assert host.instance_versions(3) == ["1.0.0"] * 3
+
+        # It was the agent that did it: its own user, its own seccomp filter, no capabilities.
+        pid = host.main_pid()
+        status = host.machine.path(f"/proc/{pid}/status").read_text()
+        uid = re.search(r"^Uid:\s+(\d+)", status, re.M)
+        assert uid is not None
+        assert uid.group(1) == host.machine.run("id", "-u", "byoc-agent").stdout.strip()
+        assert re.search(r"^Seccomp:\s+2$", status, re.M)
+        assert re.search(r"^CapEff:\s+0+$", status, re.M)
+        assert "@system-service" in (host.machine.path("/etc/systemd/system") / UNIT).read_text()
+        assert host.machine.show(UNIT, "SystemCallFilter")["SystemCallFilter"]
+
+        down = await host.command(api, "scale", {"replicas": 1})
+        assert down["state"] == "succeeded", down
+        assert host.unit_states(3) == ["active", "inactive", "inactive"]
+    starts = [
+        r["unit"]
+        for r in host.audit_records()
+        if r["seq"] > before and r["event"] == "unit_starting"
+    ]
+    stops = [
+        r["unit"]
+        for r in host.audit_records()
+        if r["seq"] > before and r["event"] == "unit_stopping"
+    ]
+    assert starts == [WORKLOAD.format(1), WORKLOAD.format(2)]
+    assert stops == [WORKLOAD.format(2), WORKLOAD.format(1)]
+
+
+PROBE = """
+import asyncio, sys
+from agent.drivers.systemd_bus import SystemdBus
+from agent.core.errors import DriverError
+
+async def main() -> None:
+    bus = await SystemdBus.connect(job_timeout=60)
+    for verb, unit in (line.split() for line in sys.stdin.read().splitlines()):
+        try:
+            await bus.run_job(verb, unit)
+            print(verb, unit, "done")
+        except DriverError as exc:
+            print(verb, unit, exc.code)
+    bus.close()
+
+asyncio.run(main())
+"""
+
+
+def test_the_agents_user_may_drive_the_workload_units_and_no_other(ec2_host: Ec2Host) -> None:
+    """The polkit rule, with the driver's own D-Bus client, as the agent's user."""
+    host = ec2_host
+    jobs = "\n".join(
+        [
+            "restart dbus.service",
+            f"stop {UNIT}",
+            "start systemd-journald.service",
+            "start milvus-querynode@x.service",
+            "start milvus-querynode@9.socket",
+            f"start {WORKLOAD.format(9)}",
+            f"stop {WORKLOAD.format(9)}",
+        ]
+    )
+    probe = host.machine.path("/opt/byoc-probe.py")
+    probe.write_text(PROBE)
+    try:
+        out = host.machine.run(
+            "/opt/byoc-agent/bin/python", "/opt/byoc-probe.py",
+            user="byoc-agent", stdin=jobs,
+        ).stdout.splitlines()  # fmt: skip
+    finally:
+        probe.unlink()
+    assert out == [
+        "restart dbus.service access_denied",
+        f"stop {UNIT} access_denied",
+        "start systemd-journald.service access_denied",
+        "start milvus-querynode@x.service access_denied",
+        "start milvus-querynode@9.socket access_denied",
+        f"start {WORKLOAD.format(9)} done",
+        f"stop {WORKLOAD.format(9)} done",
+    ]
+    # systemctl says the same to that user.
+    refused = host.machine.run(
+        "systemctl", "restart", "dbus.service", user="byoc-agent", check=False
+    )
+    assert refused.returncode != 0
+    assert "Interactive authentication required" in refused.stderr
+
+
+async def test_rolling_upgrade_downloads_verifies_switches_and_restarts_one_by_one(
+    ec2_host: Ec2Host,
+) -> None:
+    host = ec2_host
+    async with host.client() as api:
+        await host.ensure(api, version="1.0.0", replicas=3)
+        before = host.audit_head()
+        restarted_before = [started_at(host, i) for i in range(3)]
+
+        done = await host.command(api, "upgrade", {"version": "2.0.0"})
+
+    assert done["state"] == "succeeded", done
+    assert done["result"]["version"] == "2.0.0"
+    assert done["result"]["previous_version"] == "1.0.0"
+    assert host.current() == "2.0.0"
+    assert host.instance_versions(3) == ["2.0.0"] * 3
+    link = host.machine.path("/opt/milvus/current")
+    assert link.is_symlink()
+    assert Path(link.readlink()) == Path("/opt/milvus/releases/2.0.0")
+    records = [r for r in host.audit_records() if r["seq"] > before]
+    driver = [r["event"] for r in records if r["event"].startswith(("artifact_", "release_"))]
+    assert driver == [
+        "artifact_downloading",
+        "artifact_verified",
+        "release_installing",
+        "release_switching",
+    ]
+    assert [r["unit"] for r in records if r["event"] == "unit_restarting"] == [
+        WORKLOAD.format(i) for i in range(3)
+    ]
+    # One by one: each restart began after the one before was up (2.0.0 takes 2 s to start).
+    starts = [started_at(host, i) for i in range(3)]
+    assert all(new > old for new, old in zip(starts, restarted_before, strict=True))
+    assert starts[0] < starts[1] < starts[2]
+    assert starts[1] - starts[0] >= 1_500_000
+    assert starts[2] - starts[1] >= 1_500_000
+
+
+async def test_an_unhealthy_release_is_rolled_back(ec2_host: Ec2Host) -> None:
+    host = ec2_host
+    async with host.client() as api:
+        await host.ensure(api, version="2.0.0", replicas=2)
+        before = host.audit_head()
+
+        done = await host.command(api, "upgrade", {"version": "2.1.0"})
+
+    assert done["state"] == "failed", done
+    assert done["reason"] == "unhealthy_rolled_back"
+    assert done["result"] == {"rolled_back": True, "version": "2.0.0", "failed_replica": 0}
+    assert host.current() == "2.0.0"
+    assert host.instance_versions(2) == ["2.0.0"] * 2
+    records = [r for r in host.audit_records() if r["seq"] > before]
+    rollback = next(r for r in records if r["event"] == "rollback_started")
+    assert rollback["to"] == "2.0.0"
+    assert rollback["units"] == [WORKLOAD.format(0)]  # instance 1 never left 2.0.0
+
+
+@pytest.mark.parametrize(
+    ("version", "code"),
+    [
+        ("6.6.6", "checksum_mismatch"),
+        ("7.0.0", "url_not_allowed"),
+        ("3.0.0", "signature_invalid"),
+        ("8.0.0", "unknown_version"),
+    ],
+)
+async def test_an_artifact_that_does_not_verify_changes_nothing(
+    ec2_host: Ec2Host, version: str, code: str
+) -> None:
+    host = ec2_host
+    async with host.client() as api:
+        await host.ensure(api, version="2.0.0", replicas=1)
+        current, started = host.current(), started_at(host, 0)
+
+        done = await host.command(api, "upgrade", {"version": version})
+
+    assert (done["state"], done["reason"]) == ("failed", code), done
+    assert host.current() == current
+    assert not host.machine.path(f"/opt/milvus/releases/{version}").exists()
+    assert started_at(host, 0) == started  # no unit was touched
+    assert [
+        p.name
+        for p in host.machine.path("/opt/milvus/releases").iterdir()
+        if p.name.startswith(".")
+    ] == []
+
+
+async def test_killed_while_restarting_instance_2_of_3_the_workload_converges(
+    ec2_host: Ec2Host,
+) -> None:
+    """SIGKILL the agent while systemd restarts the second of three instances onto 2.0.0: when
+    systemd has started the agent again, every instance runs 1.0.0 (the command is reported
+    interrupted, so the workload goes back to where it began), and the audit log says so."""
+    host = ec2_host
+    async with host.client() as api:
+        await host.ensure(api, version="1.0.0", replicas=3)
+        before = host.audit_head()
+        old_pid = host.main_pid()
+        sent = await api.send(AGENT_ID, "upgrade", {"version": "2.0.0"})
+
+        restarting = await host.wait_audit("unit_restarting", after=before, unit=WORKLOAD.format(1))
+        host.machine.run("systemctl", "kill", "--kill-whom=main", "--signal=SIGKILL", UNIT)
+        killed_at = time.monotonic()
+        await host.wait_restarted(old_pid)
+        recovered = await host.wait_audit("upgrade_recovered", after=restarting["seq"])
+        await host.wait_connected(api)
+        final = await api.command(sent["ref"], wait_for="final", wait_seconds=60)
+
+    assert final["command"]["state"] == "interrupted", final
+    assert recovered["version"] == "1.0.0"
+    assert host.current() == "1.0.0"
+    assert host.unit_states(3) == ["active"] * 3
+    assert host.instance_versions(3) == ["1.0.0"] * 3
+    records = [r for r in host.audit_records() if r["seq"] > restarting["seq"]]
+    events = [r["event"] for r in records]
+    assert "unit_restarting" not in events[: events.index("agent_started")]  # killed there
+    after_start = records[events.index("agent_started") :]
+    interrupted = next(r for r in after_start if r["event"] == "upgrade_interrupted")
+    assert interrupted["to"] == "2.0.0"
+    assert interrupted["previous"] == "1.0.0"
+    assert interrupted["units"] == [WORKLOAD.format(0), WORKLOAD.format(1)]
+    assert [r["unit"] for r in after_start if r["event"] == "unit_restarting"] == [
+        WORKLOAD.format(0),
+        WORKLOAD.format(1),
+    ]
+    assert any(
+        r["event"] == "command_interrupted" and r["jti"] == final["command"]["jti"]
+        for r in after_start
+    )
+    verify = host.machine.run("byoc-agent", "audit", "verify", "/var/log/byoc-agent/audit.jsonl")
+    assert ": OK," in verify.stdout
+    state = host.machine.path("/var/lib/byoc-agent/driver/systemd-driver.json").read_text()
+    assert "upgrade" not in state
+    assert time.monotonic() - killed_at < 60
+
+
+async def test_a_restarted_agent_starts_what_is_down_and_stops_what_is_extra(
+    ec2_host: Ec2Host,
+) -> None:
+    """Instances are not enabled: after a reboot they are down, and the agent, which keeps the
+    count, starts them; one above the count (left by a scale the agent did not finish) it stops."""
+    host = ec2_host
+    async with host.client() as api:
+        await host.ensure(api, version=host.current() or "1.0.0", replicas=2)
+        host.machine.run("systemctl", "stop", WORKLOAD.format(1))
+        host.machine.run("systemctl", "start", WORKLOAD.format(7))
+        before = host.audit_head()
+        old = host.main_pid()
+
+        host.machine.run("systemctl", "restart", UNIT)
+        await host.wait_restarted(old)
+        await host.wait_connected(api)
+
+    assert host.unit_states(2) == ["active", "active"]
+    assert host.machine.show(WORKLOAD.format(7), "ActiveState")["ActiveState"] == "inactive"
+    records = [r for r in host.audit_records() if r["seq"] > before]
+    assert [
+        (r["event"], r["unit"], r["reason"]) for r in records if r["event"].startswith("unit_")
+    ] == [
+        ("unit_stopping", WORKLOAD.format(7), "above the replica count"),
+        ("unit_starting", WORKLOAD.format(1), "reconcile"),
+    ]
+
+
+async def test_the_units_are_loaded_by_systemd_and_verify(ec2_host: Ec2Host) -> None:
+    """The example workload unit and the driver's drop-in, as systemd itself loads them."""
+    host = ec2_host
+    async with host.client() as api:  # verify wants ExecStart to exist: a release installed
+        await host.ensure(api, version=host.current() or "1.0.0", replicas=max(host.replicas(), 1))
+    verify = host.machine.run("systemd-analyze", "verify", WORKLOAD.format(0), UNIT, check=False)
+    assert (verify.returncode, verify.stdout, verify.stderr) == (0, "", "")
+    shown = host.machine.show(UNIT, "DropInPaths", "ReadWritePaths")
+    assert "/etc/systemd/system/byoc-agent.service.d/systemd-driver.conf" in shown["DropInPaths"]
+    assert "/opt/milvus" in shown["ReadWritePaths"].split()
+    workload = host.machine.show(WORKLOAD.format(0), "Type", "DynamicUser", "NotifyAccess")
+    assert workload == {"Type": "notify", "DynamicUser": "yes", "NotifyAccess": "main"}

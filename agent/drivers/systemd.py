@@ -1,42 +1,48 @@
 """The ``systemd`` driver: the workload as instances of a templated unit on an EC2 host.
 
 Replica ``i`` is the unit ``unit.format(index=i)`` (e.g. ``milvus-querynode@0.service``),
-listening on ``base_port + i``. The driver changes the host only through ``systemctl`` and the
-releases directory:
+listening on ``base_port + i``. The driver changes the host only through systemd's D-Bus API
+(agent/drivers/systemd_bus.py: each start, stop or restart waits for systemd's job to finish,
+and polkit decides what the agent's user may do) and the releases directory:
 
-- ``scale``: ``systemctl start`` new instances (each must become healthy) or ``systemctl stop``
-  the highest ones. Instances are not ``enable``d: the agent is what keeps them at the count it
-  was given (its state file), and starts any that are down when it starts, e.g. after a
-  reboot. So the agent needs only start/stop/restart on these units (the polkit rule in
-  systemd/ec2/), not the right to change unit files;
+- ``scale``: start new instances (each must become healthy) or stop the highest ones.
+  Instances are not enabled: the agent is what keeps them at the count it was given (its state
+  file), and starts any that are down when it starts, e.g. after a reboot, and stops any above
+  the count (left by a scale the agent did not finish). So the agent needs only
+  start/stop/restart on these units (the polkit rule in systemd/ec2/), not the right to change
+  unit files;
 - ``upgrade``: download the release's artifact with httpx from an allow-listed URL (no
   redirects, size-capped), verify its SHA-256 (pinned in this configuration) and, when
   ``signing_key`` is set, its detached Ed25519 signature (``<url>.sig``, base64), unpack it
   into ``releases_dir/<version>`` (tar, ``data`` filter: no links out, no devices), switch the
-  ``current`` symlink atomically, then ``systemctl restart`` the instances one by one, each
-  health-checked; an unhealthy one switches ``current`` back and restarts the instances already
-  moved (``unhealthy_rolled_back``);
+  ``current`` symlink atomically, then restart the instances one by one, each health-checked;
+  an unhealthy one switches ``current`` back and restarts the instances already moved
+  (``unhealthy_rolled_back``). The upgrade in progress (from, to, which instances may have
+  moved) is in the state file before ``current`` changes, so an agent killed half way through
+  finds it at its next start and goes back to the previous release (its command is reported
+  ``interrupted``): one consistent version, and the audit log says what happened;
 - ``collect_metrics``: scrape each instance's metrics URL, and host metrics.
 
 Settings (``[driver.systemd]``)::
 
     unit = "milvus-querynode@{index}.service"
-    systemctl = "/usr/bin/systemctl"
     releases_dir = "/opt/milvus/releases"
     current = "/opt/milvus/current"
     allowed_urls = ["https://artifacts.vendor.example/milvus/"]   # URL prefixes
     base_port = 19530
     health_url = "http://127.0.0.1:{port}/healthz"
     metrics_url = "http://127.0.0.1:{port}/metrics"
-    start_timeout = 60.0
+    start_timeout = 60.0              # seconds an instance has to become healthy
+    job_timeout = 120.0               # seconds systemd has to finish a start/stop/restart
     max_artifact_bytes = 2147483648
     signing_key = "/etc/byoc-agent/keys/artifacts.pub"          # optional (Ed25519, PEM)
+    bus = "unix:path=/run/dbus/system_bus_socket"               # optional: the system bus
     [driver.systemd.releases."2.0.0"]
     url = "https://artifacts.vendor.example/milvus/2.0.0.tar.gz"
     sha256 = "..."
 
-The replica count is kept in ``<state_dir>/systemd-driver.json``; the version is where
-``current`` points. Every action is audited before it is taken.
+The replica count (and an upgrade in progress) is kept in ``<state_dir>/systemd-driver.json``;
+the version is where ``current`` points. Every action is audited before it is taken.
 """
 
 from __future__ import annotations
@@ -44,13 +50,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import os
+import re
 import tarfile
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -63,13 +71,13 @@ from agent.core.commands import MAX_REPLICAS, VERSION_PATTERN
 from agent.core.errors import ConfigError, DriverError
 from agent.core.toml_tables import Table
 from agent.drivers import metrics
-from agent.drivers.base import DriverEnvironment, ExecContext
+from agent.drivers.base import AuditSink, DriverEnvironment, ExecContext
+from agent.drivers.systemd_bus import SystemdBus
 from agent.io.files import write_atomic
 
 STATE_FILE: Final = "systemd-driver.json"
 TARGETS: Final = ("workload", "host")
 _HTTP_TIMEOUT: Final = 5.0
-_SYSTEMCTL_TIMEOUT: Final = 120.0
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,6 @@ class Release:
 @dataclass(frozen=True)
 class SystemdSettings:
     unit: str
-    systemctl: str
     releases_dir: Path
     current: Path
     allowed_urls: tuple[str, ...]
@@ -93,6 +100,8 @@ class SystemdSettings:
     health_poll_interval: float = 0.2
     max_artifact_bytes: int = 2 * 1024**3
     signing_key: Path | None = None
+    job_timeout: float = 120.0
+    bus: str | None = None
 
     @classmethod
     def from_table(cls, settings: Mapping[str, object]) -> SystemdSettings:
@@ -100,9 +109,9 @@ class SystemdSettings:
             "driver.systemd",
             dict(settings),
             {
-                "unit", "systemctl", "releases_dir", "current", "allowed_urls", "releases",
-                "base_port", "health_url", "metrics_url", "start_timeout",
-                "health_poll_interval", "max_artifact_bytes", "signing_key",
+                "unit", "releases_dir", "current", "allowed_urls", "releases",
+                "base_port", "health_url", "metrics_url", "start_timeout", "job_timeout",
+                "health_poll_interval", "max_artifact_bytes", "signing_key", "bus",
             },
             ConfigError,
         )  # fmt: skip
@@ -124,7 +133,6 @@ class SystemdSettings:
         key = t.optional_string("signing_key")
         return cls(
             unit=unit,
-            systemctl=t.string("systemctl", "systemctl"),
             releases_dir=Path(t.string("releases_dir")),
             current=Path(t.string("current")),
             allowed_urls=tuple(allowed),
@@ -138,7 +146,64 @@ class SystemdSettings:
                 "max_artifact_bytes", 2 * 1024**3, low=1, high=64 * 1024**3
             ),
             signing_key=Path(key) if key else None,
+            job_timeout=t.number("job_timeout", 120.0, low=0.1, high=3600.0),
+            bus=t.optional_string("bus"),
         )
+
+
+@dataclass
+class _Upgrade:
+    """An upgrade in progress, as the state file keeps it: ``moved`` are the instances that
+    may already run ``to`` (each is added before its restart)."""
+
+    previous: str | None
+    to: str
+    moved: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return {"from": self.previous, "to": self.to, "moved": self.moved}
+
+
+def extract_release(archive: tarfile.TarFile, dest: Path) -> None:
+    """Unpack with tarfile's ``data`` filter: regular files, directories and links that stay
+    inside ``dest``; no devices, no setuid bits, no group/other write. Python before 3.11.4
+    (Debian 12 ships 3.11.2) has no filters, so there the same rules are applied here."""
+    if hasattr(tarfile, "data_filter"):
+        archive.extractall(dest, filter="data")
+    else:
+        _extract_checked(archive, dest)
+    # The workload runs as another user (DynamicUser=) and the agent's umask is 0077: a release
+    # is readable by everyone, writable by the agent only, executable where the archive says.
+    for path in [dest, *dest.rglob("*")]:
+        if not path.is_symlink():
+            executable = path.is_dir() or path.stat().st_mode & 0o100
+            path.chmod(0o755 if executable else 0o644)
+
+
+def _extract_checked(archive: tarfile.TarFile, dest: Path) -> None:
+    root = dest.resolve()
+    members = []
+    for member in archive.getmembers():
+        member.name = member.name.lstrip("/")  # as the data filter does
+        path = (root / member.name).resolve()
+        target = (path.parent / member.linkname).resolve() if member.issym() else None
+        if member.islnk():
+            target = (root / member.linkname).resolve()
+        inside = path == root or root in path.parents
+        if (
+            not (member.isfile() or member.isdir() or member.issym() or member.islnk())
+            or not inside
+            or (
+                target is not None
+                and (Path(member.linkname).is_absolute() or root not in target.parents)
+            )
+        ):
+            raise tarfile.TarError(f"{member.name!r} is not allowed in a release (data filter)")
+        member.mode &= 0o755
+        member.uid = member.gid = 0
+        member.uname = member.gname = ""
+        members.append(member)
+    archive.extractall(dest, members=members)  # noqa: S202  # checked above
 
 
 class SystemdDriver:
@@ -149,27 +214,51 @@ class SystemdDriver:
         self._env = env
         self._state_path = env.state_dir / STATE_FILE
         self._replicas = 0
+        self._upgrade: _Upgrade | None = None
         self._lock = asyncio.Lock()
         self._client = httpx.AsyncClient(timeout=_HTTP_TIMEOUT, trust_env=False)
+        self._systemd: SystemdBus | None = None
+        prefix, _, suffix = self.settings.unit.partition("{index}")
+        self._instance = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(suffix))
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Read the replica count and start any instance that is down (e.g. after a reboot)."""
+        """Read the state file, finish what a killed agent left half done (an upgrade: back
+        to the previous release; instances above the count: stopped), and start any instance
+        that is down (e.g. after a reboot)."""
         metrics.start_cpu_measurement()
         try:
-            self._replicas = int(json.loads(self._state_path.read_text())["replicas"])
+            state = json.loads(self._state_path.read_text())
+            self._replicas = int(state["replicas"])
+            upgrade = state.get("upgrade")
+            if upgrade is not None:
+                self._upgrade = _Upgrade(
+                    upgrade["from"], str(upgrade["to"]), [int(i) for i in upgrade["moved"]]
+                )
         except FileNotFoundError:
             self._replicas = 0
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DriverError("state_unreadable", f"{self._state_path}: {exc}") from exc
+        await self._bus()
+        if self._upgrade is not None:
+            await self._recover_upgrade(self._upgrade)
+        pattern = self.settings.unit.replace("{index}", "*")
+        for unit in await (await self._bus()).units_matching(pattern, ["active", "activating"]):
+            match = self._instance.fullmatch(unit)
+            if match and int(match.group(1)) >= self._replicas:
+                self._env.audit("unit_stopping", unit=unit, reason="above the replica count")
+                await self._job("stop", int(match.group(1)))
         for index in range(self._replicas):
-            if not await self._active(index):
+            if await (await self._bus()).active_state(self._unit(index)) != "active":
                 self._env.audit("unit_starting", unit=self._unit(index), reason="reconcile")
-                await self._systemctl("start", self._unit(index))
+                await self._job("start", index)
 
     async def close(self) -> None:
         await self._client.aclose()  # the units keep running: systemd owns them
+        if self._systemd is not None:
+            self._systemd.close()
+            self._systemd = None
 
     def describe(self) -> dict[str, object]:
         return {"kind": self.kind, "replicas": self._replicas, "version": self.version}
@@ -189,21 +278,20 @@ class SystemdDriver:
             started: list[int] = []
             for index in range(previous, replicas):
                 ctx.audit("unit_starting", unit=self._unit(index), port=self._port(index))
-                await self._systemctl("start", self._unit(index))
                 started.append(index)
-                if not await self._healthy(index):
+                problem = await self._start_healthy(index, "start")
+                if problem is not None:
                     for undo in reversed(started):
                         ctx.audit("unit_stopping", unit=self._unit(undo), reason="scale undone")
-                        await self._systemctl("stop", self._unit(undo))
+                        await self._job("stop", undo)
                     raise DriverError(
                         "unhealthy",
-                        f"{self._unit(index)} did not become healthy in "
-                        f"{self.settings.start_timeout:g}s; scale-up undone",
+                        f"{self._unit(index)}: {problem}; scale-up undone",
                         result={"replicas": previous},
                     )
             for index in reversed(range(replicas, previous)):
                 ctx.audit("unit_stopping", unit=self._unit(index), reason="scale down")
-                await self._systemctl("stop", self._unit(index))
+                await self._job("stop", index)
             self._replicas = replicas
             self._persist()
         return {"replicas": replicas, "previous_replicas": previous, "version": self.version}
@@ -219,19 +307,34 @@ class SystemdDriver:
             target = self.settings.releases_dir / version
             if not target.is_dir():
                 await self._install(version, release, target, ctx)
-            self._switch(target, ctx, reason="upgrade")
-            moved: list[int] = []
+            self._upgrade = _Upgrade(previous, version)
+            self._persist()  # before `current` moves: a killed agent finds it at its next start
+            self._switch(target, ctx.audit, reason="upgrade")
             for index in range(self._replicas):
                 ctx.audit("unit_restarting", unit=self._unit(index), version=version)
-                await self._systemctl("restart", self._unit(index))
-                moved.append(index)
-                if not await self._healthy(index):
-                    await self._roll_back(previous, moved, ctx)
+                self._upgrade.moved.append(index)
+                self._persist()
+                try:
+                    problem = await self._start_healthy(index, "restart")
+                except DriverError:
+                    # systemd refused or went away: go back as far as it lets us now; what is
+                    # left stays in the state file, and the next start finishes going back.
+                    with contextlib.suppress(DriverError):
+                        await self._roll_back(previous, self._upgrade.moved, ctx.audit)
+                        self._upgrade = None
+                        self._persist()
+                    raise
+                if problem is not None:
+                    await self._roll_back(previous, self._upgrade.moved, ctx.audit)
+                    self._upgrade = None
+                    self._persist()
                     raise DriverError(
                         "unhealthy_rolled_back",
-                        f"{self._unit(index)} was unhealthy on {version}; back on {previous}",
+                        f"{self._unit(index)} {problem} on {version}; back on {previous}",
                         result={"rolled_back": True, "version": previous, "failed_replica": index},
                     )
+            self._upgrade = None
+            self._persist()
         return {
             "version": version,
             "previous_version": previous,
@@ -289,7 +392,7 @@ class SystemdDriver:
             unpacked = Path(tmp) / "release"
             try:
                 with tarfile.open(artifact) as archive:
-                    archive.extractall(unpacked, filter="data")
+                    extract_release(archive, unpacked)
             except (tarfile.TarError, OSError) as exc:
                 raise DriverError("bad_artifact", f"{release.url}: {exc}") from exc
             ctx.audit("release_installing", version=version, path=str(target))
@@ -329,28 +432,50 @@ class SystemdDriver:
         except InvalidSignature as exc:
             raise DriverError("signature_invalid", f"{url}: it does not verify") from exc
 
-    def _switch(self, target: Path, ctx: ExecContext, *, reason: str) -> None:
-        ctx.audit("release_switching", to=target.name, previous=self.version, reason=reason)
+    def _switch(self, target: Path, audit: AuditSink, *, reason: str) -> None:
+        audit("release_switching", to=target.name, previous=self.version, reason=reason)
         link = self.settings.current
         temporary = link.with_name(f".{link.name}.new")
         temporary.unlink(missing_ok=True)
         temporary.symlink_to(target)
         os.replace(temporary, link)  # atomic: readers see the old or the new release
 
-    async def _roll_back(self, previous: str | None, moved: list[int], ctx: ExecContext) -> None:
-        ctx.audit("rollback_started", to=previous, units=[self._unit(i) for i in moved])
+    async def _roll_back(self, previous: str | None, moved: list[int], audit: AuditSink) -> None:
+        audit("rollback_started", to=previous, units=[self._unit(i) for i in moved])
         if previous is None:
             raise DriverError("rollback_failed", "there was no previous release to go back to")
-        self._switch(self.settings.releases_dir / previous, ctx, reason="rollback")
+        self._switch(self.settings.releases_dir / previous, audit, reason="rollback")
         for index in moved:
-            ctx.audit("unit_restarting", unit=self._unit(index), version=previous)
-            await self._systemctl("restart", self._unit(index))
-            if not await self._healthy(index):
+            audit("unit_restarting", unit=self._unit(index), version=previous)
+            problem = await self._start_healthy(index, "restart")
+            if problem is not None:
                 raise DriverError(
                     "rollback_failed",
-                    f"{self._unit(index)} is unhealthy on {previous} too",
+                    f"{self._unit(index)} {problem} on {previous} too",
                     result={"version": previous, "failed_replica": index},
                 )
+
+    async def _recover_upgrade(self, upgrade: _Upgrade) -> None:
+        """The agent stopped half way through an upgrade (killed, or the host rebooted): its
+        command is reported interrupted, so go back to where it started."""
+        audit = self._env.audit
+        audit(
+            "upgrade_interrupted",
+            previous=upgrade.previous,
+            to=upgrade.to,
+            units=[self._unit(i) for i in upgrade.moved],
+        )
+        try:
+            if upgrade.previous is not None:  # else the first release: nothing to go back to
+                await self._roll_back(upgrade.previous, upgrade.moved, audit)
+        except DriverError as exc:
+            # Keep going: the agent must come up to report; the control plane sees the state.
+            audit("upgrade_recovery_failed", code=exc.code, detail=exc.detail)
+            self._env.log.error("upgrade_recovery_failed", code=exc.code, detail=exc.detail)
+        else:
+            audit("upgrade_recovered", version=self.version)
+        self._upgrade = None
+        self._persist()
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -360,31 +485,28 @@ class SystemdDriver:
     def _port(self, index: int) -> int:
         return self.settings.base_port + index
 
-    async def _systemctl(self, *args: str) -> None:
-        try:
-            process = await asyncio.create_subprocess_exec(
-                self.settings.systemctl,
-                *args,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
+    async def _bus(self) -> SystemdBus:
+        """The D-Bus connection to systemd, made again if it dropped (systemd re-executed)."""
+        if self._systemd is None or not self._systemd.connected:
+            self._systemd = await SystemdBus.connect(
+                self.settings.bus, job_timeout=self.settings.job_timeout
             )
-            async with asyncio.timeout(_SYSTEMCTL_TIMEOUT):
-                out, _ = await process.communicate()
-        except (OSError, TimeoutError) as exc:
-            raise DriverError("systemctl_failed", f"systemctl {' '.join(args)}: {exc}") from exc
-        if process.returncode != 0:
-            text = out.decode(errors="replace").strip()[-300:]
-            raise DriverError(
-                "systemctl_failed", f"systemctl {' '.join(args)}: exit {process.returncode}: {text}"
-            )
+        return self._systemd
 
-    async def _active(self, index: int) -> bool:
+    async def _job(self, verb: str, index: int) -> None:
+        await (await self._bus()).run_job(verb, self._unit(index))
+
+    async def _start_healthy(self, index: int, verb: str) -> str | None:
+        """Start or restart instance ``index``; None once healthy, else what went wrong."""
         try:
-            await self._systemctl("is-active", "--quiet", self._unit(index))
-        except DriverError:
-            return False
-        return True
+            await self._job(verb, index)
+        except DriverError as exc:
+            if exc.code in ("access_denied", "systemd_unreachable"):
+                raise
+            return f"did not {verb} ({exc.code}: {exc.detail})"
+        if not await self._healthy(index):
+            return f"was not healthy within {self.settings.start_timeout:g}s"
+        return None
 
     async def _healthy(self, index: int) -> bool:
         url = self.settings.health_url.format(port=self._port(index))
@@ -400,7 +522,10 @@ class SystemdDriver:
         return False
 
     def _persist(self) -> None:
-        write_atomic(self._state_path, json.dumps({"replicas": self._replicas}).encode())
+        state: dict[str, object] = {"replicas": self._replicas}
+        if self._upgrade is not None:
+            state["upgrade"] = self._upgrade.to_json()
+        write_atomic(self._state_path, json.dumps(state).encode())
 
 
 __all__ = ["SystemdDriver", "SystemdSettings"]
