@@ -142,7 +142,7 @@ class RunningAgent:
 
     async def wait_connected(self) -> None:
         await asyncio.wait_for(self.agent.started.wait(), scaled(30))
-        await asyncio.wait_for(self.agent.parts.tunnel.ready.wait(), scaled(30))
+        await asyncio.wait_for(self.agent.parts.link.ready.wait(), scaled(30))
 
 
 AgentStarter = Callable[..., Awaitable[RunningAgent]]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from agent.io.audit_file import verify_file
-from agent.io.store import AgentState
+from agent.io.store import Store
 from certs.pki import PKIPaths
 from control_plane_stub.client import StubClient
 from tests.conftest import scaled
@@ -369,7 +369,7 @@ async def check_invariants(
     refusals: Counter[str] = Counter()
     interrupted = Counter[str]()
     jtis = set(submitted.values())
-    agent_state = AgentState(agent_db)
+    agent_state = Store(agent_db)
     try:
         agent_finals = {jti: row.state for jti in jtis if (row := agent_state.get(jti))}
     finally:

@@ -158,8 +158,9 @@ async def make_rig(tmp_path: Path, pki: PKIPaths, short_tmp: Path) -> AsyncItera
         )
         holder: list[Agent] = []
 
-        def driver_audit(event: str, /, **fields: object) -> None:
-            holder[0].audit.append(event, source="driver", **fields)
+        async def driver_audit(event: str, /, **fields: object) -> None:
+            holder[0].audit.record(event, source="driver", **fields)
+            await holder[0].audit.settle()
 
         driver = PaddedJournal(
             {"path": str(files.journal), "delay": JOURNAL_DELAY},
@@ -319,7 +320,7 @@ async def wait_ready(rig: Rig) -> None:
     """Until the agent has a READY connection (hello and welcome went through) after its last
     ``connection_down``."""
     await rig.audit.wait_for("connection_up", count=rig.audit.count("connection_down") + 1)
-    await asyncio.wait_for(rig.agent.agent.parts.tunnel.ready.wait(), scaled(20))
+    await asyncio.wait_for(rig.agent.agent.parts.link.ready.wait(), scaled(20))
 
 
 async def wait_submitted(rig: Rig, count: int) -> None:

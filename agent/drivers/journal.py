@@ -69,7 +69,7 @@ class JournalDriver:
         os.fsync(self._fd)
 
     async def _run(self, ctx: ExecContext, command: str, **params: object) -> None:
-        ctx.audit("journal_entry", command=command)
+        await ctx.audit("journal_entry", command=command)
         self._append(event="start", jti=ctx.jti, command=command, **params)
         if self.delay:
             await asyncio.sleep(self.delay)
