@@ -236,6 +236,7 @@ class StreamBroker:
                 command_type="open_stream",
                 params=params,
             )
+            await self._store.wait_durable()
             self._hub.kick(forward.agent_id)
             websocket = await self._wait_for_agent(signed.jti, waiting, signed.exp)
             if websocket is None:

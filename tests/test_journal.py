@@ -150,7 +150,7 @@ async def test_group_commit_one_sync_for_many_batches(
     assert journal.durable == 101
     syncer = journal._syncer
     assert syncer is not None
-    wal_syncs = gate.calls.count(syncer._wal)  # type: ignore[attr-defined]
+    wal_syncs = gate.calls.count(syncer.wal_fd)  # type: ignore[attr-defined]
     assert wal_syncs <= 2  # the held one (batch 1), then one for the 100 others
 
 

@@ -30,21 +30,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sqlite3
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
-from typing import Final
 
 from agent.core.audit_chain import ChainHead, ChainVerifier, make_record
 from agent.core.errors import AuditError, AuditIntegrityError, StateError
+from agent.io import failpoints
 from agent.io.audit_file import AuditFile, utc_timestamp
 from agent.io.store import Store
-
-CHECKPOINT_BYTES: Final = 4 * 1024 * 1024
-"""The WAL is copied into the database (a checkpoint, by the syncer) once it is this large."""
+from agent.io.wal_sync import WalSyncer
 
 Listener = Callable[[str, Mapping[str, object]], None]
 
@@ -94,7 +90,7 @@ class Journal:
         self._on_failure: list[Callable[[BaseException], None]] = []
         self._failure: str | None = None
         self._changed = asyncio.Event()
-        self._syncer: _Syncer | None = None
+        self._syncer: WalSyncer | None = None
         self.repaired: dict[str, int] = {}
         """What :meth:`open` had to repair (for the ``audit_tail_repaired`` record)."""
 
@@ -119,7 +115,14 @@ class Journal:
             self.head = head
         else:
             self.head = self._restore(file_head, committed)
-        self._syncer = _Syncer(self, asyncio.get_running_loop())
+        self._syncer = WalSyncer(
+            self.store.path,
+            asyncio.get_running_loop(),
+            durable=self._advance,
+            failed=self._latch,
+            follow_up=self.audit.sync,
+            name="journal-syncer",
+        )
         self._syncer.start()
 
     def _restore(self, file_head: ChainHead, committed: ChainHead) -> ChainHead:
@@ -169,6 +172,7 @@ class Journal:
                 if batch.lines:
                     self.audit.write(b"".join(line for _seq, line in batch.lines))
                     written = True
+                    failpoints.reach_batch("written", batch.records)
         except BaseException as exc:
             self.head = head
             if written:
@@ -180,6 +184,7 @@ class Journal:
         finally:
             self._batch = None
         self.committed = batch.commit
+        failpoints.reach_batch("committed", batch.records)
         if batch.records:
             self._unsynced.append((batch.commit, batch.records))
         assert self._syncer is not None  # noqa: S101  # open() started it
@@ -260,60 +265,3 @@ class Journal:
         finally:
             self.store.close()
             self.audit.close()
-
-
-class _Syncer(threading.Thread):
-    """Makes committed batches durable: one WAL ``fdatasync`` for everything committed since the
-    last one, then (off the critical path) the audit file's, and a checkpoint now and then."""
-
-    def __init__(self, journal: Journal, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(name="journal-syncer", daemon=True)
-        self._journal = journal
-        self._loop = loop
-        self._wal = os.open(journal.store.wal_path, os.O_RDONLY | os.O_CLOEXEC)
-        self._cond = threading.Condition()
-        self._target = 0
-        self._target_seq = 0
-        """The audit seq the file holds once batch ``_target`` is committed."""
-        self._done = 0
-        self._stopping = False
-
-    def request(self, commit: int, seq: int) -> None:
-        with self._cond:
-            self._target = max(self._target, commit)
-            self._target_seq = max(self._target_seq, seq)
-            self._cond.notify()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        self.join()
-        os.close(self._wal)
-
-    def run(self) -> None:
-        journal = self._journal
-        checkpointer: sqlite3.Connection | None = None
-        try:
-            while True:
-                with self._cond:
-                    while self._target <= self._done and not self._stopping:
-                        self._cond.wait()
-                    if self._target <= self._done:
-                        return
-                    target, file_seq = self._target, self._target_seq
-                os.fdatasync(self._wal)
-                self._done = target
-                self._loop.call_soon_threadsafe(journal._advance, target, None)
-                journal.audit.sync()
-                self._loop.call_soon_threadsafe(journal._advance, target, file_seq)
-                if os.fstat(self._wal).st_size > CHECKPOINT_BYTES:
-                    if checkpointer is None:
-                        checkpointer = sqlite3.connect(journal.store.path, isolation_level=None)
-                        checkpointer.execute("PRAGMA synchronous=NORMAL")
-                    checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except (OSError, AuditError, sqlite3.Error) as exc:
-            self._loop.call_soon_threadsafe(journal._latch, exc)
-        finally:
-            if checkpointer is not None:
-                checkpointer.close()

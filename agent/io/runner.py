@@ -50,6 +50,7 @@ from agent.core.session import AgentSession, CloseRequested, Event, Outbox
 from agent.core.trust import DiscardKeySets, SaveKeySet, Trust, TrustEffect, TrustRecord
 from agent.core.verifier import peek
 from agent.drivers.base import Driver, ExecContext
+from agent.io import failpoints
 from agent.io.clock import Clock
 from agent.io.journal import Batch, Journal
 from agent.io.policy_file import PolicyFile
@@ -492,6 +493,7 @@ class Runner:
         return bool(fx.of(Execute))
 
     def _start(self, jti: str, command: Command) -> None:
+        failpoints.reach("before_execute")
         task = asyncio.get_running_loop().create_task(self._execute(jti, command))
         self._running[jti] = task
 
@@ -533,6 +535,7 @@ class Runner:
             outcome = self._crashed(jti, exc)
         finally:
             self._running.pop(jti, None)
+        failpoints.reach("driver_returned")
         duration_ms = int((self._clock.monotonic() - started) * 1000)
         self.submit(lambda batch: self._finish(batch, jti, command, outcome, duration_ms))
 
@@ -541,6 +544,7 @@ class Runner:
     ) -> None:
         fx = self.lifecycle.finish(jti, now=self._clock.time(), duration_ms=duration_ms, **outcome)
         self._apply(batch, fx)
+        self._after.append((batch.commit, functools.partial(failpoints.reach, "finish_committed")))
         if command.mutating and self._mutating == jti:
             self._mutating = None
             self._next_mutation(batch)
