@@ -387,7 +387,16 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         client_cert=cp.client_cert,
         ca_bundle=cp.ca_bundle,
         expected_id=config.agent_id,
+        force=args.force,
     )
+    if done.replaced is not None and done.replaced != done.agent_id:
+        print(
+            f"byoc-agent: this host was {done.replaced} and is now {done.agent_id}: "
+            f"{done.replaced}'s key and certificate were replaced (--force)",
+            file=sys.stderr,
+        )
+    elif done.replaced is not None:
+        print(f"replaced the earlier key and certificate of {done.agent_id} (--force)")
     print(
         f"enrolled as {done.agent_id}; certificate {cp.client_cert} valid until "
         f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(done.not_after))}, key {cp.client_key}"
@@ -422,6 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ca-bundle",
         help="CA to verify the enrollment endpoint (default: control_plane.ca_bundle)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a key and certificate already there (the identity they hold is lost; "
+        "said aloud when it is another agent id)",
     )
     p.set_defaults(func=cmd_enroll)
 
