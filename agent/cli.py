@@ -102,6 +102,18 @@ def _control(args: argparse.Namespace, payload: dict[str, object]) -> dict[str, 
     return answer
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from agent import doctor  # noqa: PLC0415  # its probes only for this command
+
+    started = time.monotonic()
+    path = _config_path(args)
+    checks = doctor.examine(
+        path, doctor.Options(timeout=args.timeout, vpc_cidrs=tuple(args.vpc_cidr))
+    )
+    print(doctor.report(path, checks, time.monotonic() - started, as_json=args.json))
+    return EXIT_FAILURE if any(check.status == "fail" for check in checks) else 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = _control(args, {"op": "status"})["status"]
     if args.json:
@@ -568,6 +580,33 @@ def build_parser() -> argparse.ArgumentParser:
         "said aloud when it is another agent id)",
     )
     p.set_defaults(func=cmd_enroll)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check everything the agent needs, one line each with the fix (exit 1 on a failure)",
+        description="Check the configuration, the policy, the key, certificate and state files, "
+        "the route (proxy, private endpoint), DNS, TCP, the proxy's CONNECT, the TLS handshake, "
+        "the control plane's acceptance of the certificate, the clock and the running agent. "
+        "Run it as the agent's user or root.",
+    )
+    with_config(p)
+    p.add_argument("--json", action="store_true", help="one JSON object: ok, checks[]")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="seconds for each network step (default 3)",
+    )
+    p.add_argument(
+        "--vpc-cidr",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="the VPC's CIDR, to judge a private endpoint (default: from the EC2 instance "
+        "metadata); repeatable",
+    )
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("status", help="connection, certificate, pending approvals, audit head")
     with_config(p, socket=True)
