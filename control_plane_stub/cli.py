@@ -38,7 +38,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from agent.core.errors import ConfigError
 from agent.core.session import HeartbeatSettings
@@ -49,8 +49,10 @@ from certs.pki import PKIPaths
 from control_plane_stub.client import StubClient, default_api_url, describe
 from control_plane_stub.errors import ApiError, StubError
 from control_plane_stub.operator_commands import operator_command
-from control_plane_stub.server import StubConfig, StubServer
 from control_plane_stub.signer import DEFAULT_TTL, CommandSigner
+
+if TYPE_CHECKING:
+    from control_plane_stub.server import StubServer
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -85,6 +87,10 @@ def _param(value: str) -> tuple[str, object]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # The server (aiohttp, the console's templates) only for this command: the client commands
+    # start faster without it.
+    from control_plane_stub.server import StubConfig, StubServer  # noqa: PLC0415
+
     pki = PKIPaths.at(Path(args.pki)) if args.pki else None
 
     def pick(explicit: str | None, from_pki: Path | None, flag: str) -> Path:
