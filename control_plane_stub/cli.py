@@ -88,8 +88,14 @@ def _param(value: str) -> tuple[str, object]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     # The server (aiohttp, the console's templates) only for this command: the client commands
-    # start faster without it.
-    from control_plane_stub.server import StubConfig, StubServer  # noqa: PLC0415
+    # start faster without it, and run where only the agent's dependencies are installed.
+    try:
+        from control_plane_stub.server import StubConfig, StubServer  # noqa: PLC0415
+    except ImportError as exc:
+        raise StubError(
+            f"cp-stub serve needs the stub's dependencies, which the agent does not (missing: "
+            f"{exc.name}): pip install 'byoc-agent[stub]'"
+        ) from exc
 
     pki = PKIPaths.at(Path(args.pki)) if args.pki else None
 
