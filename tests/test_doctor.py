@@ -38,7 +38,8 @@ from byoc_demo.layout import DemoPaths, write_agent_files
 from certs.pki import PKIPaths
 from control_plane_stub.server import StubServer
 from tests.conftest import AgentStarter, scaled
-from tests.processes import REPO, free_port
+from tests.processes import REPO
+from tests.tinyproxy import running_tinyproxy
 
 Found = dict[str, tuple[Status, str, str]]
 HEALTHY = [
@@ -243,36 +244,8 @@ async def test_a_key_others_can_read(
 @pytest.fixture
 async def strict_proxy(tmp_path: Path) -> AsyncIterator[int]:
     """tinyproxy allowing CONNECT to port 443 only (a common corporate rule)."""
-    binary = shutil.which("tinyproxy")
-    if binary is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("tinyproxy is not installed (.ci/run installs it)")
-        pytest.skip("tinyproxy is not installed (apt-get install tinyproxy)")
-    port = free_port()
-    config = tmp_path / "tinyproxy.conf"
-    config.write_text(
-        f"Port {port}\nListen 127.0.0.1\nTimeout 30\nLogLevel Info\nMaxClients 10\n"
-        "Allow 127.0.0.1\nConnectPort 443\nDisableViaHeader Yes\n"
-    )
-    log = tmp_path / "tinyproxy.log"
-    with log.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            binary, "-d", "-c", str(config), stdout=out, stderr=out
-        )
-    try:
-        async with asyncio.timeout(scaled(10)):  # until it listens
-            while True:
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", port)
-                except OSError:
-                    await asyncio.sleep(0.05)
-                    continue
-                writer.close()
-                break
+    async with running_tinyproxy(tmp_path, "ConnectPort 443\n") as (port, _):
         yield port
-    finally:
-        process.terminate()
-        await asyncio.wait_for(process.wait(), scaled(10))
 
 
 async def test_a_proxy_refusing_connect(

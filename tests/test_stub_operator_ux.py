@@ -33,12 +33,7 @@ from control_plane_stub.server import StubServer
 from tests.conftest import AgentStarter, scaled, stub_config
 from tests.fakes import RecordingDriver
 from tests.processes import REPO, free_port, stub_process
-
-
-async def cp_stub(stub: StubServer, *args: str) -> int:
-    return await asyncio.to_thread(
-        stub_cli, [*args[:1], "--api", f"http://127.0.0.1:{stub.api_port}", *args[1:]]
-    )
+from tests.test_stub_cli import cp_stub
 
 
 async def test_send_takes_its_options_before_or_after_the_type(
@@ -89,21 +84,11 @@ def test_serve_on_a_port_in_use_says_so_in_one_line(pki: PKIPaths, tmp_path: Pat
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        serve = stub_process(
+            pki, agent_port=port, api_port=0, db=tmp_path / "stub.db", log=tmp_path / "log"
+        )
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "control_plane_stub.cli",
-                "serve",
-                "--pki",
-                str(pki.root),
-                "--agents",
-                f"127.0.0.1:{port}",
-                "--api",
-                "127.0.0.1:0",
-                "--db",
-                str(tmp_path / "stub.db"),
-            ],
+            serve.argv,
             capture_output=True,
             text=True,
             timeout=scaled(60),
