@@ -245,6 +245,7 @@ class Doctor:
         self.options = options
         self.checks: list[Check] = []
         self.where = _where(config)
+        self._cidrs: tuple[str, ...] | None = None
 
     def add(self, check: Check) -> bool:
         """Keep a check; True when the next steps can build on it."""
@@ -314,9 +315,12 @@ class Doctor:
         )
 
     def _vpc_cidrs(self) -> tuple[str, ...]:
-        if self.options.vpc_cidrs:
-            return self.options.vpc_cidrs
-        return vpc_cidrs_from_metadata(self.options.imds, self.options.timeout)
+        """``--vpc-cidr``, else the instance metadata's (asked once)."""
+        if self._cidrs is None:
+            self._cidrs = self.options.vpc_cidrs or vpc_cidrs_from_metadata(
+                self.options.imds, self.options.timeout
+            )
+        return self._cidrs
 
     def _resolve(self, path: Hop) -> list[str] | None:
         try:
@@ -475,11 +479,21 @@ class Doctor:
             answer = probes.http_get(tls, host, path, f"byoc-agent-doctor/{__version__}")
         except (OSError, ssl.SSLError) as exc:
             rejected = classify_tls_failure(exc)
-            if rejected is None and isinstance(exc, ssl.SSLError):
-                rejected_text = f"control plane refused our client certificate ({exc.reason})"
+            if rejected is not None:
+                text = str(rejected)
+            elif isinstance(exc, ssl.SSLError):
+                text = f"control plane refused our client certificate ({exc.reason})"
+            elif isinstance(exc, probes.ProbeError | ConnectionResetError):
+                # With TLS 1.3 the server checks the client's certificate after the client's
+                # side of the handshake is done; one that refuses it may just close (Python's
+                # asyncio servers do), so the first answer never comes.
+                text = (
+                    "the control plane closed the connection right after the TLS handshake, "
+                    "without an answer: it most likely refused our client certificate"
+                )
             else:
-                rejected_text = str(rejected) if rejected else f"{type(exc).__name__}: {exc}"
-            diagnosis = diagnose(rejected_text, self.where)
+                text = f"{type(exc).__name__}: {exc}"
+            diagnosis = diagnose(text, self.where)
             self.add(
                 judge.from_diagnosis(
                     "identity", "no answer to a GET with the agent's certificate", diagnosis

@@ -144,6 +144,23 @@ async def test_wrong_ca_bundle(
     assert found["tcp"][0] is Status.PASS
 
 
+async def test_a_certificate_the_control_plane_refuses(
+    stub: StubServer, pki: PKIPaths, foreign_pki: PKIPaths, tmp_path: Path, short_tmp: Path
+) -> None:
+    """Another environment's agent certificate: with TLS 1.3 the handshake completes on the
+    agent's side; the refusal comes with the first answer, which doctor asks for."""
+    paths = agent_config(tmp_path / "agent", pki, stub.agent_port, short_tmp)
+    replace(paths.config, str(pki.agent_cert("agent-1")), str(foreign_pki.agent_cert("agent-1")))
+    replace(paths.config, str(pki.agent_key("agent-1")), str(foreign_pki.agent_key("agent-1")))
+    found = await doctor(paths.config)
+    assert found["tls"][0] is Status.PASS
+    status, what, fix = found["identity"]
+    assert status is Status.FAIL
+    assert what.startswith("no answer to a GET with the agent's certificate: the control plane ")
+    assert "refused the agent's certificate" in what
+    assert "enroll again" in fix
+
+
 def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

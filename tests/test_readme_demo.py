@@ -25,7 +25,7 @@ from tests.conftest import scaled
 from tests.readme_blocks import Block, Terminal, blocks
 
 REPO = Path(__file__).resolve().parent.parent
-CLONE_FILES = ("Makefile", "pyproject.toml", "constraints.txt", ".venv")
+CLONE_FILES = ("Makefile", "pyproject.toml", "setup.py", "constraints.txt", ".venv")
 
 
 def _unavailable() -> str | None:
@@ -35,10 +35,10 @@ def _unavailable() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} is not installed (.ci/run installs it)"
     stamp = REPO / ".venv" / ".installed"
-    inputs = [REPO / "pyproject.toml", REPO / "constraints.txt"]
+    inputs = [REPO / name for name in ("pyproject.toml", "setup.py", "constraints.txt")]
     if not stamp.exists() or any(path.stat().st_mtime > stamp.stat().st_mtime for path in inputs):
         # `make demo` would rebuild the venv, from this test's directory: never let it.
-        return "the venv is older than pyproject.toml or constraints.txt: run make venv"
+        return "the venv is older than pyproject.toml, setup.py or constraints.txt: make venv"
     return None
 
 
