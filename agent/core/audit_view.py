@@ -20,8 +20,31 @@ from typing import Final
 from agent.core.audit_chain import ChainHead, ChainVerifier, parse_line
 from agent.core.errors import AuditIntegrityError
 
-_SHOWN_FIRST: Final = ("jti", "ref", "type", "reason")
-"""Members shown in the ``JTI`` column or first among the details."""
+_FIRST: Final = (
+    "ref",
+    "command_type",
+    "type",
+    "params",
+    "outcome",
+    "state",
+    "verdict",
+    "reason",
+    "detail",
+    "by",
+    "note",
+)
+"""Details shown first, in this order: what a person reads a record for."""
+_LAST: Final = (
+    "alg",
+    "kid",
+    "iss",
+    "exp",
+    "token_sha256",
+    "policy_sha256",
+    "peer_cert_sha256",
+    "cipher",
+)
+"""Details shown last (a narrow terminal cuts them first): hashes and identifiers."""
 _HIDDEN: Final = frozenset({"seq", "ts", "event", "prev", "hash"})
 _RELATIVE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -150,8 +173,10 @@ def _value(value: object) -> str:
 def details(record: Mapping[str, object]) -> str:
     """The record's other members as ``key=value``, the most telling first; members that say
     nothing (null, a ``ref`` equal to the ``jti``) are left out of the table (not of JSON)."""
-    keys = [key for key in _SHOWN_FIRST[1:] if key in record]
-    keys += sorted(key for key in record if key not in _HIDDEN and key not in _SHOWN_FIRST)
+    placed = {*_FIRST, *_LAST, *_HIDDEN, "jti"}
+    keys = [key for key in _FIRST if key in record]
+    keys += sorted(key for key in record if key not in placed)
+    keys += [key for key in _LAST if key in record]
     keys = [
         key
         for key in keys

@@ -347,7 +347,7 @@ def report_lines(title: str, checks: Sequence[Check], seconds: float) -> list[st
     verdict = "FAILED" if counts[Status.FAIL] else "OK"
     out.append(
         f"{verdict}: {counts[Status.PASS]} passed, {counts[Status.WARN]} warnings, "
-        f"{counts[Status.FAIL]} failed, {counts[Status.SKIP]} skipped ({seconds:.1f} s)"
+        f"{counts[Status.FAIL]} failed, {counts[Status.SKIP]} skipped ({seconds:.2f} s)"
     )
     return out
 
