@@ -8,6 +8,7 @@
     byoc-agent audit verify PATH [--anchor SEQ:HASH ...] [--anchors-file FILE]
     byoc-agent policy check PATH
     byoc-agent keys kid PUBLIC_KEY_PEM
+    byoc-agent self-test [--config PATH] [--json]
     byoc-agent vpc check --vpc-id ID [--security-group ID] [--endpoint ID] [--region R] [--json]
     byoc-agent vpc template [--output FILE] [--azs A,B,C] [--endpoint-service NAME] ...
     byoc-agent vpc policy
@@ -21,6 +22,8 @@ configuration error.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import re
@@ -44,6 +47,8 @@ from agent.io.audit_file import verify_file
 from agent.io.control_socket import request
 from agent.io.policy_file import read_policy
 from agent.logs import configure_logging, effective_level
+from agent.update import bridge as update_bridge
+from agent.update.selftest import self_test
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -80,8 +85,39 @@ async def _run(config: AgentConfig) -> int:
     if not await ensure_enrolled(config):
         return 0  # stopped while waiting to enroll
     agent = Agent(config)
-    await agent.run()
+    # update bridge (issue 15): the runner will wire the updater in (agent/update/bridge.py)
+    updater = update_bridge.install(config, agent)
+
+    def audit(event: str, /, **fields: object) -> None:
+        agent.audit.append(event, source="update", **fields)
+
+    supervision = (
+        asyncio.create_task(
+            updater.supervise(agent.started, lambda: agent.parts.tunnel, audit),
+            name="update-supervision",
+        )
+        if updater is not None
+        else None
+    )
+    try:
+        await agent.run()
+    finally:
+        if supervision is not None:
+            supervision.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervision
     return agent.exit_code
+
+
+def cmd_self_test(args: argparse.Namespace) -> int:
+    report = self_test(_config_path(args))
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        print(f"byoc-agent {report.version} (state schema {report.state_schema})")
+        for check in report.checks:
+            print(f"  {'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail}")
+    return 0 if report.ok else EXIT_FAILURE
 
 
 def _control(args: argparse.Namespace, payload: dict[str, object]) -> dict[str, Any]:
@@ -482,6 +518,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys.add_parser("kid", help="print the kid (RFC 7638 thumbprint) of an Ed25519 public key")
     p.add_argument("path")
     p.set_defaults(func=cmd_keys_kid)
+
+    p = sub.add_parser(
+        "self-test",
+        help="check that this release can run here (configuration, policy, state, audit log, "
+        "key and certificate); changes nothing",
+    )
+    with_config(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_self_test)
 
     _add_vpc_commands(sub)
     return parser

@@ -31,7 +31,15 @@ from typing import Any, Final, Literal
 
 import structlog
 
-from agent.core.commands import CollectMetrics, Command, OpenStream, Scale, Upgrade, parse_command
+from agent.core.commands import (
+    CollectMetrics,
+    Command,
+    OpenStream,
+    Scale,
+    UpdateAgent,
+    Upgrade,
+    parse_command,
+)
 from agent.core.errors import AuditError, CommandRejected, DriverError, StateError
 from agent.core.frames import FINAL_STATES
 from agent.core.limits import TokenBucket
@@ -43,6 +51,8 @@ from agent.drivers.base import Driver, ExecContext
 from agent.io.audit_file import AuditLog
 from agent.io.store import AgentState, CommandRow
 from agent.io.streams import StreamManager
+from agent.update import bridge as update_bridge  # update bridge (issue 15)
+from agent.update.errors import Handover
 
 DeliveryOutcome = Literal["accepted", "deferred", "refused"]
 BENIGN_REFUSALS: Final = frozenset({"shutting_down", "busy", "rate_limited", "duplicate_delivery"})
@@ -405,8 +415,9 @@ class CommandProcessor:
             self._running.pop(jti, None)
             self._decided_with.pop(jti, None)
 
-    async def _execute_now(self, jti: str, command: Command) -> None:
-        self._transition(jti, "running")
+    async def _execute_now(self, jti: str, command: Command, *, resumed: bool = False) -> None:
+        if not resumed:  # update bridge (issue 15): a resumed command is running already
+            self._transition(jti, "running")
         self._audit.append(
             "execution_started", jti=jti, command_type=command.type, params=command.params()
         )
@@ -440,6 +451,8 @@ class CommandProcessor:
             self._finish_execution(
                 jti, started, "failed", reason=exc.code, detail=exc.detail, result=exc.result
             )
+        except Handover as exc:  # update bridge (issue 15): the next release reports it
+            self._log.info("command_handed_over", jti=jti, detail=exc.detail)
         except asyncio.CancelledError:
             self._audit.append(
                 "execution_interrupted", jti=jti, detail="cancelled: the agent is stopping"
@@ -480,6 +493,8 @@ class CommandProcessor:
                 if self._streams is None:
                     raise DriverError("streams_unavailable", "this agent carries no streams")
                 return await self._streams.run(ctx.jti, command, self._policy(), ctx)
+            case UpdateAgent():  # update bridge (issue 15): the runner dispatches to Updater.run
+                return await update_bridge.run(command, ctx)
 
     def _finish_execution(
         self,
@@ -581,6 +596,9 @@ class CommandProcessor:
     def recover(self) -> None:
         """Pick up where a previous run stopped. Call once, before the tunnel starts."""
         for row in self._state.in_states("running"):
+            if update_bridge.resumes(row.type):  # update bridge (issue 15)
+                self._resume_update(row)
+                continue
             self._audit.append(
                 "command_interrupted",
                 jti=row.jti,
@@ -603,6 +621,25 @@ class CommandProcessor:
                 self._schedule(row.jti, command, row.exp)
             else:
                 self._decide(row)
+
+    def _resume_update(self, row: CommandRow) -> None:
+        """update bridge (issue 15): the updater takes its command up from its journal."""
+        command = parse_command({"type": row.type, "params": row.params})
+        self._audit.append("command_resumed", jti=row.jti, state=row.state)
+
+        async def resume() -> None:
+            async with self._mutations:
+                task = asyncio.current_task()
+                assert task is not None  # noqa: S101  # inside the task made below
+                self._running[row.jti] = task
+                try:
+                    await self._execute_now(row.jti, command, resumed=True)
+                finally:
+                    self._running.pop(row.jti, None)
+
+        task = asyncio.get_running_loop().create_task(resume())
+        self._tasks[row.jti] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(row.jti, None))
 
     @property
     def stopping(self) -> bool:

@@ -6,7 +6,12 @@ Claims::
 
     {"iss": "...", "version": 7, "iat": ..., "exp": ...,
      "keys": [{"kty": "OKP", "crv": "Ed25519", "x": "..."}, ...],   # trusted command keys
-     "root": {"kty": "OKP", "crv": "Ed25519", "x": "..."}}          # signs the NEXT set
+     "root": {"kty": "OKP", "crv": "Ed25519", "x": "..."},          # signs the NEXT set
+     "release_keys": [{"kty": "OKP", ...}, ...]}                    # optional: agent releases
+
+``release_keys`` (optional, 0..32 keys) are the keys that sign the agent's own release bundles
+(agent/update): trusted apart from the command keys, for what a command key may never sign,
+and rotated and rolled back with the set that carries them.
 
 The agent accepts a set only if it is signed by the current root, its version is higher than
 every version accepted before (persisted, so a rollback is refused after a restart too), and it
@@ -21,7 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import jwt
@@ -84,6 +89,8 @@ class KeySet:
     root: Ed25519PublicKey
     """The key that must sign the next set."""
     token: str
+    release_keys: TrustedKeys = field(default_factory=lambda: TrustedKeys({}))
+    """Keys that sign agent release bundles, if the set names any (until it expires)."""
 
     @property
     def root_kid(self) -> str:
@@ -92,6 +99,10 @@ class KeySet:
     def trusted(self) -> TrustedKeys:
         """The command keys, valid until this set expires."""
         return TrustedKeys(self.keys.by_kid, expires_at=self.expires_at)
+
+    def trusted_release_keys(self) -> TrustedKeys:
+        """The release keys, valid until this set expires (none if it names none)."""
+        return TrustedKeys(self.release_keys.by_kid, expires_at=self.expires_at)
 
 
 def read_keyset(token: str, *, signer: Ed25519PublicKey) -> KeySet:
@@ -121,6 +132,9 @@ def read_keyset(token: str, *, signer: Ed25519PublicKey) -> KeySet:
     keys = claims.get("keys")
     if not isinstance(keys, list) or not 1 <= len(keys) <= MAX_KEYS:
         raise KeySetRejected("invalid_keyset", f"keys must list 1..{MAX_KEYS} keys")
+    release_keys = claims.get("release_keys", [])
+    if not isinstance(release_keys, list) or len(release_keys) > MAX_KEYS:
+        raise KeySetRejected("invalid_keyset", f"release_keys must list 0..{MAX_KEYS} keys")
     return KeySet(
         version=version,
         issued_at=_date(claims, "iat"),
@@ -128,6 +142,9 @@ def read_keyset(token: str, *, signer: Ed25519PublicKey) -> KeySet:
         keys=TrustedKeys.of(key_from_jwk(key, f"keys[{i}]") for i, key in enumerate(keys)),
         root=key_from_jwk(claims.get("root"), "root"),
         token=token,
+        release_keys=TrustedKeys.of(
+            key_from_jwk(key, f"release_keys[{i}]") for i, key in enumerate(release_keys)
+        ),
     )
 
 
