@@ -89,18 +89,22 @@ def _state(path: Path) -> str:
     db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
     try:
         row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row is None or int(row[0]) != SCHEMA_VERSION:
+        stored = int(row[0]) if row is not None else None
+        if stored is None or stored > SCHEMA_VERSION:
             raise ValueError(
-                f"{path} has schema {None if row is None else row[0]}, this release reads "
-                f"{SCHEMA_VERSION}"
+                f"{path} has schema {stored}; this release reads up to {SCHEMA_VERSION}"
             )
         (quick,) = db.execute("PRAGMA quick_check").fetchone()
         if quick != "ok":
             raise ValueError(f"{path}: quick_check says {quick}")
         (commands,) = db.execute("SELECT count(*) FROM commands").fetchone()
+        (unsent,) = db.execute("SELECT count(*) FROM outbox").fetchone()
     finally:
         db.close()
-    return f"{path} read-only: schema {SCHEMA_VERSION}, {commands} command(s)"
+    return (
+        f"{path} read-only: schema {stored} (this release writes {SCHEMA_VERSION}), "
+        f"{commands} command(s), {unsent} unacknowledged frame(s)"
+    )
 
 
 def _audit(path: Path) -> str:
