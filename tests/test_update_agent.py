@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import http.server
 import json
-import os
 import shutil
 import subprocess
 import threading
@@ -46,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent import __version__
 from agent.update import bundle as bundle_format
 from agent.update.build import build_bundle, load_key
-from agent.update.updater import EXIT_RESTART, PAUSE_ENV
+from agent.update.updater import PAUSE_ENV
 from control_plane_stub.client import StubClient
 from tests.conftest import scaled
 from tests.ec2_host import AGENT_ID, AUDIT_LOG, OPERATOR, UNIT, Ec2Host, wheelhouse
@@ -248,7 +247,7 @@ def record(host: Ec2Host, event: str, *, after: int, **match: object) -> dict[st
 
 def seconds_between(first: dict[str, Any], then: dict[str, Any]) -> float:
     def at(r: dict[str, Any]) -> float:
-        from datetime import datetime  # noqa: PLC0415
+        from datetime import datetime
 
         return datetime.fromisoformat(r["ts"].replace("Z", "+00:00")).timestamp()
 
@@ -270,7 +269,11 @@ async def send_approved(
 async def final(api: StubClient, sent: dict[str, Any], within: float = 120) -> dict[str, Any]:
     answer = await api.command(sent["ref"], wait_for="final", wait_seconds=scaled(within))
     assert not answer["timed_out"], answer
-    finals = [h for h in answer["history"] if h["state"] in ("succeeded", "failed", "rejected", "interrupted")]
+    finals = [
+        h
+        for h in answer["history"]
+        if h["state"] in ("succeeded", "failed", "rejected", "interrupted")
+    ]
     assert len(finals) == 1, answer["history"]  # one final state, reported once
     return dict(answer["command"])
 
@@ -298,9 +301,12 @@ async def test_a_signed_bundle_updates_the_agent_which_then_reports_its_version(
         sent = await send_approved(host, api, vendor.params("0.1.1"))
         done = await final(api, sent)
         version = await running_version(host, api)
-        listed = subprocess.run(
-            [str(REPO / ".venv/bin/cp-stub"), "agents", "--api", host.api_url],
-            capture_output=True, text=True, check=True, timeout=60,
+        listed = (
+            await asyncio.to_thread(
+                subprocess.run,
+                [str(REPO / ".venv/bin/cp-stub"), "agents", "--api", host.api_url],
+                capture_output=True, text=True, check=True, timeout=60,
+            )
         ).stdout  # fmt: skip
 
     assert done["state"] == "succeeded", done
@@ -308,14 +314,18 @@ async def test_a_signed_bundle_updates_the_agent_which_then_reports_its_version(
     assert done["result"]["previous"] == __version__
     assert done["result"]["changed"] is True
     assert version == "0.1.1"  # hello.agent_version
-    assert f"{AGENT_ID}" in listed and "version 0.1.1" in listed
+    assert f"{AGENT_ID:<24} connected  version 0.1.1 " in listed  # cp-stub agents
     status = json.loads(host.machine.run("byoc-agent", "status", "--json", user=OPERATOR).stdout)
     assert status["version"] == "0.1.1"
     assert host.main_pid() != pid
     assert current(host) == "0.1.1"
     assert releases(host) == sorted([__version__, "0.1.1"])
     owners = host.machine.run(
-        "stat", "-c", "%n %U", f"/opt/byoc-agent/releases/{__version__}", "/opt/byoc-agent/releases/0.1.1"
+        "stat",
+        "-c",
+        "%n %U",
+        f"/opt/byoc-agent/releases/{__version__}",
+        "/opt/byoc-agent/releases/0.1.1",
     ).stdout.split("\n")
     assert owners[:2] == [
         f"/opt/byoc-agent/releases/{__version__} root",  # make install's, untouched
@@ -331,7 +341,9 @@ async def test_a_signed_bundle_updates_the_agent_which_then_reports_its_version(
         "execution_finished",
     ]  # fmt: skip
     assert [e for e in story if e in expected] == expected, story
-    started = [r for r in host.audit_records() if r["seq"] > before and r["event"] == "agent_started"]
+    started = [
+        r for r in host.audit_records() if r["seq"] > before and r["event"] == "agent_started"
+    ]
     assert [r["version"] for r in started] == ["0.1.1"]
     stopping = record(host, "agent_stopping", after=before)
     assert stopping["reason"] == "update_agent: switching to 0.1.1"
@@ -339,15 +351,278 @@ async def test_a_signed_bundle_updates_the_agent_which_then_reports_its_version(
     assert int(host.machine.show(UNIT, "NRestarts")["NRestarts"]) == restarts + 1
     steps = {
         e: record(host, e, after=before, jti=sent["jti"])
-        for e in ("update_started", "update_downloaded", "update_installed", "update_switched", "update_confirmed")
+        for e in (
+            "update_started",
+            "update_downloaded",
+            "update_installed",
+            "update_switched",
+            "update_confirmed",
+        )
     }
     resumed = record(host, "command_resumed", after=before, jti=sent["jti"])
     host.timing.steps.update(
         {
-            "update 0.1.1: download+verify": seconds_between(steps["update_started"], steps["update_downloaded"]),
-            "update 0.1.1: unpack+install": seconds_between(steps["update_downloaded"], steps["update_installed"]),
-            "update 0.1.1: self-test+switch": seconds_between(steps["update_installed"], steps["update_switched"]),
+            "update 0.1.1: download+verify": seconds_between(
+                steps["update_started"], steps["update_downloaded"]
+            ),
+            "update 0.1.1: unpack+install": seconds_between(
+                steps["update_downloaded"], steps["update_installed"]
+            ),
+            "update 0.1.1: self-test+switch": seconds_between(
+                steps["update_installed"], steps["update_switched"]
+            ),
             "update 0.1.1: drain+restart": seconds_between(steps["update_switched"], resumed),
             "update 0.1.1: trial": seconds_between(resumed, steps["update_confirmed"]),
         }
     )
+
+
+def _resigned(
+    data: bytes, key: Ed25519PrivateKey | None = None, *, flip_payload: bool = False
+) -> bytes:
+    """The bundle with its header's signature broken (no ``key``), or signed again by ``key``;
+    or with one payload byte changed under the original header."""
+    token, offset = bundle_format.split_header(data[: bundle_format.MAX_HEADER_BYTES])
+    payload = data[offset:]
+    if flip_payload:
+        return data[:-1] + bytes([data[-1] ^ 1])
+    if key is None:
+        head, claims, signature = token.split(".")
+        raw = bytearray(base64.urlsafe_b64decode(signature + "=="))
+        raw[0] ^= 1
+        broken = base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()
+        return bundle_format.MAGIC + f"{head}.{claims}.{broken}\n".encode() + payload
+    claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    return (
+        bundle_format.make_header(
+            key,
+            version=claims["version"],
+            payload_sha256=claims["payload_sha256"],
+            payload_bytes=claims["payload_bytes"],
+            requirement=claims["requirement"],
+            python=claims["python"],
+            platform=claims["platform"],
+            issued_at=claims["iat"],
+        )
+        + payload
+    )
+
+
+REFUSALS: Final = {
+    # case: (how the command is made, the reason it fails with)
+    "wrong_sha256": "checksum_mismatch",
+    "bad_signature": "signature_invalid",
+    "untrusted_key": "untrusted_release_key",
+    "tampered_payload": "payload_mismatch",
+    "redirect": "redirect_refused",
+    "declared_oversize": "bundle_too_large",
+    "streamed_oversize": "bundle_too_large",
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+async def test_a_bad_bundle_is_refused_before_anything_is_unpacked(
+    ec2_host: Ec2Host, vendor: Vendor, case: str
+) -> None:
+    host = ec2_host
+    good = vendor.bundles["0.1.5"].read_bytes()
+    params = vendor.params("0.1.5")
+    if case == "wrong_sha256":
+        params["sha256"] = hashlib.sha256(b"another file").hexdigest()
+    elif case in ("bad_signature", "untrusted_key", "tampered_payload"):
+        data = _resigned(
+            good,
+            Ed25519PrivateKey.generate() if case == "untrusted_key" else None,
+            flip_payload=case == "tampered_payload",
+        )
+        vendor.publish(f"{case}.bundle", data)
+        params.update(url=f"{vendor.base}{case}.bundle", sha256=hashlib.sha256(data).hexdigest())
+    elif case == "redirect":
+        params["url"] = f"{vendor.base}redirect/{vendor.bundles['0.1.5'].name}"
+    else:
+        name = "declared-huge" if case == "declared_oversize" else "endless"
+        params["url"] = f"{vendor.base}{name}.bundle"
+    before, pid, running = host.audit_head(), host.main_pid(), current(host)
+    kept = releases(host)
+
+    async with host.client() as api:
+        sent = await send_approved(host, api, params)
+        done = await final(api, sent, within=60)
+
+    assert (done["state"], done["reason"]) == ("failed", REFUSALS[case]), done
+    story = events(host, sent["jti"], after=before)
+    assert "update_downloading" in story
+    assert not {"update_verified", "update_unpacked", "update_installing"} & set(story), story
+    assert story.count("execution_finished") == 1
+    assert (host.main_pid(), current(host), releases(host)) == (pid, running, kept)
+    assert not host.machine.path("/var/lib/byoc-agent/update/work").exists()
+    journal = json.loads(host.machine.path(JOURNAL).read_text())
+    assert (journal["jti"], journal["stage"], journal["reason"]) == (
+        sent["jti"],
+        "failed",
+        REFUSALS[case],
+    )
+
+
+@pytest.mark.parametrize(
+    ("version", "reason", "said"),
+    [
+        ("0.1.2", "self_test_failed", "audit_chain: AuditIntegrityError: line 1:"),
+        ("0.1.6", "state_incompatible", "0.1.6 writes state schema 2; 0.1.1 reads 1"),
+    ],
+)
+async def test_a_release_that_fails_its_self_test_is_never_switched(
+    ec2_host: Ec2Host, vendor: Vendor, version: str, reason: str, said: str
+) -> None:
+    """0.1.2 cannot verify the live audit log; 0.1.6 passes its own checks but writes a state
+    schema the running release could not read after a rollback. Both are installed, tested
+    by their own code, and removed; the agent never restarts."""
+    host = ec2_host
+    before, pid, running = host.audit_head(), host.main_pid(), current(host)
+    kept = releases(host)
+    async with host.client() as api:
+        sent = await send_approved(host, api, vendor.params(version))
+        done = await final(api, sent)
+
+    assert (done["state"], done["reason"]) == ("failed", reason), done
+    assert said in done["detail"]
+    story = events(host, sent["jti"], after=before)
+    assert "update_installed" in story
+    assert not {"update_self_tested", "update_switching", "agent_stopping"} & set(story), story
+    assert (host.main_pid(), current(host), releases(host)) == (pid, running, kept)
+
+
+async def _rolled_back(
+    host: Ec2Host, vendor: Vendor, version: str
+) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """Update to ``version``, which is switched to and then fails; the command's final state,
+    the update_rolled_back record, and the audit head before."""
+    before, previous = host.audit_head(), current(host)
+    async with host.client() as api:
+        sent = await send_approved(host, api, vendor.params(version))
+        done = await final(api, sent, within=TRIAL + 60)
+        assert await running_version(host, api) == previous
+    assert (done["state"], done["reason"]) == ("failed", "rolled_back"), done
+    assert done["result"] == {"rolled_back": True, "version": previous, "failed_version": version}
+    assert current(host) == previous
+    assert version not in releases(host)  # the failed release is removed
+    rolled = record(host, "update_rolled_back", after=before, jti=sent["jti"])
+    switched = record(host, "update_switched", after=before, jti=sent["jti"])
+    assert seconds_between(switched, rolled) < TRIAL + 10  # back within the trial (+ a restart)
+    host.timing.steps[f"update {version}: switch to rolled back"] = seconds_between(
+        switched, rolled
+    )
+    # The previous release reads what the newer one wrote: same state, one audit chain.
+    verified = host.machine.run("byoc-agent", "audit", "verify", AUDIT_LOG)
+    assert verified.stdout.startswith(f"{AUDIT_LOG}: OK")
+    return done, rolled, before
+
+
+async def test_a_release_that_crashes_at_start_is_rolled_back_by_the_guard(
+    ec2_host: Ec2Host, vendor: Vendor
+) -> None:
+    host = ec2_host
+    cursor_restarts = int(host.machine.show(UNIT, "NRestarts")["NRestarts"])
+    done, rolled, before = await _rolled_back(host, vendor, "0.1.4")
+
+    assert (rolled["by"], rolled["reason"], rolled["attempts"]) == ("guard", "crashed", ATTEMPTS)
+    assert f"0.1.4 was started {ATTEMPTS} times" in done["detail"]
+    # systemd started 0.1.4 three times, then the previous release (the guard's rollback)
+    restarts = int(host.machine.show(UNIT, "NRestarts")["NRestarts"]) - cursor_restarts
+    assert restarts == ATTEMPTS + 1
+    guard_said = [
+        str(e["MESSAGE"])
+        for e in host.journal("-n", "400")
+        if str(e.get("MESSAGE", "")).startswith("byoc-agent-update-guard: ")
+    ]
+    assert [m for m in guard_said if "0.1.4" in m][-ATTEMPTS - 1 :] == [
+        *(f"byoc-agent-update-guard: trial of 0.1.4: start {n} of {ATTEMPTS}" for n in (1, 2, 3)),
+        f"byoc-agent-update-guard: 0.1.4 failed {ATTEMPTS} starts: back to {current(host)}",
+    ]
+    started = [
+        r["version"]
+        for r in host.audit_records()
+        if r["seq"] > before and r["event"] == "agent_started"
+    ]
+    assert started == [current(host)]  # 0.1.4 never got as far as its audit log
+
+
+async def test_a_release_that_cannot_connect_rolls_itself_back_at_its_deadline(
+    ec2_host: Ec2Host, vendor: Vendor
+) -> None:
+    host = ec2_host
+    done, rolled, before = await _rolled_back(host, vendor, "0.1.3")
+
+    assert (rolled["by"], rolled["reason"]) == ("trial", "not_connected")
+    assert "0.1.3 did not reach a connected, healthy session" in done["detail"]
+    story = events(host, done["jti"], after=before)
+    assert [
+        e
+        for e in story
+        if e.startswith(("update_trial", "update_rolling", "agent_started", "update_rolled"))
+    ] == [
+        "agent_started",  # 0.1.3
+        "update_trial_started",
+        "update_trial_failed",
+        "update_rolling_back",
+        "agent_started",  # the previous release again
+        "update_rolled_back",
+    ], story
+    versions = [
+        r["version"]
+        for r in host.audit_records()
+        if r["seq"] > before and r["event"] == "agent_started"
+    ]
+    assert versions == ["0.1.3", current(host)]
+
+
+def _pause_after(host: Ec2Host, step: str | None) -> None:
+    """Make the agent stop after ``step`` of its next update (None: not at all); restarts it
+    when there is a step, so that it has the setting."""
+    if step is None:
+        host.machine.run("rm", "-f", PAUSE_DROPIN)
+        host.machine.run("systemctl", "daemon-reload")
+        return
+    host.machine.path(PAUSE_DROPIN).write_text(f"[Service]\nEnvironment={PAUSE_ENV}={step}\n")
+    host.machine.run("systemctl", "daemon-reload")
+    host.machine.run("systemctl", "restart", UNIT)
+
+
+@pytest.mark.parametrize("step", ["downloaded", "unpacked", "switched"])
+async def test_sigkill_at_each_step_leaves_one_working_version_and_one_final_state(
+    ec2_host: Ec2Host, vendor: Vendor, step: str
+) -> None:
+    host = ec2_host
+    _pause_after(host, step)
+    try:
+        before, previous = host.audit_head(), current(host)
+        restarts = int(host.machine.show(UNIT, "NRestarts")["NRestarts"])
+        async with host.client() as api:
+            sent = await send_approved(host, api, vendor.params("0.1.5"))
+            await host.wait_audit("update_paused", after=before, jti=sent["jti"], step=step)
+            killed = host.main_pid()
+            _pause_after(host, None)  # the agent systemd starts next runs without it
+            host.machine.run("kill", "-KILL", str(killed))
+            began = time.monotonic()
+            done = await final(api, sent, within=TRIAL + 60)
+            host.timing.steps[f"update SIGKILL after {step}: to final state"] = round(
+                time.monotonic() - began, 2
+            )
+            version = await running_version(host, api)
+    finally:
+        _pause_after(host, None)
+
+    assert int(host.machine.show(UNIT, "NRestarts")["NRestarts"]) == restarts + 1
+    assert host.main_pid() != killed
+    finished = finished_once(host, sent["jti"])  # the one final state, audited once
+    assert finished["outcome"] == done["state"]
+    if step == "switched":  # the new release came up, passed its trial and reported
+        assert done["state"] == "succeeded", done
+        assert version == current(host) == "0.1.5"
+        assert previous in releases(host)  # kept: the one to go back to by hand
+    else:  # nothing was switched: the release that ran before runs again and reports
+        assert (done["state"], done["reason"]) == ("failed", "update_interrupted"), done
+        assert f"after step '{step}'" in done["detail"]
+        assert version == current(host) == previous
+        assert "0.1.5" not in releases(host)
+        assert not host.machine.path("/var/lib/byoc-agent/update/work").exists()
