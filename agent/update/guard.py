@@ -192,6 +192,8 @@ def guard(state_dir: Path, root: Path, now: float) -> str:
     updated, said = check_trial(journal, current_version(root), now)
     if updated is None:
         return said
+    if updated["stage"] == "rolled_back" and not (root / "releases" / updated["from"]).is_dir():
+        return f"{said}: impossible, {root / 'releases' / updated['from']} does not exist"
     write_journal(path, updated)
     if updated["stage"] == "rolled_back":
         switch_current(root, updated["from"])

@@ -228,7 +228,6 @@ class Updater:
                 f"{target} exists and is not the agent's to replace (installed by make install?)",
             )
         self.layout.releases.mkdir(parents=True, exist_ok=True)
-        journal["installing"] = str(target)
         ctx.audit("update_installing", path=str(target), requirement=release.requirement)
         await install_release(
             target,
@@ -319,10 +318,10 @@ class Updater:
         return report
 
     def _give_up(self, journal: dict[str, Any], reason: str, detail: str) -> None:
-        """A failure before the switch: remove what was installed; the journal says why."""
+        """A failure before the switch: remove what was installed (never the running release,
+        never root's); the journal says why."""
         shutil.rmtree(self._work, ignore_errors=True)
-        if "installing" in journal:
-            self.layout.remove(journal["to"])
+        self.layout.remove(journal["to"])
         journal.update(stage="failed", reason=reason, detail=detail, updated_at=self._clock())
         with contextlib.suppress(OSError, guard.JournalError):
             self._write(journal)
@@ -453,6 +452,15 @@ class Updater:
             audit(
                 "update_trial_failed", jti=jti, version=new, reason="not_connected", detail=detail
             )
+            if not self.layout.release(old).is_dir():  # removed by hand: nowhere to go back to
+                journal.update(
+                    stage="failed",
+                    reason="rollback_failed",
+                    detail=f"{detail}: impossible, {self.layout.release(old)} does not exist",
+                    updated_at=self._clock(),
+                )
+                self._write(journal)
+                return
             self._rolled_back(journal, reason="not_connected", detail=detail, by="trial")
             audit("update_rolling_back", jti=jti, version=new, to=old)
             self.layout.switch(old)
