@@ -6,6 +6,7 @@
     cp-stub send AGENT scale --replicas N [--wait]
     cp-stub send AGENT upgrade --version V [--wait]
     cp-stub send AGENT collect-metrics [--target T ...] [--wait]
+    cp-stub send AGENT update-agent --version V --url URL --sha256 HEX [--wait]
     cp-stub send-signed AGENT TOKEN [--wait]      relay a token signed elsewhere (e.g. an HSM)
     cp-stub sign --key PEM --issuer NAME AGENT TYPE [--param K=JSON ...]   sign offline, print token
     cp-stub results [--agent AGENT]
@@ -166,6 +167,8 @@ async def cmd_send(args: argparse.Namespace, client: StubClient) -> int:
         replicas=getattr(args, "replicas", None),
         version=getattr(args, "version", None),
         targets=getattr(args, "target", None) or (),
+        url=getattr(args, "url", None),
+        sha256=getattr(args, "sha256", None),
     )
     command = await client.send(args.agent, command_type, params, ttl=args.ttl)
     return await _finish(client, command, args)
@@ -435,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     kinds.add_parser("scale").add_argument("--replicas", type=int, required=True)
     kinds.add_parser("upgrade").add_argument("--version", required=True)
     kinds.add_parser("collect-metrics").add_argument("--target", action="append")
+    update = kinds.add_parser("update-agent", help="the agent updates itself (a release bundle)")
+    update.add_argument("--version", required=True)
+    update.add_argument("--url", required=True, help="the bundle's URL (make bundle)")
+    update.add_argument("--sha256", required=True, help="the bundle's SHA-256, hex")
     p.set_defaults(func=cmd_send, client=True)
 
     p = sub.add_parser("send-signed", help="relay a token signed elsewhere ('-' reads stdin)")

@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import http.server
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -50,6 +51,7 @@ from control_plane_stub.client import StubClient
 from tests.conftest import scaled
 from tests.ec2_host import AGENT_ID, AUDIT_LOG, OPERATOR, UNIT, Ec2Host, wheelhouse
 from tests.processes import REPO
+from tests.readme_blocks import blocks
 
 CAP: Final = 40 * 1024 * 1024
 TRIAL: Final = 25.0
@@ -147,7 +149,9 @@ def _broken_tree(target: Path, version: str) -> Path:
     shutil.copytree(
         REPO,
         target,
-        ignore=shutil.ignore_patterns(".*", "__pycache__", "tests", "docs", "bench", "deploy"),
+        ignore=shutil.ignore_patterns(
+            ".*", "__pycache__", "tests", "docs", "bench", "deploy", "dist"
+        ),
     )
     source = target / relative
     text = source.read_text()
@@ -165,8 +169,22 @@ def vendor(ec2_host: Ec2Host, tmp_path_factory: pytest.TempPathFactory) -> Itera
     key = load_key(host.release_key)
     wheels = wheelhouse(host.timing)
     bundles: dict[str, Path] = {}
-    with host.timing.step("update: build 6 bundles"):
-        for version in ("0.1.1", "0.1.2", "0.1.3", "0.1.4", "0.1.5", "0.1.6"):
+    with host.timing.step("update: make bundle (README) 0.1.1"):
+        build, _ = blocks("update")
+        env = {
+            **os.environ,
+            "RELEASE_KEY": str(host.release_key),
+            "PIP_NO_INDEX": "1",
+            "PIP_FIND_LINKS": str(wheels),
+        }
+        subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", build.text],
+            cwd=REPO, env=env, check=True, capture_output=True, timeout=600,
+        )  # fmt: skip
+        bundles["0.1.1"] = root / "byoc-agent-0.1.1.bundle"
+        shutil.copyfile(REPO / "dist" / "byoc-agent-0.1.1.bundle", bundles["0.1.1"])
+    with host.timing.step("update: build 5 more bundles"):
+        for version in ("0.1.2", "0.1.3", "0.1.4", "0.1.5", "0.1.6"):
             source = _broken_tree(work / version, version) if version in BROKEN else REPO
             bundles[version] = build_bundle(
                 source=source, version=version, key=key, out=root, wheels=wheels
@@ -266,6 +284,34 @@ async def send_approved(
     return dict(sent)
 
 
+async def send_from_readme(host: Ec2Host, api: StubClient, vendor: Vendor) -> dict[str, Any]:
+    """The README's ``cp-stub send ... update-agent`` (in the repository, where ``make bundle``
+    left the bundle), then the operator's approval."""
+    await host.wait_connected(api)
+    _, send = blocks("update")
+    env = {
+        **os.environ,
+        "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}",
+        "CP_STUB_API": host.api_url,
+        "BUNDLE_URL": f"{vendor.base}byoc-agent-0.1.1.bundle",
+    }
+    said = await asyncio.to_thread(
+        subprocess.run,
+        ["bash", "-euo", "pipefail", "-c", send.text],
+        cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    ref = said.stdout.split()[0]
+    assert f"{ref}  update_agent " in said.stdout
+    assert str(vendor.params("0.1.1")["sha256"]) in said.stdout  # the sha256sum in the block
+    pending = await api.command(ref, wait_for="pending_approval", wait_seconds=scaled(30))
+    assert pending["command"]["state"] == "pending_approval", pending
+    jti = pending["command"]["jti"]
+    listed = host.machine.run("byoc-agent", "pending", user=OPERATOR).stdout
+    assert f"{jti}  update_agent " in listed
+    host.machine.run("byoc-agent", "approve", jti, "--note", "CR-15", user=OPERATOR)
+    return {"ref": ref, "jti": jti}
+
+
 async def final(api: StubClient, sent: dict[str, Any], within: float = 120) -> dict[str, Any]:
     answer = await api.command(sent["ref"], wait_for="final", wait_seconds=scaled(within))
     assert not answer["timed_out"], answer
@@ -298,7 +344,7 @@ async def test_a_signed_bundle_updates_the_agent_which_then_reports_its_version(
     restarts = int(host.machine.show(UNIT, "NRestarts")["NRestarts"])
     assert current(host) == __version__
     async with host.client() as api:
-        sent = await send_approved(host, api, vendor.params("0.1.1"))
+        sent = await send_from_readme(host, api, vendor)
         done = await final(api, sent)
         version = await running_version(host, api)
         listed = (
