@@ -13,9 +13,10 @@ The session fixture :func:`ec2_host`:
 3. runs the README's ``<!-- readme-test: ec2 -->`` blocks in order, in a root shell in the
    clone, with what the vendor gives an operator: the enrollment URL (``$ENROLL_URL``), a
    one-time token on standard input, the CA bundle, command-signing key and release-signing
-   key (:attr:`Ec2Host.release_key` is its private half) as files in the current directory, and an operator's user name (``$OPERATOR``). The one step the README
-   leaves to the reader, editing agent.toml and the policy for this vendor (URL, issuer,
-   releases, ports), is done by :meth:`Ec2Host.configure` right before the enroll block. A
+   key (:attr:`Ec2Host.release_key` is its private half) as files in the current directory,
+   and an operator's user name (``$OPERATOR``). The one step the README leaves to the reader,
+   editing agent.toml and the policy for this vendor (URL, issuer, releases, ports), is done
+   by :meth:`Ec2Host.configure` right before the enroll block. A
    site drop-in shortens the unit's watchdog (8 s) and restart delay (1 s) so that the
    watchdog test does not wait 30 s; nothing else differs from the shipped unit.
 
@@ -104,7 +105,8 @@ if [ "$1 $2 $3" != "run querynode --instance" ]; then
     exit 2
 fi
 sleep {delay}
-exec /opt/byoc-agent/current/bin/byoc-demo-workload --port $(({base_port} + $4)) --version {version}{fail}
+exec /opt/byoc-agent/current/bin/byoc-demo-workload --port $(({base_port} + $4)) \
+    --version {version}{fail}
 """.encode()
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w:gz") as archive:

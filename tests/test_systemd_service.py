@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from cryptography import x509
 
 from agent import __version__
-
 from tests.conftest import scaled
 from tests.ec2_host import AGENT_ID, OPERATOR, UNIT, Ec2Host
 
