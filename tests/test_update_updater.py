@@ -26,6 +26,7 @@ import structlog
 from aiohttp import web
 
 from agent import __version__
+from agent.cli import main as agent_cli
 from agent.config import UpdateConfig
 from agent.core.commands import UpdateAgent
 from agent.core.verifier import TrustedKeys
@@ -34,6 +35,7 @@ from agent.update import bridge, guard
 from agent.update.download import download
 from agent.update.errors import BundleRejected, Handover, UpdateError
 from agent.update.install import MARKER, unpack_wheels
+from agent.update.selftest import self_test
 from agent.update.updater import EXIT_RESTART, Updater
 from byoc_demo.layout import REFERENCE_POLICY
 from control_plane_stub.client import StubClient
@@ -431,3 +433,39 @@ async def test_an_agent_without_update_configured_answers_not_supported(
     log = running.paths.audit_log.read_text()
     assert log.count('"event":"execution_finished"') == 1
     assert '"reason":"not_supported"' in log
+
+
+# -- the self-test ---------------------------------------------------------------------------------
+
+
+async def test_the_self_test_checks_the_live_files_and_changes_nothing(
+    stub: StubServer, start_agent: AgentStarter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    running = await start_agent(port=stub.agent_port, driver=RecordingDriver())
+    await running.stop()  # (it may run beside an agent; stopped, so that nothing else writes)
+    config = running.paths.config
+    files = [running.paths.state_dir / "agent.db", running.paths.audit_log]
+    before = [(path.stat().st_mtime_ns, path.read_bytes()) for path in files]
+
+    assert await asyncio.to_thread(agent_cli, ["self-test", "--config", str(config)]) == 0
+    assert f"byoc-agent {__version__} (state schema 1)\n  ok   config: " in capsys.readouterr().out
+    report = self_test(config)
+
+    assert (report.ok, report.version, report.state_schema) == (True, __version__, 1)
+    assert report.to_json()["ok"] is True
+    assert [c.name for c in report.checks] == [
+        "config",
+        "policy",
+        "state",
+        "audit_chain",
+        "credentials",
+    ]
+    assert [(path.stat().st_mtime_ns, path.read_bytes()) for path in files] == before
+    log = running.paths.audit_log
+    lines = log.read_bytes().splitlines(keepends=True)
+    log.write_bytes(b"".join([*lines[:2], lines[2].replace(b'"seq":3', b'"seq":4'), *lines[3:]]))
+    broken = self_test(config)
+    assert not broken.ok
+    (failed,) = [c for c in broken.checks if not c.ok]
+    assert failed.name == "audit_chain"
+    assert "line 3" in failed.detail

@@ -77,12 +77,18 @@ def read_journal(path: Path) -> Journal | None:
 
 
 def write_journal(path: Path, journal: Journal) -> None:
-    """Replace the journal atomically (a temporary file, fsync'd, renamed, directory fsync'd)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_json(path, journal, 0o600)
+
+
+def write_json(path: Path, value: object, mode: int) -> None:
+    """Replace ``path`` atomically: a temporary file with ``mode``, fsync'd, renamed, the
+    directory fsync'd."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    data = json.dumps(journal, sort_keys=True, indent=1).encode("utf-8") + b"\n"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    data = json.dumps(value, sort_keys=True, indent=1).encode("utf-8") + b"\n"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
+        os.fchmod(fd, mode)
         os.write(fd, data)
         os.fsync(fd)
     finally:

@@ -231,11 +231,5 @@ async def install_release(
 
 
 def write_marker(target: Path, marker: Mapping[str, object]) -> None:
-    data = json.dumps(dict(marker), sort_keys=True).encode() + b"\n"
-    path = target / MARKER
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """The release is complete: written last, atomically."""
+    guard.write_json(target / MARKER, dict(marker), 0o644)

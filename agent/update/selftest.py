@@ -3,7 +3,8 @@
 Run by the agent that installs a release, with the *new* release's own code
 (``/opt/byoc-agent/releases/<version>/bin/byoc-agent self-test --config ... --json``), before
 anything is switched. It changes nothing: it parses the configuration and the policy, opens the
-state database read-only and checks its schema, verifies the audit log's chain (the complete
+state database read-only (its schema must be one this release reads: its own, or an older one it
+would migrate), verifies the audit log's chain (the complete
 records: the running agent may be writing the next one), and loads the key, certificate and CA
 bundle the way a connection would. The JSON report names the release's version and the state
 schema it writes, which the running agent compares with its own before it switches.

@@ -123,6 +123,8 @@ class Updater:
         self._clock = clock
         self._python = python or base_python()
         self._trial_decided = asyncio.Event()
+        self._updating = False
+        """An update is being carried out by this process (its work files are in use)."""
 
     # -- the command -----------------------------------------------------------------------
 
@@ -153,15 +155,22 @@ class Updater:
             "updated_at": self._clock(),
         }
         self._write(journal)
+        self._updating = True
         try:
             return await self._update(command, ctx, journal)
         except UpdateError as exc:
             self._give_up(journal, exc.code, exc.detail)
             raise
+        except OSError as exc:  # a full disk, a directory that cannot be written, ...
+            failure = UpdateError("update_failed", f"{type(exc).__name__}: {exc}")
+            self._give_up(journal, failure.code, failure.detail)
+            raise failure from exc
         except asyncio.CancelledError:
             if journal["stage"] == "installing":  # stopping or timed out: nothing switched
                 self._give_up(journal, "update_interrupted", "cancelled before the switch")
             raise
+        finally:
+            self._updating = False
 
     def _check_supported(self) -> None:
         if not self._under_systemd:
@@ -403,15 +412,15 @@ class Updater:
                 self._finish_rollback(journal, audit)
             if journal is not None and journal["stage"] == "trial" and journal["to"] == __version__:
                 await self._trial(journal, session, audit)
-        except (OSError, guard.JournalError, UpdateError) as exc:
-            self._log.error("update_supervision_failed", error=str(exc))
+        except (OSError, guard.JournalError, UpdateError, KeyError, TypeError, ValueError) as exc:
+            self._log.error("update_supervision_failed", error=repr(exc))
         finally:
             self._trial_decided.set()
 
     def _tidy(self, journal: dict[str, Any] | None) -> None:
         """Unfinished installs and work files of updates that are over."""
-        if journal is not None and journal["stage"] == "installing":
-            return  # the command is resumed and cleans up itself
+        if self._updating or (journal is not None and journal["stage"] == "installing"):
+            return  # in use, or the command is resumed and cleans up itself
         shutil.rmtree(self._work, ignore_errors=True)
         keep = {__version__} | ({journal["from"], journal["to"]} if journal else set())
         for version in _unfinished(self.layout, keep):
