@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import httpx
 import pytest
@@ -30,7 +30,7 @@ from agent.cli import main as agent_cli
 from agent.config import UpdateConfig
 from agent.core.commands import UpdateAgent
 from agent.core.verifier import TrustedKeys
-from agent.drivers.base import ExecContext
+from agent.drivers.base import AuditSink, ExecContext
 from agent.update import bridge, guard
 from agent.update.download import download
 from agent.update.errors import BundleRejected, Handover, UpdateError
@@ -281,6 +281,20 @@ async def test_the_running_version_needs_no_update(host: Host) -> None:
     result = await host.updater().run(same, host.ctx())
     assert result == {"version": __version__, "previous": __version__, "changed": False}
     assert host.events == ["update_not_needed"]
+
+
+async def test_an_audit_sink_that_is_a_coroutine_function_is_awaited(host: Host) -> None:
+    """The runner's ``ctx.audit`` (issue 12) is a coroutine function; today's is a plain one."""
+    seen: list[str] = []
+
+    async def audit(event: str, /, **fields: object) -> None:
+        await asyncio.sleep(0)
+        seen.append(event)
+
+    ctx = ExecContext(jti="j-1", audit=cast(AuditSink, audit), log=structlog.get_logger("t"))
+    same = UpdateAgent(version=__version__, url=COMMAND.url, sha256=COMMAND.sha256)
+    await host.updater().run(same, ctx)
+    assert seen == ["update_not_needed"]
 
 
 async def test_a_second_update_waits_for_the_trial_of_the_first(host: Host) -> None:

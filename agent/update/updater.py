@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -143,7 +144,7 @@ class Updater:
         self._check_supported()
         running = __version__
         if command.version == running:
-            ctx.audit("update_not_needed", version=running)
+            await _audit(ctx.audit, "update_not_needed", version=running)
             return {"version": running, "previous": running, "changed": False}
         journal = {
             "format": guard.JOURNAL_FORMAT,
@@ -197,7 +198,8 @@ class Updater:
         self, command: UpdateAgent, ctx: ExecContext, journal: dict[str, Any]
     ) -> dict[str, object]:
         running = journal["from"]
-        ctx.audit(
+        await _audit(
+            ctx.audit,
             "update_started",
             version=command.version,
             previous=running,
@@ -207,7 +209,9 @@ class Updater:
         shutil.rmtree(self._work, ignore_errors=True)
         self._work.mkdir(parents=True, mode=0o700)
         path = self._work / "bundle"
-        ctx.audit("update_downloading", url=command.url, max_bytes=self.config.max_bundle_bytes)
+        await _audit(
+            ctx.audit, "update_downloading", url=command.url, max_bytes=self.config.max_bundle_bytes
+        )
         verify: str | bool = str(self.config.ca_bundle) if self.config.ca_bundle else True
         async with httpx.AsyncClient(
             timeout=self.config.download_timeout, trust_env=False, verify=verify
@@ -237,7 +241,9 @@ class Updater:
                 f"{target} exists and is not the agent's to replace (installed by make install?)",
             )
         self.layout.releases.mkdir(parents=True, exist_ok=True)
-        ctx.audit("update_installing", path=str(target), requirement=release.requirement)
+        await _audit(
+            ctx.audit, "update_installing", path=str(target), requirement=release.requirement
+        )
         await install_release(
             target,
             python=self._python,
@@ -267,7 +273,8 @@ class Updater:
             attempts=0,
             max_attempts=self.config.max_attempts,
         )
-        ctx.audit(
+        await _audit(
+            ctx.audit,
             "update_switching",
             previous=running,
             version=command.version,
@@ -277,7 +284,9 @@ class Updater:
         self._write(journal)
         self.layout.switch(command.version)
         await self._step(ctx, journal, "switched", current=str(target))
-        ctx.audit("update_restarting", version=command.version, exit_code=EXIT_RESTART)
+        await _audit(
+            ctx.audit, "update_restarting", version=command.version, exit_code=EXIT_RESTART
+        )
         self._restart(EXIT_RESTART, f"update_agent: switching to {command.version}")
         raise Handover(f"switched to {command.version}; that release reports the outcome")
 
@@ -285,12 +294,12 @@ class Updater:
         self, ctx: ExecContext, journal: dict[str, Any], step: str, **fields: object
     ) -> None:
         """Audit a step done, note it in the journal, and (tests only) pause there."""
-        ctx.audit(f"update_{step}", **fields)
+        await _audit(ctx.audit, f"update_{step}", **fields)
         journal["step"] = step
         journal["updated_at"] = self._clock()
         self._write(journal)
         if os.environ.get(PAUSE_ENV) == step:
-            ctx.audit("update_paused", step=step)
+            await _audit(ctx.audit, "update_paused", step=step)
             self._log.warning("update_paused", step=step, env=PAUSE_ENV)
             await asyncio.Event().wait()  # until the test kills the agent
 
@@ -343,7 +352,7 @@ class Updater:
         stage = journal["stage"]
         if stage == "installing":
             step = journal.get("step")
-            ctx.audit("update_interrupted", version=new, step=step, running=running)
+            await _audit(ctx.audit, "update_interrupted", version=new, step=step, running=running)
             detail = (
                 f"the agent stopped during the update to {new} (after step {step!r}); nothing "
                 f"was switched: {running} runs"
@@ -351,7 +360,9 @@ class Updater:
             self._give_up(journal, "update_interrupted", detail)
             stage = "failed"
         if stage == "aborted":
-            ctx.audit("update_interrupted", version=new, step="switching", running=running)
+            await _audit(
+                ctx.audit, "update_interrupted", version=new, step="switching", running=running
+            )
             self.layout.remove(new)
             raise UpdateError("update_interrupted", str(journal.get("detail")), result=_on(running))
         if stage == "failed":
@@ -381,7 +392,8 @@ class Updater:
             }
         if stage == "rolled_back" and running != old:
             raise Handover(f"rolled back to {old}; that release reports the outcome")
-        ctx.audit(
+        await _audit(
+            ctx.audit,
             "update_rolled_back",
             version=new,
             running=running,
@@ -409,7 +421,7 @@ class Updater:
             journal = self._read()
             self._tidy(journal)
             if journal is not None and journal["stage"] == "rolled_back":
-                self._finish_rollback(journal, audit)
+                await self._finish_rollback(journal, audit)
             if journal is not None and journal["stage"] == "trial" and journal["to"] == __version__:
                 await self._trial(journal, session, audit)
         except (OSError, guard.JournalError, UpdateError, KeyError, TypeError, ValueError) as exc:
@@ -426,11 +438,17 @@ class Updater:
         for version in _unfinished(self.layout, keep):
             self.layout.remove(version)
 
-    def _finish_rollback(self, journal: dict[str, Any], audit: AuditSink) -> None:
+    async def _finish_rollback(self, journal: dict[str, Any], audit: AuditSink) -> None:
         """Rolled back in the journal, but this is still the failed release: switch again."""
         if __version__ != journal["to"] or self.layout.current_version() != journal["to"]:
             return
-        audit("update_rolling_back", jti=journal["jti"], version=journal["to"], to=journal["from"])
+        await _audit(
+            audit,
+            "update_rolling_back",
+            jti=journal["jti"],
+            version=journal["to"],
+            to=journal["from"],
+        )
         self.layout.switch(journal["from"])
         self._restart(EXIT_RESTART, f"update rolled back to {journal['from']}")
 
@@ -439,7 +457,8 @@ class Updater:
     ) -> None:
         jti, old, new = journal["jti"], journal["from"], journal["to"]
         deadline = float(journal["deadline"])
-        audit(
+        await _audit(
+            audit,
             "update_trial_started",
             jti=jti,
             version=new,
@@ -458,8 +477,13 @@ class Updater:
                 f"{new} did not reach a connected, healthy session within its {window}s trial; "
                 f"back to {old}"
             )
-            audit(
-                "update_trial_failed", jti=jti, version=new, reason="not_connected", detail=detail
+            await _audit(
+                audit,
+                "update_trial_failed",
+                jti=jti,
+                version=new,
+                reason="not_connected",
+                detail=detail,
             )
             if not self.layout.release(old).is_dir():  # removed by hand: nowhere to go back to
                 journal.update(
@@ -471,17 +495,24 @@ class Updater:
                 self._write(journal)
                 return
             self._rolled_back(journal, reason="not_connected", detail=detail, by="trial")
-            audit("update_rolling_back", jti=jti, version=new, to=old)
+            await _audit(audit, "update_rolling_back", jti=jti, version=new, to=old)
             self.layout.switch(old)
             self._restart(EXIT_RESTART, f"update trial of {new} failed")
             return
         elapsed = int((time.monotonic() - began) * 1000)
         journal.update(stage="confirmed", connected_after_ms=elapsed, updated_at=self._clock())
-        audit("update_confirmed", jti=jti, version=new, previous=old, connected_after_ms=elapsed)
+        await _audit(
+            audit,
+            "update_confirmed",
+            jti=jti,
+            version=new,
+            previous=old,
+            connected_after_ms=elapsed,
+        )
         self._write(journal)
         removed = self.layout.prune(keep={new, old})
         if removed:
-            audit("update_releases_removed", jti=jti, versions=removed)
+            await _audit(audit, "update_releases_removed", jti=jti, versions=removed)
 
     async def _settled(self, session: Callable[[], Session]) -> None:
         """Connected, and still connected (no reconnect) ``trial_settle`` seconds later."""
@@ -515,6 +546,14 @@ class Updater:
             guard.write_journal(self._journal_path, journal)
         except OSError as exc:
             raise UpdateError("journal_unwritable", f"{self._journal_path}: {exc}") from exc
+
+
+async def _audit(sink: Callable[..., object], event: str, /, **fields: object) -> None:
+    """Write an audit record through ``sink``, which the runner of issue 12 makes a coroutine
+    function (``await ctx.audit(...)``) and today's executor a plain one: either works."""
+    done: object = sink(event, **fields)
+    if inspect.isawaitable(done):
+        await done
 
 
 def _on(version: str) -> dict[str, object]:
