@@ -18,18 +18,22 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Final, cast
 
 import httpx
 import pytest
 import structlog
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent import __version__
 from agent.cli import main as agent_cli
-from agent.config import UpdateConfig
+from agent.config import UpdateConfig, parse_config
 from agent.core.commands import UpdateAgent
-from agent.core.verifier import TrustedKeys
+from agent.core.trust import KeyRing, read_keyset
+from agent.core.verifier import TrustedKeys, jwk_thumbprint
 from agent.drivers.base import AuditSink, ExecContext
 from agent.update import bridge, guard
 from agent.update.download import download
@@ -38,6 +42,7 @@ from agent.update.install import MARKER, unpack_wheels
 from agent.update.selftest import self_test
 from agent.update.updater import EXIT_RESTART, Updater
 from byoc_demo.layout import REFERENCE_POLICY
+from certs.keyset import sign_keyset
 from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubServer
 from tests.conftest import AgentStarter, scaled
@@ -483,3 +488,60 @@ async def test_the_self_test_checks_the_live_files_and_changes_nothing(
     (failed,) = [c for c in broken.checks if not c.ok]
     assert failed.name == "audit_chain"
     assert "line 3" in failed.detail
+
+
+# -- the bridge: release keys in force, restart ----------------------------------------------------
+
+
+def test_the_key_set_in_force_names_the_release_keys_when_it_has_any(tmp_path: Path) -> None:
+    configured, in_set, root = (Ed25519PrivateKey.generate() for _ in range(3))
+    pem = configured.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "release.pub").write_bytes(pem)
+    config = parse_config(
+        b"""[control_plane]
+url = "wss://cp.example/v1/agent"
+ca_bundle = "ca.pem"
+client_cert = "agent.pem"
+client_key = "agent.key"
+[commands]
+trusted_keys = ["command.pub"]
+issuers = ["cp"]
+[update]
+release_keys = ["release.pub"]
+""",
+        source=tmp_path / "agent.toml",
+    )
+    stops: list[str] = []
+    agent = SimpleNamespace(
+        _keyring=None,
+        log=structlog.get_logger("t"),
+        exit_code=0,
+        request_stop=stops.append,
+    )
+    updater = bridge.install(config, cast(Any, agent))
+    assert updater is not None
+    try:
+        keys = updater._release_keys()  # the configured key
+        assert set(keys.by_kid) == {jwk_thumbprint(configured.public_key())}
+
+        def ring(release: list[Ed25519PrivateKey]) -> KeyRing:
+            token = sign_keyset(
+                root=root,
+                version=1,
+                keys=[root.public_key()],
+                lifetime=60,
+                release_keys=[k.public_key() for k in release],
+            )
+            return KeyRing(root.public_key(), read_keyset(token, signer=root.public_key()))
+
+        agent._keyring = ring([in_set])  # a key set that names release keys: they, only
+        keys = updater._release_keys()
+        assert set(keys.by_kid) == {jwk_thumbprint(in_set.public_key())}
+        assert keys.expires_at is not None
+        agent._keyring = ring([])  # a key set without: the configured ones still
+        assert set(updater._release_keys().by_kid) == {jwk_thumbprint(configured.public_key())}
+
+        updater._restart(EXIT_RESTART, "update_agent: switching to 0.2.0")
+        assert (agent.exit_code, stops) == (EXIT_RESTART, ["update_agent: switching to 0.2.0"])
+    finally:
+        bridge._updater = None
