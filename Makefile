@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv tools browser-deps test lint typecheck unit demo demo-stop bench bench-deps install clean
+.PHONY: venv tools browser-deps test lint typecheck unit demo demo-stop bench bench-deps install bundle clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -82,6 +82,16 @@ bench: venv bench-deps
 install:
 	sh scripts/install-host.sh
 
+# A signed release bundle of the agent, for update_agent (README "Updating the agent"):
+# `make bundle RELEASE_KEY=release.key [VERSION=0.1.1] [WHEELS=dir]` writes
+# dist/byoc-agent-<VERSION>.bundle. VERSION defaults to agent/__init__.py's; RELEASE_KEY is made
+# by `byoc-certs release-key DIR`; WHEELS builds offline from a directory of wheels.
+VERSION ?= $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' agent/__init__.py)
+
+bundle: venv
+	@if [ -z "$(RELEASE_KEY)" ]; then echo "make bundle: set RELEASE_KEY=<release.key> (byoc-certs release-key DIR makes one)" >&2; exit 2; fi
+	$(BIN)/python -m agent.update.build --version $(VERSION) --key $(RELEASE_KEY) --out dist $(if $(WHEELS),--wheels $(WHEELS))
+
 clean:
 	@if [ -x $(BIN)/python ]; then $(BIN)/python -m byoc_demo --stop >/dev/null || true; fi
-	rm -rf $(VENV) $(TOOLS) .demo .mypy_cache .ruff_cache .pytest_cache tests/browser/node_modules
+	rm -rf $(VENV) $(TOOLS) dist .demo .mypy_cache .ruff_cache .pytest_cache tests/browser/node_modules

@@ -17,6 +17,8 @@ Sans-I/O core (plain functions and classes: bytes, time and state in, decisions 
 I/O layer (asyncio, sockets, files, processes):
     audit_log, state, tls, tunnel, executor, control_socket, sdnotify, daemon, cli, drivers.*
 
+Self-update (the ``update_agent`` command): agent.update.
+
 The exception tree lives in :mod:`agent.core.errors`.
 """
 

@@ -13,6 +13,7 @@
     byoc-agent audit verify [PATH] [--anchor SEQ:HASH ...] [--anchors-file FILE]
     byoc-agent policy check [PATH]
     byoc-agent keys kid [PUBLIC_KEY_PEM]
+    byoc-agent self-test [--config PATH] [--json]
     byoc-agent vpc check --vpc-id ID [--security-group ID] [--endpoint ID] [--region R] [--json]
     byoc-agent vpc template [--output FILE] [--azs A,B,C] [--endpoint-service NAME] ...
     byoc-agent vpc policy
@@ -54,6 +55,7 @@ from agent.io.audit_reader import FOLLOW_POLL, LineReader
 from agent.io.control_socket import request
 from agent.io.policy_file import read_policy
 from agent.logs import configure_logging, effective_level
+from agent.update.selftest import self_test
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -95,6 +97,17 @@ async def _run(config: AgentConfig) -> int:
     agent = Agent(config)
     await agent.run()
     return agent.exit_code
+
+
+def cmd_self_test(args: argparse.Namespace) -> int:
+    report = self_test(_config_path(args))
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        print(f"byoc-agent {report.version} (state schema {report.state_schema})")
+        for check in report.checks:
+            print(f"  {'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail}")
+    return 0 if report.ok else EXIT_FAILURE
 
 
 def _control(args: argparse.Namespace, payload: dict[str, object]) -> dict[str, Any]:
@@ -686,6 +699,15 @@ def build_parser() -> argparse.ArgumentParser:
         "path", nargs="?", help="default: each key the configuration trusts (or its root key)"
     )
     p.set_defaults(func=cmd_keys_kid)
+
+    p = sub.add_parser(
+        "self-test",
+        help="check that this release can run here (configuration, policy, state, audit log, "
+        "key and certificate); changes nothing",
+    )
+    with_config(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_self_test)
 
     _add_vpc_commands(sub)
     return parser

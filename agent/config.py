@@ -94,6 +94,29 @@ class CommandsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class UpdateConfig:
+    """``[update]``: the agent updating itself (agent/update, README "Updating the agent")."""
+
+    root: Path = Path("/opt/byoc-agent")
+    """``releases/<version>/`` and the ``current`` link the unit runs."""
+    release_keys: tuple[Path, ...] = ()
+    """Ed25519 public keys (PEM) that sign release bundles, unless the key set in force names
+    its own (``release_keys`` in a key set, docs/PROTOCOL.md §5.4)."""
+    max_bundle_bytes: int = 256 * 1024 * 1024
+    download_timeout: float = 300.0
+    install_timeout: float = 600.0
+    """Seconds each of making the venv, installing the wheels and the self-test may take."""
+    trial_deadline: float = 300.0
+    """Seconds from the switch for the new release to reach a connected, healthy session."""
+    trial_settle: float = 10.0
+    """...and to stay connected, without a reconnect, this long."""
+    max_attempts: int = 3
+    """Starts of the new release during its trial before the guard rolls it back."""
+    ca_bundle: Path | None = None
+    """Verify https bundle URLs with this CA bundle instead of the default (certifi)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     source: Path
     agent_id: str | None
@@ -115,6 +138,8 @@ class AgentConfig:
     """Where /healthz, /livez, /readyz and /metrics are served (agent/io/health.py); None: off."""
     enroll: EnrollConfig | None = None
     """Self-enrollment at first start; None: enroll with ``byoc-agent enroll``."""
+    update: UpdateConfig | None = None
+    """Self-update (``update_agent``); None: the command answers ``not_supported``."""
 
 
 def _path(base: Path, value: str) -> Path:
@@ -238,7 +263,17 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
     root = Table(
         "config",
         doc,
-        {"agent", "control_plane", "tunnel", "commands", "streams", "health", "driver", "enroll"},
+        {
+            "agent",
+            "control_plane",
+            "tunnel",
+            "commands",
+            "streams",
+            "health",
+            "driver",
+            "enroll",
+            "update",
+        },
         ConfigError,
     )
     base = source.parent
@@ -361,7 +396,44 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
         event_loop=event_loop,
         health_listen=_listen(health.string("listen", "127.0.0.1:9464")),
         enroll=_enroll(doc.get("enroll"), base, cp),
+        update=_update(doc.get("update"), base),
     )
+
+
+def _update(table: object, base: Path) -> UpdateConfig | None:
+    if table is None:
+        return None
+    t = Table(
+        "update",
+        table,
+        {
+            "root",
+            "release_keys",
+            "max_bundle_bytes",
+            "download_timeout",
+            "install_timeout",
+            "trial_deadline",
+            "trial_settle",
+            "max_attempts",
+            "ca_bundle",
+        },
+        ConfigError,
+    )
+    ca_bundle = t.optional_string("ca_bundle")
+    config = UpdateConfig(
+        root=_path(base, t.string("root", "/opt/byoc-agent")),
+        release_keys=tuple(_path(base, p) for p in t.strings("release_keys")),
+        max_bundle_bytes=t.integer("max_bundle_bytes", 256 * 1024 * 1024, low=1024, high=2**34),
+        download_timeout=t.number("download_timeout", 300.0, low=1.0, high=86_400.0),
+        install_timeout=t.number("install_timeout", 600.0, low=1.0, high=86_400.0),
+        trial_deadline=t.number("trial_deadline", 300.0, low=1.0, high=86_400.0),
+        trial_settle=t.number("trial_settle", 10.0, low=0.0, high=3600.0),
+        max_attempts=t.integer("max_attempts", 3, low=1, high=100),
+        ca_bundle=_path(base, ca_bundle) if ca_bundle else None,
+    )
+    if config.trial_settle >= config.trial_deadline:
+        raise ConfigError("update.trial_settle must be shorter than update.trial_deadline")
+    return config
 
 
 def _enroll(table: object, base: Path, cp: ControlPlaneConfig) -> EnrollConfig | None:

@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -43,7 +43,7 @@ from cryptography.x509 import load_pem_x509_certificate
 
 from agent import __version__
 from agent.config import AgentConfig
-from agent.core.commands import COMMAND_TYPES
+from agent.core.commands import COMMAND_TYPES, UpdateAgent
 from agent.core.diagnosis import Where, diagnose
 from agent.core.errors import AgentError, AuditError, CommandRejected, ConfigError
 from agent.core.frames import MAX_FRAME_TO_AGENT, PROTOCOL_VERSION, CertificateFrame, Hello
@@ -71,6 +71,9 @@ from agent.io.store import Store
 from agent.io.streams import StreamManager
 from agent.io.tls import certificate_common_name, check_private_key_file, client_context
 from agent.io.tunnel import Connection, Link, Tunnel
+
+if TYPE_CHECKING:
+    from agent.update.updater import Updater as SelfUpdater
 
 HOUSEKEEPING_INTERVAL: Final = 60.0
 FLUSH_ON_STOP: Final = 5.0
@@ -194,6 +197,11 @@ class Agent:
             self._stop_reason = reason
             self._stop.set()
 
+    def _restart(self, exit_code: int, reason: str) -> None:
+        """Drain and exit with ``exit_code`` (systemd starts the agent again: a new release)."""
+        self.exit_code = exit_code
+        self.request_stop(reason)
+
     def _journal_failed(self, exc: BaseException) -> None:
         self.log.error("audit_log_failed", error=str(exc))
         self.request_stop(f"audit log failure: {exc}", failure=True)
@@ -263,6 +271,7 @@ class Agent:
         driver = self._driver_override or self._build_driver(journal)
         await driver.start()
         stack.push_async_callback(driver.close)
+        updater = self._build_updater(trust) if config.update is not None else None
         lifecycle = Lifecycle(
             CommandVerifier(
                 trust.keys(),
@@ -279,6 +288,7 @@ class Agent:
                 burst=config.commands.burst,
             ),
             agent_uid=os.geteuid(),
+            continues=frozenset({UpdateAgent.type}) if updater is not None else frozenset(),
         )
         outbox = Outbox(journal.store.outbox(), next_seq=journal.store.next_seq())
         link = Link()
@@ -304,6 +314,7 @@ class Agent:
             settings=RunnerSettings(command_timeout=config.commands.command_timeout),
             clock=self.clock,
             log=log.bind(component="runner"),
+            updater=updater,
         )
         renewer = CertificateRenewer(
             agent_id=self.agent_id,
@@ -369,7 +380,14 @@ class Agent:
             )
         for task in (runner_task, *background):
             task.add_done_callback(self._background_done)
-        self._background = [runner_task, *background]
+        self._background = [runner_task, *background]  # all must live (the watchdog, /livez)
+        if updater is not None:  # decides a release on trial, then ends (stopped at shutdown)
+            background.append(
+                asyncio.create_task(
+                    updater.supervise(self.started, lambda: link, runner.write),
+                    name="update-supervision",
+                )
+            )
         await runner.settle()  # recovery and start-up records on disk before READY
         self._notifier.ready(f"agent {self.agent_id} started; connecting")
         log.info("agent_started", agent_id=self.agent_id, version=__version__)
@@ -404,6 +422,17 @@ class Agent:
         if not status.accepted:
             # Fail closed: no trusted command key until the control plane pushes a good set.
             self.log.error("keyset_bootstrap_refused", reason=status.reason, detail=status.detail)
+
+    def _build_updater(self, trust: Trust) -> SelfUpdater | None:
+        from agent.update.bridge import build_updater  # noqa: PLC0415  # only with [update]
+
+        return build_updater(
+            self.config,
+            keyset_release_keys=trust.release_keys,
+            restart=self._restart,
+            clock=self.clock.time,
+            log=self.log.bind(component="update"),
+        )
 
     def _build_driver(self, journal: Journal) -> Driver:
         factory = load_driver_factory(self.config.driver_kind)

@@ -58,6 +58,7 @@ EVENTS: Final[Mapping[str, str]] = MappingProxyType(
         "ack_for_unsent_frame": "an acknowledgement for a frame that was not sent",
         "outbox_frame_replaced": "a newer report replaced an unsent one in the outbox",
         # -- commands ----------------------------------------------------------------------
+        "command_handed_over": "update_agent: the agent restarts; the next release carries it on",
         "command_accepted": "a signed command passed verification and policy: queued",
         "command_rejected": "a command was refused: verification, policy, limits",
         "command_approved": "a person approved a pending command over the control socket",
@@ -107,6 +108,9 @@ EVENTS: Final[Mapping[str, str]] = MappingProxyType(
         "sd_notify_unsupported_socket": "NOTIFY_SOCKET names a kind of socket not supported",
         "sd_watchdog_bad_environment": "WATCHDOG_USEC or WATCHDOG_PID is not usable",
         "sd_watchdog_health_check_failed": "the agent is not sound: the watchdog is not fed",
+        # -- self-update (update_agent) ----------------------------------------------------
+        "update_paused": "a test hook (BYOC_AGENT_TEST_UPDATE_PAUSE) holds an update at a step",
+        "update_supervision_failed": "deciding a release on trial failed: why (it stays as it is)",
     }
 )
 """Event name -> what it means."""

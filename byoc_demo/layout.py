@@ -43,6 +43,13 @@ targets = ["127.0.0.1:20000-20999"]   # the process driver's replicas (port_rang
 max_duration = 600
 require_approval = false
 
+[update_agent]              # the agent updating itself (README "Updating the agent")
+allow = true
+versions = ["0.*"]          # patterns: * is any run of version characters
+sources = ["https://releases.vendor.example/byoc-agent/"]   # where release bundles may come from
+require_approval = true     # a person on the host approves every update
+allow_downgrade = false
+
 [approvals]                 # who may approve or deny pending commands on this host
 users = ["root"]
 groups = ["byoc-operators"]

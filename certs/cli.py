@@ -3,6 +3,9 @@
     byoc-certs init DIR [--agent ID]... [--dns NAME]... [--ip ADDR]... [--force]
     byoc-certs agent DIR ID [--days N]
     byoc-certs show DIR
+    byoc-certs root-key DIR
+    byoc-certs release-key DIR
+    byoc-certs keyset DIR --version N --key PUB... [--release-key PUB]... --out FILE
 
 Errors are reported as one ``byoc-certs: error: ...`` line on stderr with exit status 1.
 Private key material is never printed.
@@ -36,8 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _init(root, args.agent, args.dns, args.ip, force=args.force)
         if args.command == "agent":
             return _agent(root, args.id, days=args.days)
-        if args.command == "root-key":
-            for path in make_root_key(root):
+        if args.command in ("root-key", "release-key"):
+            for path in make_root_key(root, name=args.command.removesuffix("-key")):
                 print(f"created {path}")
             return 0
         if args.command == "keyset":
@@ -70,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     root_key = sub.add_parser("root-key", help="make the offline root key that signs key sets")
     root_key.add_argument("dir", type=Path, metavar="DIR")
 
+    release_key = sub.add_parser(
+        "release-key", help="make the key that signs agent release bundles (make bundle)"
+    )
+    release_key.add_argument("dir", type=Path, metavar="DIR")
+
     keyset = sub.add_parser("keyset", help="sign a key set: the command keys agents trust")
     keyset.add_argument("dir", type=Path, metavar="DIR", help="where root.key is")
     keyset.add_argument("--version", type=int, required=True, help="strictly increasing")
@@ -79,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     keyset.add_argument("--days", type=float, default=90.0, help="lifetime (default 90)")
     keyset.add_argument("--root-key", type=Path, help="default: DIR/root.key")
     keyset.add_argument("--next-root", type=Path, metavar="PUB", help="rotate the root to this key")
+    keyset.add_argument(
+        "--release-key",
+        type=Path,
+        action="append",
+        metavar="PUB",
+        help="a key that signs agent release bundles (repeatable; README 'Updating the agent')",
+    )
     keyset.add_argument("--out", type=Path, required=True)
     return parser
 
@@ -90,6 +105,7 @@ def _keyset(root: Path, args: argparse.Namespace) -> int:
         keys=[load_ed25519_public(path) for path in args.key],
         lifetime=args.days * 86400,
         next_root=load_ed25519_public(args.next_root) if args.next_root else None,
+        release_keys=[load_ed25519_public(path) for path in args.release_key or ()],
     )
     args.out.write_text(token + "\n")
     print(f"signed key set version {args.version} ({len(args.key)} key(s)) -> {args.out}")

@@ -67,10 +67,12 @@ def sign_keyset(
     keys: Sequence[Ed25519PublicKey],
     lifetime: float,
     next_root: Ed25519PublicKey | None = None,
+    release_keys: Sequence[Ed25519PublicKey] = (),
     issuer: str = "byoc-keyset",
     now: float | None = None,
 ) -> str:
-    """A key set signed by ``root``. ``next_root`` rotates the root (default: ``root`` stays)."""
+    """A key set signed by ``root``. ``next_root`` rotates the root (default: ``root`` stays);
+    ``release_keys`` are the keys agents trust to sign their own release bundles."""
     if version < 1:
         raise PKIError("version must be at least 1")
     if not keys:
@@ -84,6 +86,8 @@ def sign_keyset(
         "keys": [public_jwk(key) for key in keys],
         "root": public_jwk(next_root or root.public_key()),
     }
+    if release_keys:
+        claims["release_keys"] = [public_jwk(key) for key in release_keys]
     return jwt.encode(
         claims,
         root,

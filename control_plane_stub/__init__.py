@@ -11,7 +11,8 @@ an HTTP JSON API bound to loopback, the ``cp-stub`` CLI built on it, and a web c
     api       the operator HTTP JSON API (aiohttp), and the views it shares with the console
     overview  what the API and the console show (timelines, receipts, clock offset, metrics
               per replica, change events): plain functions, no I/O
-    operator_commands   scale / upgrade / collect_metrics built one way (cp-stub send, console)
+    operator_commands   scale / upgrade / collect_metrics / update_agent built one way (cp-stub
+                        send, console)
     console/  the web console: pages, forms, event stream, sign-in with a token
     server    puts hub, api, console and store together
     client    an httpx client for the API (used by the CLI and the demo)

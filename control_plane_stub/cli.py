@@ -6,6 +6,7 @@
     cp-stub send [--wait] AGENT scale --replicas N      (options before or after the type)
     cp-stub send [--wait] AGENT upgrade --version V
     cp-stub send [--wait] AGENT collect-metrics [--target T ...]
+    cp-stub send [--wait] AGENT update-agent --version V --url URL --sha256 HEX
     cp-stub send-signed AGENT TOKEN [--wait]      relay a token signed elsewhere (e.g. an HSM)
     cp-stub sign --key PEM --issuer NAME AGENT TYPE [--param K=JSON ...]   sign offline, print token
     cp-stub results [--agent AGENT]
@@ -230,6 +231,8 @@ async def cmd_send(args: argparse.Namespace, client: StubClient) -> int:
         replicas=getattr(args, "replicas", None),
         version=getattr(args, "version", None),
         targets=getattr(args, "target", None) or (),
+        url=getattr(args, "url", None),
+        sha256=getattr(args, "sha256", None),
     )
     command = await send_with_retries(
         client,
@@ -581,6 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
     send_options(kind, nested=True)
     kind = kinds.add_parser("collect-metrics")
     kind.add_argument("--target", action="append")
+    send_options(kind, nested=True)
+    kind = kinds.add_parser("update-agent", help="the agent updates itself (a release bundle)")
+    kind.add_argument("--version", required=True)
+    kind.add_argument("--url", required=True, help="the bundle's URL (make bundle)")
+    kind.add_argument("--sha256", required=True, help="the bundle's SHA-256, hex")
     send_options(kind, nested=True)
     p.set_defaults(func=cmd_send, client=True)
 

@@ -12,8 +12,9 @@ from typing import Final
 
 from control_plane_stub.errors import BadRequest
 
-KINDS: Final = ("scale", "upgrade", "collect_metrics")
-"""What an operator sends with ``cp-stub send`` (``collect-metrics`` on the command line)."""
+KINDS: Final = ("scale", "upgrade", "collect_metrics", "update_agent")
+"""What an operator sends with ``cp-stub send`` (``collect-metrics``, ``update-agent`` on the
+command line; the console has no form for ``update_agent``)."""
 DEFAULT_TARGETS: Final = ("workload", "host")
 MAX_TEXT: Final = 256
 MAX_TARGETS: Final = 16
@@ -25,6 +26,8 @@ def operator_command(
     replicas: int | None = None,
     version: str | None = None,
     targets: Sequence[str] = (),
+    url: str | None = None,
+    sha256: str | None = None,
 ) -> tuple[str, dict[str, object]]:
     """``(type, params)`` for one of :data:`KINDS`, as ``cp-stub send`` builds them.
 
@@ -37,6 +40,10 @@ def operator_command(
         if not version or len(version) > MAX_TEXT:
             raise BadRequest(f"upgrade needs a version of 1..{MAX_TEXT} characters")
         return "upgrade", {"version": version}
+    if kind == "update_agent":
+        if not (version and url and sha256) or max(len(version), len(url), len(sha256)) > 2048:
+            raise BadRequest("update_agent needs a version, the bundle's URL and its SHA-256")
+        return "update_agent", {"version": version, "url": url, "sha256": sha256}
     if kind == "collect_metrics":
         if len(targets) > MAX_TARGETS or any(not t or len(t) > MAX_TEXT for t in targets):
             raise BadRequest(f"at most {MAX_TARGETS} targets of 1..{MAX_TEXT} characters")

@@ -6,21 +6,28 @@
 #   make install                        # onto this host (this script)
 #   make install DRIVER=systemd         # also the systemd driver's polkit rule, drop-in,
 #                                       # example workload unit and /opt/milvus
-#   make install WITH_VENV=0            # without /opt/byoc-agent (you install the agent there)
+#   make install WITH_VENV=0            # without the venv (you install the agent's release)
 #   make install DESTDIR=/tmp/stage     # into a staging tree (packaging): no users, owners or
 #                                       # systemctl; the venv's scripts still name /opt/byoc-agent
 #
-# The venv is made with $PYTHON (default python3, 3.11+) and pip installs the versions pinned in
-# constraints.txt; pip's own settings apply (PIP_INDEX_URL, PIP_FIND_LINKS, PIP_NO_INDEX, pip.conf).
-# Idempotent: a file that is already as shipped is left alone, an edited configuration is never
-# overwritten, and the venv is rebuilt only when the source or constraints.txt changed.
+# The agent's releases live side by side in /opt/byoc-agent/releases/<version>/ (a venv each) and
+# /opt/byoc-agent/current names the one the unit runs; the agent installs its own updates there
+# (README "Updating the agent"). This script's release is made with $PYTHON (default python3,
+# 3.11+) and pip installs the versions pinned in constraints.txt; pip's own settings apply
+# (PIP_INDEX_URL, PIP_FIND_LINKS, PIP_NO_INDEX, pip.conf). It is root's: the agent can neither
+# change nor remove it, and the operators' `byoc-agent` command (/usr/local/bin) runs it, never
+# a release the agent installed. Idempotent: a file that is already as shipped is left alone, an
+# edited configuration is never overwritten, and the venv is rebuilt only when the source or
+# constraints.txt changed.
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
 root=${DESTDIR:-}
 driver=${DRIVER:-process}
 python=${PYTHON:-python3}
 with_venv=${WITH_VENV:-1}
-venv=/opt/byoc-agent
+prefix=/opt/byoc-agent
+version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$here/agent/__init__.py")
+venv=$prefix/releases/$version
 
 case "$driver" in process | systemd) ;; *) echo "install-host: DRIVER must be process or systemd" >&2; exit 2 ;; esac
 if [ -z "$root" ] && [ "$(id -u)" != 0 ]; then
@@ -93,6 +100,10 @@ for pair in "$config:agent.toml" "$here/systemd/policy.toml:policy.toml"; do
     fi
 done
 
+# -- self-update: the trial guard that the unit runs before every start ---------------------------
+dir 0755 root:root /usr/libexec/byoc-agent
+put 0755 "$here/agent/update/guard.py" "$root/usr/libexec/byoc-agent/update-guard"
+
 # -- the virtual environment -------------------------------------------------------------------
 source_hash() {
     cd "$here"
@@ -100,6 +111,16 @@ source_hash() {
         LC_ALL=C sort | xargs sha256sum; sha256sum pyproject.toml setup.py constraints.txt; } | sha256sum
 }
 if [ "$with_venv" = 1 ]; then
+    # An install from before releases/ (the venv in /opt/byoc-agent itself) moves to releases/.
+    if [ -f "$root$prefix/pyvenv.cfg" ]; then
+        rm -rf "$root$prefix/bin" "$root$prefix/include" "$root$prefix/lib" "$root$prefix/lib64" \
+            "$root$prefix/share" "$root$prefix/pyvenv.cfg" "$root$prefix/.byoc-agent-source"
+        say "removed the venv from $root$prefix (releases now live in $prefix/releases)"
+    fi
+    # Root's, sticky, writable for the agent's group: the agent adds its own releases and swaps
+    # `current` (its own link) but can never replace or remove an entry of root's.
+    dir 1775 root:byoc-agent $prefix
+    dir 1775 root:byoc-agent $prefix/releases
     stamp="$root$venv/.byoc-agent-source"
     wanted="$(source_hash) $("$python" -c 'import sys; print(sys.version)' | head -n1)"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
@@ -120,6 +141,21 @@ if [ "$with_venv" = 1 ]; then
         fi
         printf '%s\n' "$wanted" >"$stamp"
         say "installed the agent into $root$venv"
+    fi
+    # `current`: made here if missing; moved to this release if it names one this script made
+    # (root's); kept if it names a release the agent installed itself (say so).
+    now=$(readlink "$root$prefix/current" 2>/dev/null || true)
+    if [ "$now" != "releases/$version" ]; then
+        owner=
+        [ -z "$now" ] || owner=$(stat -c %U "$root$prefix/$now" 2>/dev/null || true)
+        if [ -z "$now" ] || [ "$owner" = root ] || [ -n "$root" ]; then
+            ln -sfn "releases/$version" "$root$prefix/.current.new"
+            [ -n "$root" ] || chown -h byoc-agent:byoc-agent "$prefix/.current.new"
+            mv -T "$root$prefix/.current.new" "$root$prefix/current"
+            say "linked $root$prefix/current -> releases/$version${now:+ (was $now: restart the agent)}"
+        else
+            say "kept $root$prefix/current -> $now (the agent updated itself; $version is installed beside it)"
+        fi
     fi
     # `byoc-agent status`, `approve`, ... on every operator's PATH.
     [ -d "$root/usr/local/bin" ] || install -d -m 0755 "$root/usr/local/bin"

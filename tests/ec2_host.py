@@ -12,10 +12,11 @@ The session fixture :func:`ec2_host`:
    session) and an HTTP server for the workload's releases (the vendor's artifact store);
 3. runs the README's ``<!-- readme-test: ec2 -->`` blocks in order, in a root shell in the
    clone, with what the vendor gives an operator: the enrollment URL (``$ENROLL_URL``), a
-   one-time token on standard input, the CA bundle and command-signing key as files in the
-   current directory, and an operator's user name (``$OPERATOR``). The one step the README
-   leaves to the reader, editing agent.toml and the policy for this vendor (URL, issuer,
-   releases, ports), is done by :meth:`Ec2Host.configure` right before the enroll block. A
+   one-time token on standard input, the CA bundle, command-signing key and release-signing
+   key (:attr:`Ec2Host.release_key` is its private half) as files in the current directory,
+   and an operator's user name (``$OPERATOR``). The one step the README leaves to the reader,
+   editing agent.toml and the policy for this vendor (URL, issuer, releases, ports), is done
+   by :meth:`Ec2Host.configure` right before the enroll block. A
    site drop-in shortens the unit's watchdog (8 s) and restart delay (1 s) so that the
    watchdog test does not wait 30 s; nothing else differs from the shipped unit.
 
@@ -56,6 +57,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from certs.keyset import make_root_key
 from certs.pki import PKIPaths, init_pki
 from control_plane_stub.client import StubClient
 from tests.conftest import scaled
@@ -103,7 +105,8 @@ if [ "$1 $2 $3" != "run querynode --instance" ]; then
     exit 2
 fi
 sleep {delay}
-exec /opt/byoc-agent/bin/byoc-demo-workload --port $(({base_port} + $4)) --version {version}{fail}
+exec /opt/byoc-agent/current/bin/byoc-demo-workload --port $(({base_port} + $4)) \
+    --version {version}{fail}
 """.encode()
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w:gz") as archive:
@@ -240,6 +243,8 @@ class Ec2Host:
     artifacts: str
     releases: Releases
     stub: ChildProcess
+    release_key: Path
+    """The vendor's release signing key (the agent trusts release-signing.pub)."""
     readme_output: dict[int, str] = field(default_factory=dict)
 
     # -- the README's "edit agent.toml" step ------------------------------------------------
@@ -460,8 +465,12 @@ def ec2_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ec2Host]:
             _copy_clone(machine)
             shutil.copytree(wheels, machine.path(WHEELS))
         pki = init_pki(work / "pki", agent_ids=("agent-1",))
-        for name in ("vendor-ca.pem", "command-signing.pub"):
-            source = pki.server_ca_cert if name == "vendor-ca.pem" else pki.signing_pub
+        release_key, release_pub = make_root_key(work / "release", name="release")
+        for name, source in (
+            ("vendor-ca.pem", pki.server_ca_cert),
+            ("command-signing.pub", pki.signing_pub),
+            ("release-signing.pub", release_pub),
+        ):
             shutil.copyfile(source, machine.path(f"{CLONE}/{name}"))
         for user in (OPERATOR, LOOKER, OUTSIDER):  # groups: the README (alice), the tests
             machine.run("useradd", "--create-home", user)
@@ -491,6 +500,7 @@ def ec2_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ec2Host]:
                 artifacts=base,
                 releases=releases,
                 stub=stub,
+                release_key=release_key,
             )
 
             async def token() -> str:

@@ -52,6 +52,11 @@ VALID: Final[dict[str, dict[str, Any]]] = {
     "upgrade": {"version": "2.0.0"},
     "collect_metrics": {"targets": ["host"]},
     "open_stream": {"target": "db.internal:5432", "max_duration": 60},
+    "update_agent": {
+        "version": "0.2.0",
+        "url": "https://releases.example/agent/0.2.0.bundle",
+        "sha256": "0" * 64,
+    },
 }
 MEMBER_TYPE: Final = {
     ("scale", "replicas"): "integer",
@@ -59,6 +64,9 @@ MEMBER_TYPE: Final = {
     ("collect_metrics", "targets"): "array",
     ("open_stream", "target"): "string",
     ("open_stream", "max_duration"): "integer",
+    ("update_agent", "version"): "string",
+    ("update_agent", "url"): "string",
+    ("update_agent", "sha256"): "string",
 }
 
 

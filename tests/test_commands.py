@@ -14,6 +14,7 @@ from agent.core.commands import (
     Command,
     OpenStream,
     Scale,
+    UpdateAgent,
     Upgrade,
     parse_command,
 )
@@ -62,8 +63,15 @@ def test_parse_each_type(cmd: dict[str, Any], expected: Command) -> None:
 
 
 def test_command_type_names_and_mutating_flags() -> None:
-    assert COMMAND_TYPES == ("scale", "upgrade", "collect_metrics", "open_stream")
-    assert (Scale.type, Upgrade.type, CollectMetrics.type, OpenStream.type) == COMMAND_TYPES
+    assert COMMAND_TYPES == ("scale", "upgrade", "collect_metrics", "open_stream", "update_agent")
+    assert (
+        Scale.type,
+        Upgrade.type,
+        CollectMetrics.type,
+        OpenStream.type,
+        UpdateAgent.type,
+    ) == COMMAND_TYPES
+    assert UpdateAgent.mutating is True
     assert OpenStream.mutating is False
     assert Scale.mutating is True
     assert Upgrade.mutating is True

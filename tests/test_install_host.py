@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import __version__
 from agent.config import parse_config
 from agent.core.policy import Policy
 from agent.drivers.systemd import SystemdSettings
@@ -28,6 +29,8 @@ from tests.ec2_host import AGENT_ID, CLONE, LOOKER, OPERATOR, OUTSIDER, WHEELS, 
 from tests.processes import REPO
 
 OFFLINE = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELS}
+RELEASE = f"/opt/byoc-agent/releases/{__version__}"
+"""The release make install makes (root's); /opt/byoc-agent/current names it at first."""
 
 
 # -- on a host with systemd ---------------------------------------------------------------------
@@ -51,7 +54,11 @@ def test_users_groups_directories_owners_and_modes(ec2_host: Ec2Host) -> None:
         "/var/lib/byoc-agent/tls": "700 byoc-agent byoc-agent",
         "/var/lib/byoc-agent/tls/agent.key": "600 byoc-agent byoc-agent",
         "/var/log/byoc-agent": "750 byoc-agent byoc-agent",
-        "/opt/byoc-agent": "755 root root",
+        "/opt/byoc-agent": "1775 root byoc-agent",
+        "/opt/byoc-agent/releases": "1775 root byoc-agent",
+        RELEASE: "755 root root",
+        "/opt/byoc-agent/current": "777 byoc-agent byoc-agent",  # the agent's link to swap
+        "/usr/libexec/byoc-agent/update-guard": "755 root root",
         "/opt/milvus": "755 byoc-agent byoc-agent",
         "/opt/milvus/releases": "755 byoc-agent byoc-agent",
         "/etc/systemd/system/byoc-agent.service": "644 root root",
@@ -62,8 +69,12 @@ def test_users_groups_directories_owners_and_modes(ec2_host: Ec2Host) -> None:
     }
     listing = machine.run("stat", "-c", "%n %a %U %G", *paths).stdout.splitlines()
     assert listing == [f"{path} {expected}" for path, expected in paths.items()]
+    # The operators' command runs root's release, never one the agent installed itself.
     assert machine.run("readlink", "/usr/local/bin/byoc-agent").stdout.strip() == (
-        "/opt/byoc-agent/bin/byoc-agent"
+        f"{RELEASE}/bin/byoc-agent"
+    )
+    assert machine.run("readlink", "/opt/byoc-agent/current").stdout.strip() == (
+        f"releases/{__version__}"
     )
     # The agent reads its configuration through its group; a stranger cannot.
     machine.run("cat", "/etc/byoc-agent/agent.toml", user="byoc-agent")
@@ -73,7 +84,7 @@ def test_users_groups_directories_owners_and_modes(ec2_host: Ec2Host) -> None:
 def test_the_venv_is_pinned_to_constraints_with_working_entry_points(ec2_host: Ec2Host) -> None:
     machine = ec2_host.machine
     listed = machine.run(
-        "/opt/byoc-agent/bin/python", "-m", "pip", "list", "--format=freeze",
+        f"{RELEASE}/bin/python", "-m", "pip", "list", "--format=freeze",
         "--disable-pip-version-check",
     ).stdout  # fmt: skip
     installed = dict(line.split("==", 1) for line in listed.splitlines() if "==" in line)
@@ -99,8 +110,8 @@ def test_the_venv_is_pinned_to_constraints_with_working_entry_points(ec2_host: E
     unpinned = {n: v for n, v in installed.items() if n in pins and pins[n] != v}
     assert unpinned == {}
     for script in ("byoc-agent", "cp-stub", "byoc-certs", "byoc-demo-workload"):
-        first = machine.path(f"/opt/byoc-agent/bin/{script}").read_text().splitlines()[0]
-        assert first == "#!/opt/byoc-agent/bin/python", (script, first)
+        first = machine.path(f"{RELEASE}/bin/{script}").read_text().splitlines()[0]
+        assert first == f"#!{RELEASE}/bin/python", (script, first)
     version = machine.run("byoc-agent", "--version", user=OUTSIDER).stdout
     assert version.startswith("byoc-agent ")
 
@@ -112,7 +123,8 @@ INSTALLED = [
     "/etc/systemd/system/milvus-querynode@.service",
     "/etc/polkit-1/rules.d",
     "/usr/lib/sysusers.d/byoc-agent.conf",
-    "/opt/byoc-agent",
+    RELEASE,
+    "/usr/libexec/byoc-agent",
     "/usr/local/bin/byoc-agent",
     "/etc/passwd",
     "/etc/group",
@@ -121,6 +133,8 @@ INSTALLED = [
 ]
 """Everything install-host.sh writes that the running agent does not change."""
 RUNTIME_DIRS = [
+    "/opt/byoc-agent",
+    "/opt/byoc-agent/releases",
     "/var/lib/byoc-agent",
     "/var/lib/byoc-agent/tls",
     "/var/log/byoc-agent",
@@ -158,7 +172,7 @@ def test_a_second_run_changes_nothing_and_keeps_the_edited_configuration(ec2_hos
     assert "install-host: kept /etc/byoc-agent/agent.toml (edited; the shipped one is" in "\n".join(
         said
     )
-    assert "install-host: /opt/byoc-agent is up to date" in said
+    assert f"install-host: {RELEASE} is up to date" in said
 
 
 def test_a_staged_install_names_the_final_paths_not_the_stage(ec2_host: Ec2Host) -> None:
@@ -176,13 +190,16 @@ def test_a_staged_install_names_the_final_paths_not_the_stage(ec2_host: Ec2Host)
         )
         assert f"install-host: staged into {stage}" in done.stdout
         for script in ("byoc-agent", "cp-stub"):
-            first = machine.path(f"{stage}/opt/byoc-agent/bin/{script}").read_text().splitlines()[0]
-            assert first == "#!/opt/byoc-agent/bin/python"
+            first = machine.path(f"{stage}{RELEASE}/bin/{script}").read_text().splitlines()[0]
+            assert first == f"#!{RELEASE}/bin/python"
+        assert machine.run("readlink", f"{stage}/opt/byoc-agent/current").stdout.strip() == (
+            f"releases/{__version__}"
+        )
         leftover = machine.run("grep", "-rl", "--", stage, f"{stage}/opt/byoc-agent", check=False)
         assert (leftover.returncode, leftover.stdout) == (1, "")  # nowhere, not even in .pyc
         assert not machine.path(f"{stage}/etc/passwd").exists()  # users are made on the target
         imported = machine.run(
-            f"{stage}/opt/byoc-agent/bin/python",
+            f"{stage}{RELEASE}/bin/python",
             "-c",
             "import agent.drivers.systemd, dbus_fast, uvloop; print('ok')",
             cwd="/",
@@ -276,6 +293,7 @@ def test_install_stages_unit_user_directories_and_config(tmp_path: Path, driver:
     assert mode(root / "var/lib/byoc-agent/tls") == 0o700
     assert mode(root / "var/log/byoc-agent") == 0o750
     assert not (root / "opt/byoc-agent").exists()  # WITH_VENV=0
+    assert mode(root / "usr/libexec/byoc-agent/update-guard") == 0o755  # the unit runs it
     Policy.from_toml((root / "etc/byoc-agent/policy.toml").read_bytes())
     parsed = parse_config(config.read_bytes(), source=Path("/etc/byoc-agent/agent.toml"))
     assert parsed.driver_kind == driver

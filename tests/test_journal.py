@@ -105,8 +105,11 @@ async def test_records_chain_and_become_durable(journal: Journal, tmp_path: Path
     assert journal.store.audit_head() == third
 
 
-async def test_file_modes(tmp_path: Path) -> None:
-    previous = os.umask(0)
+@pytest.mark.parametrize("umask", [0, 0o077])
+async def test_file_modes(tmp_path: Path, umask: int) -> None:
+    """The audit log is group-readable (operators read it) even under systemd's UMask=0077;
+    the state database stays private whatever the umask."""
+    previous = os.umask(umask)
     try:
         opened = make(tmp_path)
         opened.open()
@@ -115,8 +118,9 @@ async def test_file_modes(tmp_path: Path) -> None:
         os.umask(previous)
     path = tmp_path / "audit" / "audit.jsonl"
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
-    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o750
     assert stat.S_IMODE((tmp_path / "state" / "agent.db").stat().st_mode) == 0o600
+    if umask == 0:  # (its directory is systemd's LogsDirectory= there, made 0750 by systemd)
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o750
 
 
 async def test_a_reopened_journal_continues_the_chain(tmp_path: Path) -> None:

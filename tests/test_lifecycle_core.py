@@ -5,7 +5,7 @@ and policies as arguments: no event loop, no disk. Each test reads the effects i
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import jwt
 import pytest
@@ -73,12 +73,12 @@ def scale(n: int) -> dict[str, object]:
     return {"type": "scale", "params": {"replicas": n}}
 
 
-def lifecycle(**limits: Any) -> Lifecycle:
+def lifecycle(*, continues: frozenset[str] = frozenset(), **limits: Any) -> Lifecycle:
     verifier = CommandVerifier(
         TrustedKeys.of([KEY.public_key()]),
         VerifierSettings(audience=AGENT, issuers=frozenset({"cp"})),
     )
-    return Lifecycle(verifier, limits=Limits(**limits), agent_uid=999)
+    return Lifecycle(verifier, limits=Limits(**limits), agent_uid=999, continues=continues)
 
 
 def deliver(
@@ -356,6 +356,38 @@ def test_a_resumed_command_that_never_acted_may_still_be_refused() -> None:
     machine.acted("acted", "replica_starting", {})
     with pytest.raises(LifecycleError, match="acted"):
         machine.begin("acted", now=NOW + 1, policy=DENY_ALL)
+
+
+UPDATE: Final = {
+    "type": "update_agent",
+    "params": {"version": "0.2.0", "url": "https://r.example/a.bundle", "sha256": "ab" * 32},
+}
+
+
+def test_a_command_whose_restart_is_part_of_it_goes_on_after_the_restart() -> None:
+    """update_agent: the agent exits so that the new release starts, and that release carries
+    the command on, acted or not; once it acted, neither its expiry nor a policy changed
+    meanwhile stops it (it is under way), and it reports no second ``running``."""
+    machine = lifecycle(continues=frozenset({"update_agent"}))
+    fx = machine.recover(
+        [row("update", CommandState.RUNNING, acted=True, exp=NOW + 1, **UPDATE)],
+        now=NOW + 600,
+        policy=ALLOW,
+    )
+    assert [(a.event, a.fields["never_acted"]) for a in fx.of(Audit)] == [
+        ("command_resumed", False)
+    ]
+    assert reported(fx) == []
+    assert [e.jti for e in fx.of(Enqueue)] == ["update"]
+    again = machine.begin("update", now=NOW + 601, policy=DENY_ALL)
+    assert reported(again) == []
+    assert events(again) == ["execution_started"]
+    assert [e.command.type for e in again.of(Execute)] == ["update_agent"]
+    # without the updater (a pod), it is cut off like any other acted command
+    plain = lifecycle().recover(
+        [row("update", CommandState.RUNNING, acted=True, **UPDATE)], now=NOW, policy=ALLOW
+    )
+    assert reported(plain) == ["interrupted"]
 
 
 def test_acted_is_recorded_once() -> None:

@@ -105,7 +105,13 @@ async def test_handshake_and_hello(cp: IndependentControlPlane, start_agent: Age
     caps = hello.get("capabilities")
     if caps is not None:
         assert isinstance(caps, dict)
-        assert set(caps["commands"]) <= {"scale", "upgrade", "collect_metrics", "open_stream"}
+        assert set(caps["commands"]) <= {
+            "scale",
+            "upgrade",
+            "collect_metrics",
+            "open_stream",
+            "update_agent",
+        }
         assert isinstance(caps["driver"], str)
         assert type(caps["max_frame_bytes"]) is int
         assert caps["max_frame_bytes"] == 65_536

@@ -41,6 +41,7 @@ def test_every_code_the_agent_sends_is_documented() -> None:
     sources = [
         *sorted((ROOT / "agent").glob("*.py")),
         *sorted((ROOT / "agent" / "drivers").glob("*.py")),
+        *sorted((ROOT / "agent" / "update").glob("*.py")),
         ROOT / "control_plane_stub" / "hub.py",
     ]
     codes = codes_in(sources) - {"tls_rejected"}  # an audit-record reason, documented in §9

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.config import parse_config
+from agent.config import UpdateConfig, parse_config
 from agent.core.commands import OpenStream
 from agent.core.policy import Policy, Verdict
 from agent.core.targets import parse_target
@@ -24,6 +24,10 @@ def test_reference_agent_config_parses_with_the_documented_defaults() -> None:
     assert config.control_socket == Path("/run/byoc-agent/control.sock")
     settings = ProcessDriverSettings.from_mapping(config.driver_settings)
     assert settings.stop_on_close is False
+    # [update] spells out every default (the commented ca_bundle excepted)
+    assert config.update == UpdateConfig(
+        release_keys=(Path("/etc/byoc-agent/keys/release-signing.pub"),)
+    )
 
 
 def test_reference_policy_is_shipped_and_parses() -> None:
@@ -32,6 +36,9 @@ def test_reference_policy_is_shipped_and_parses() -> None:
     policy = Policy.from_toml(text.encode())
     assert policy.scale is not None
     assert policy.scale.max_replicas == 6
+    assert policy.update_agent is not None
+    assert policy.update_agent.require_approval  # the reference asks a person for every update
+    assert not policy.update_agent.allow_downgrade
 
 
 def test_the_reference_config_runs_what_the_reference_policy_allows() -> None:

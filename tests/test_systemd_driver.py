@@ -228,7 +228,7 @@ def test_the_agents_user_may_drive_the_workload_units_and_no_other(ec2_host: Ec2
     probe.write_text(PROBE)
     try:
         out = host.machine.run(
-            "/opt/byoc-agent/bin/python", "/opt/byoc-probe.py",
+            "/opt/byoc-agent/current/bin/python", "/opt/byoc-probe.py",
             user="byoc-agent", stdin=jobs,
         ).stdout.splitlines()  # fmt: skip
     finally:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 from cryptography import x509
 
+from agent import __version__
 from tests.conftest import scaled
 from tests.ec2_host import AGENT_ID, OPERATOR, UNIT, Ec2Host
 
@@ -138,9 +139,9 @@ async def test_enrolling_as_the_service_user_spends_no_token_on_a_local_mistake(
         )
 
 
-SANDBOX_PROBE = r"""
-for dir in /etc /usr /home /opt/byoc-agent /root \
-           /var/lib/byoc-agent/tls /var/log/byoc-agent /opt/milvus; do
+SANDBOX_PROBE = rf"""
+for dir in /etc /usr /home /opt/byoc-agent/releases/{__version__} /root \
+           /var/lib/byoc-agent/tls /var/log/byoc-agent /opt/milvus /opt/byoc-agent; do
     if touch "$dir/.sandbox-probe" 2>/tmp/err; then echo "$dir writable"; rm "$dir/.sandbox-probe"
     else echo "$dir $(sed 's/.*: //' /tmp/err)"; fi
 done
@@ -169,11 +170,13 @@ async def test_the_sandbox_holds_inside_the_running_service_and_renewal_still_wr
         "/etc Read-only file system",
         "/usr Read-only file system",
         "/home Permission denied",  # ProtectHome: an empty, inaccessible directory
-        "/opt/byoc-agent Read-only file system",
+        # the release make install made is root's: the agent can neither change nor remove it
+        f"/opt/byoc-agent/releases/{__version__} Permission denied",
         "/root Permission denied",
         "/var/lib/byoc-agent/tls writable",
         "/var/log/byoc-agent writable",
         "/opt/milvus writable",
+        "/opt/byoc-agent writable",  # its own releases and the current link (update_agent)
     ]
 
     # Renewal (certificates live 60 s here; renewed at two thirds) writes into the sandbox.

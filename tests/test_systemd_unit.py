@@ -1,10 +1,11 @@
 """The shipped systemd files, checked by systemd's own tools.
 
 ``systemd-analyze verify`` checks that the ExecStart binary exists and is executable, and
-``/opt/byoc-agent/bin/byoc-agent`` exists only on a host where the agent is installed. So the
+``/opt/byoc-agent/current/bin/byoc-agent`` exists only on a host where the agent is installed. So
+the
 verify test runs on a temporary copy of ``systemd/byoc-agent.service`` in which the one
 difference is that ExecStart's path is prefixed with a temporary directory holding a stub
-executable at ``opt/byoc-agent/bin/byoc-agent``; the test asserts that every other line, and
+executable at ``opt/byoc-agent/current/bin/byoc-agent``; the test asserts that every other line, and
 ExecStart's arguments, are byte-identical to the shipped file. Everything else is resolved on
 this host as on a real one (the dependency units, ``/bin/kill`` for ExecReload). The security
 rating needs no binary and is computed on the shipped file itself.
@@ -29,7 +30,7 @@ import pytest
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 UNIT = SYSTEMD_DIR / "byoc-agent.service"
 SYSUSERS = SYSTEMD_DIR / "byoc-agent.sysusers.conf"
-SHIPPED_BINARY = "/opt/byoc-agent/bin/byoc-agent"
+SHIPPED_BINARY = "/opt/byoc-agent/current/bin/byoc-agent"
 EXEC_START = f"ExecStart={SHIPPED_BINARY} run --config /etc/byoc-agent/agent.toml"
 MAX_EXPOSURE = 2.5
 AGENT_GRACE_PERIOD_S = 30.0

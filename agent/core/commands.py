@@ -22,6 +22,14 @@ TARGET_PATTERN: Final = re.compile(r"[a-z][a-z0-9_]{0,31}")
 DEFAULT_METRICS_TARGETS: Final = ("workload", "host")
 MAX_STREAM_DURATION: Final = 86_400
 """The longest ``max_duration`` a grant may ask for (seconds); the policy usually allows less."""
+BUNDLE_URL_PATTERN: Final = re.compile(
+    r"https?://[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?(?::[0-9]{1,5})?"
+    r"(?:/[A-Za-z0-9._~+-]+)+"
+)
+"""An agent release bundle's URL: http(s), a host name or IPv4 address, an optional port and a
+path of plain segments. No user information, query, fragment, percent-escapes or ``.``/``..``
+segments (checked apart), so that the allow-list's prefix match means what it says."""
+SHA256_PATTERN: Final = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -74,8 +82,29 @@ class OpenStream:
         return {"target": str(self.target), "max_duration": self.max_duration}
 
 
-Command = Scale | Upgrade | CollectMetrics | OpenStream
-COMMAND_TYPES: Final = (Scale.type, Upgrade.type, CollectMetrics.type, OpenStream.type)
+@dataclass(frozen=True)
+class UpdateAgent:
+    """Update the agent itself to ``version`` from the release bundle at ``url``, whose SHA-256
+    is ``sha256`` (README.md, "Updating the agent")."""
+
+    type: ClassVar[str] = "update_agent"
+    mutating: ClassVar[bool] = True
+    version: str
+    url: str
+    sha256: str
+
+    def params(self) -> dict[str, object]:
+        return {"version": self.version, "url": self.url, "sha256": self.sha256}
+
+
+Command = Scale | Upgrade | CollectMetrics | OpenStream | UpdateAgent
+COMMAND_TYPES: Final = (
+    Scale.type,
+    Upgrade.type,
+    CollectMetrics.type,
+    OpenStream.type,
+    UpdateAgent.type,
+)
 
 
 def _only_keys(params: Mapping[str, object], allowed: set[str], kind: str) -> None:
@@ -100,15 +129,42 @@ def _parse_scale(params: Mapping[str, object]) -> Scale:
     return Scale(replicas=replicas)
 
 
-def _parse_upgrade(params: Mapping[str, object]) -> Upgrade:
-    _only_keys(params, {"version"}, "upgrade")
+def _version(params: Mapping[str, object], kind: str) -> str:
     version = params.get("version")
     if not isinstance(version, str) or not VERSION_PATTERN.fullmatch(version):
         raise CommandRejected(
             "invalid_params",
-            f"upgrade: version must be a string matching {VERSION_PATTERN.pattern}",
+            f"{kind}: version must be a string matching {VERSION_PATTERN.pattern}",
         )
-    return Upgrade(version=version)
+    return version
+
+
+def _parse_upgrade(params: Mapping[str, object]) -> Upgrade:
+    _only_keys(params, {"version"}, "upgrade")
+    return Upgrade(version=_version(params, "upgrade"))
+
+
+def _parse_update_agent(params: Mapping[str, object]) -> UpdateAgent:
+    kind = UpdateAgent.type
+    _only_keys(params, {"version", "url", "sha256"}, kind)
+    version = _version(params, kind)
+    url = params.get("url")
+    if (
+        not isinstance(url, str)
+        or len(url) > 2048
+        or not BUNDLE_URL_PATTERN.fullmatch(url)
+        or any(segment in (".", "..") for segment in url.split("/")[3:])
+    ):
+        raise CommandRejected(
+            "invalid_params",
+            f"{kind}: url must be an http(s) URL of at most 2048 characters: a host, an optional "
+            "port and a path of plain segments (no credentials, query, fragment, escapes, "
+            "'.' or '..')",
+        )
+    digest = params.get("sha256")
+    if not isinstance(digest, str) or not SHA256_PATTERN.fullmatch(digest):
+        raise CommandRejected("invalid_params", f"{kind}: sha256 must be 64 lowercase hex digits")
+    return UpdateAgent(version=version, url=url, sha256=digest)
 
 
 def _parse_collect_metrics(params: Mapping[str, object]) -> CollectMetrics:
@@ -149,6 +205,7 @@ _PARSERS: Final[dict[str, Callable[[Mapping[str, object]], Command]]] = {
     Upgrade.type: _parse_upgrade,
     CollectMetrics.type: _parse_collect_metrics,
     OpenStream.type: _parse_open_stream,
+    UpdateAgent.type: _parse_update_agent,
 }
 
 

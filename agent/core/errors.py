@@ -11,6 +11,7 @@
     │   └── AuditIntegrityError           ``audit verify`` found a bad record
     ├── StateError                        the SQLite state store failed
     ├── DriverError                       a driver could not carry out a command
+    ├── Handover                          not a failure: the command goes on in the next process
     ├── TunnelError (ConnectionError)     the connection to the control plane failed
     │   ├── TLSRejected                   a certificate was refused, by us or by the peer
     │   └── RedirectRefused               the peer answered with an HTTP redirect (never followed)
@@ -85,6 +86,16 @@ class AuditIntegrityError(AuditError):
 
 class StateError(AgentError):
     """The state store (SQLite) failed or holds something unexpected."""
+
+
+class Handover(AgentError):
+    """Not a failure: the agent is about to exit so that another version of it starts, and that
+    version carries the command on and reports its final state (``update_agent``). The runner
+    leaves the command ``running``."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
 
 
 class DriverError(AgentError):

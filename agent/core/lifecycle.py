@@ -21,7 +21,10 @@ States (docs/PROTOCOL.md §6.1) and the one table that moves between them::
 A command found RUNNING after a restart is INTERRUPTED only if it had *acted*: the driver
 audits every action before it takes it, so a command with no such record never touched the
 workload, and it is started again (``command_resumed``, ``never_acted``). The CP saw ``running``
-once; it sees one final state.
+once; it sees one final state. A command whose restart is part of it (``update_agent``: the
+agent exits so that the new release starts; the ``continues`` types) is taken up again acted or
+not, without a second check of its expiry or the policy once it has acted: the executor goes on
+from its own journal.
 """
 
 from __future__ import annotations
@@ -327,13 +330,26 @@ class _Live:
     resumed: bool = False
     """RUNNING at a restart without having acted: it starts again without a second
     ``running`` report."""
+    continued: bool = False
+    """RUNNING at a restart after it acted, of a type whose restart is part of it: it goes on
+    (no second check: it is under way)."""
 
 
 class Lifecycle:
     """The commands that are not final yet, and every rule about them."""
 
-    def __init__(self, verifier: CommandVerifier, *, limits: Limits, agent_uid: int) -> None:
+    def __init__(
+        self,
+        verifier: CommandVerifier,
+        *,
+        limits: Limits,
+        agent_uid: int,
+        continues: frozenset[str] = frozenset(),
+    ) -> None:
+        """``continues``: the command types whose restart is part of them (``update_agent``
+        when the agent updates itself): found RUNNING at start, they are taken up again."""
         self._verifier = verifier
+        self._continues = continues
         self._limits = limits
         self._agent_uid = agent_uid
         self._rate = TokenBucket(rate=limits.rate, burst=limits.burst)
@@ -539,6 +555,8 @@ class Lifecycle:
         row = live.row
         if row.state is CommandState.PENDING_APPROVAL and not row.approved_by:
             return fx  # not approved (yet): nothing to start
+        if live.continued:  # under way before a restart that is part of it: it goes on
+            return self._start(live, now=now, fx=fx)
         if now - self.clock_skew >= row.exp:
             self._reject(
                 jti,
@@ -564,19 +582,20 @@ class Lifecycle:
         if decision.verdict is Verdict.DENY:  # the customer tightened the policy meanwhile
             self._reject(jti, Step.DENIED, "policy_denied", decision.reason, now=now, fx=fx)
             return fx
-        fx.audit(
-            "execution_started",
-            jti=jti,
-            command_type=live.command.type,
-            params=live.command.params(),
-        )
+        return self._start(live, now=now, fx=fx)
+
+    def _start(self, live: _Live, *, now: float, fx: Effects) -> Effects:
+        command = live.command
+        assert command is not None  # noqa: S101  # parsed when it was decided
+        jti = live.row.jti
+        fx.audit("execution_started", jti=jti, command_type=command.type, params=command.params())
         if live.resumed:
-            live.resumed = False
-            live.row = replace(row, updated_at=now)
+            live.resumed = live.continued = False
+            live.row = replace(live.row, updated_at=now)
             fx.add(Save(live.row))
         else:
             self._move(live, Step.STARTED, now=now, fx=fx)
-        fx.add(Execute(jti, live.command))
+        fx.add(Execute(jti, command))
         return fx
 
     def acted(self, jti: str, event: str, fields: Mapping[str, object]) -> Effects:
@@ -736,6 +755,20 @@ class Lifecycle:
         fx = Effects()
         for row in rows:
             self._live[row.jti] = live = _Live(row)
+            continues = row.state is CommandState.RUNNING and row.type in self._continues
+            if continues and row.acted:
+                fx.audit("command_resumed", jti=row.jti, state=row.state.value, never_acted=False)
+                try:
+                    live.command = parse_command({"type": row.type, "params": row.params})
+                except CommandRejected as exc:  # only a corrupt store
+                    fx.audit("command_interrupted", jti=row.jti, detail=exc.detail)
+                    self._move(
+                        live, Step.CUT_OFF, now=now, fx=fx, reason=exc.code, detail=exc.detail
+                    )
+                    continue
+                live.resumed = live.continued = True
+                fx.add(Enqueue(row.jti, live.command.mutating))
+                continue
             if row.state is CommandState.RUNNING and row.acted:
                 detail = "the agent stopped while the command was running; its outcome is unknown"
                 fx.audit("command_interrupted", jti=row.jti, detail=detail)

@@ -30,6 +30,13 @@ Example (the full reference is in README.md, "Policy")::
     max_duration = 3600         # seconds; a grant asking for longer is refused
     require_approval = false
 
+    [update_agent]              # the agent updating itself (README "Updating the agent")
+    allow = true
+    versions = ["0.*"]          # patterns: * is any run of version characters
+    sources = ["https://releases.vendor.example/byoc-agent/"]   # where bundles may come from
+    require_approval = true     # the default: a person on the host approves every update
+    allow_downgrade = false     # the default: never to a version older than the running one
+
     [approvals]                 # who may approve or deny on the host
     users = ["alice"]
     groups = ["byoc-operators"]
@@ -50,6 +57,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
+from agent import __version__
 from agent.core.commands import (
     MAX_REPLICAS,
     MAX_STREAM_DURATION,
@@ -59,6 +67,7 @@ from agent.core.commands import (
     Command,
     OpenStream,
     Scale,
+    UpdateAgent,
     Upgrade,
 )
 from agent.core.errors import CommandRejected, PolicyError
@@ -74,7 +83,23 @@ from agent.core.targets import (
 from agent.core.toml_tables import Table
 
 POLICY_FORMAT_VERSION: Final = 1
-_SECTIONS: Final = ("scale", "upgrade", "collect_metrics", "open_stream", "approvals")
+_SECTIONS: Final = (
+    "scale",
+    "upgrade",
+    "collect_metrics",
+    "open_stream",
+    "update_agent",
+    "approvals",
+)
+VERSION_GLOB: Final = re.compile(r"[0-9A-Za-z*][0-9A-Za-z.+_*-]{0,63}")
+"""A pattern of allowed agent versions: version characters, ``*`` matching any run of them."""
+SOURCE_PREFIX: Final = re.compile(
+    r"https?://[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?(?::[0-9]{1,5})?"
+    r"/(?:[A-Za-z0-9._~+-]+/)*"
+)
+"""Where agent release bundles may come from: an http(s) URL prefix ending with ``/``, so that
+``https://releases.example/agent/`` does not also allow ``https://releases.example/agent-evil``."""
+_NUMERIC_PREFIX: Final = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 
 
 class Verdict(StrEnum):
@@ -109,6 +134,25 @@ class UpgradeRules:
 
 
 @dataclass(frozen=True, kw_only=True)
+class UpdateAgentRules:
+    allow: bool = True
+    versions: tuple[str, ...] = ()
+    """Patterns (``*`` = any run of version characters)."""
+    sources: tuple[str, ...] = ()
+    """URL prefixes a bundle may be downloaded from."""
+    require_approval: bool = True
+    """Unlike other sections, on unless switched off: a person approves each update."""
+    allow_downgrade: bool = False
+
+    def version_allowed(self, version: str) -> str | None:
+        """The first pattern that allows ``version``, or None."""
+        for pattern in self.versions:
+            if _glob(pattern).fullmatch(version):
+                return pattern
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
 class ApprovalRules:
     users: frozenset[str] = frozenset()
     groups: frozenset[str] = frozenset()
@@ -138,6 +182,7 @@ class Policy:
     upgrade: UpgradeRules | None = None
     collect_metrics: CollectMetricsRules | None = None
     open_stream: OpenStreamRules | None = None
+    update_agent: UpdateAgentRules | None = None
     approvals: ApprovalRules | None = None
     sha256: str = ""
     """SHA-256 of the file's bytes: audit records name the policy that decided."""
@@ -167,6 +212,7 @@ class Policy:
                 _metrics_rules(doc["collect_metrics"]) if "collect_metrics" in doc else None
             ),
             open_stream=_stream_rules(doc["open_stream"]) if "open_stream" in doc else None,
+            update_agent=_update_rules(doc["update_agent"]) if "update_agent" in doc else None,
             approvals=_approval_rules(doc["approvals"]) if "approvals" in doc else None,
             sha256=hashlib.sha256(data).hexdigest(),
         )
@@ -181,6 +227,8 @@ class Policy:
                 return _decide_metrics(self.collect_metrics, command)
             case OpenStream():
                 return _decide_stream(self.open_stream, command)
+            case UpdateAgent():
+                return decide_update_agent(self.update_agent, command, running=__version__)
 
     def stream_addresses(self, command: OpenStream, resolved: list[IPAddress]) -> list[IPAddress]:
         """Of the addresses a stream's target resolved to, the ones it may connect to (the
@@ -232,6 +280,14 @@ class Policy:
                 "targets": [str(rule) for rule in self.open_stream.targets],
                 "max_duration": self.open_stream.max_duration,
                 "require_approval": self.open_stream.require_approval,
+            }
+        if self.update_agent is not None:
+            out["update_agent"] = {
+                "allow": self.update_agent.allow,
+                "versions": list(self.update_agent.versions),
+                "sources": list(self.update_agent.sources),
+                "require_approval": self.update_agent.require_approval,
+                "allow_downgrade": self.update_agent.allow_downgrade,
             }
         if self.approvals is not None:
             out["approvals"] = {
@@ -305,6 +361,44 @@ def _stream_rules(table: object) -> OpenStreamRules:
     )
 
 
+def _update_rules(table: object) -> UpdateAgentRules:
+    s = _section("update_agent", table, {"versions", "sources", "allow_downgrade"})
+    sources = s.strings("sources", pattern=SOURCE_PREFIX)
+    for source in sources:
+        if any(segment in (".", "..") for segment in source.split("/")[3:]):
+            raise PolicyError(f"update_agent.sources: {source!r} has a '.' or '..' segment")
+    return UpdateAgentRules(
+        allow=s.boolean("allow", True),
+        versions=s.strings("versions", pattern=VERSION_GLOB),
+        sources=sources,
+        require_approval=s.boolean("require_approval", True),
+        allow_downgrade=s.boolean("allow_downgrade", False),
+    )
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    return re.compile(
+        "".join("[0-9A-Za-z.+_-]*" if char == "*" else re.escape(char) for char in pattern)
+    )
+
+
+def is_older(version: str, than: str) -> bool:
+    """Is ``version`` older than ``than``? Compared by their leading dotted numbers (0.10.0 is
+    newer than 0.9.1; 1.2 and 1.2.0 are the same); a version that does not start with a number
+    is never older."""
+    mine, theirs = _NUMERIC_PREFIX.match(version), _NUMERIC_PREFIX.match(than)
+    if mine is None or theirs is None:
+        return False
+
+    def key(found: re.Match[str]) -> tuple[int, ...]:
+        numbers = [int(part) for part in found.group(0).split(".")]
+        while numbers and numbers[-1] == 0:
+            numbers.pop()
+        return tuple(numbers)
+
+    return key(mine) < key(theirs)
+
+
 _ACCOUNT = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._$-]{0,63}")
 
 
@@ -365,6 +459,35 @@ def _decide_upgrade(rules: UpgradeRules | None, command: Upgrade) -> Decision:
             f"version {command.version!r} is not in the policy's allowed versions",
         )
     return _approval("upgrade", rules.require_approval)
+
+
+def decide_update_agent(
+    rules: UpdateAgentRules | None, command: UpdateAgent, *, running: str
+) -> Decision:
+    """The policy's word on updating the agent, running version ``running``, to
+    ``command.version`` from ``command.url``."""
+    kind = UpdateAgent.type
+    if rules is None or not rules.allow:
+        return _disabled(kind, rules)
+    if rules.version_allowed(command.version) is None:
+        return Decision(
+            Verdict.DENY,
+            f"{kind}.versions",
+            f"agent version {command.version!r} matches none of the policy's patterns",
+        )
+    if not any(command.url.startswith(source) for source in rules.sources):
+        return Decision(
+            Verdict.DENY,
+            f"{kind}.sources",
+            f"{command.url} is not under any of the policy's sources",
+        )
+    if not rules.allow_downgrade and is_older(command.version, running):
+        return Decision(
+            Verdict.DENY,
+            f"{kind}.allow_downgrade",
+            f"{command.version} is older than the running {running} (downgrades are not allowed)",
+        )
+    return _approval(kind, rules.require_approval)
 
 
 def _decide_metrics(rules: CollectMetricsRules | None, command: CollectMetrics) -> Decision:

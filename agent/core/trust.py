@@ -6,7 +6,12 @@ Claims::
 
     {"iss": "...", "version": 7, "iat": ..., "exp": ...,
      "keys": [{"kty": "OKP", "crv": "Ed25519", "x": "..."}, ...],   # trusted command keys
-     "root": {"kty": "OKP", "crv": "Ed25519", "x": "..."}}          # signs the NEXT set
+     "root": {"kty": "OKP", "crv": "Ed25519", "x": "..."},          # signs the NEXT set
+     "release_keys": [{"kty": "OKP", ...}, ...]}                    # optional: agent releases
+
+``release_keys`` (optional, 0..32 keys) are the keys that sign the agent's own release bundles
+(agent/update): trusted apart from the command keys, for what a command key may never sign,
+and rotated and rolled back with the set that carries them.
 
 The agent accepts a set only if it is signed by the current root, its version is higher than
 every version accepted before (persisted, so a rollback is refused after a restart too), and it
@@ -22,7 +27,7 @@ import base64
 import binascii
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import jwt
@@ -85,6 +90,8 @@ class KeySet:
     root: Ed25519PublicKey
     """The key that must sign the next set."""
     token: str
+    release_keys: TrustedKeys = field(default_factory=lambda: TrustedKeys({}))
+    """Keys that sign agent release bundles, if the set names any (until it expires)."""
 
     @property
     def root_kid(self) -> str:
@@ -93,6 +100,10 @@ class KeySet:
     def trusted(self) -> TrustedKeys:
         """The command keys, valid until this set expires."""
         return TrustedKeys(self.keys.by_kid, expires_at=self.expires_at)
+
+    def trusted_release_keys(self) -> TrustedKeys:
+        """The release keys, valid until this set expires (none if it names none)."""
+        return TrustedKeys(self.release_keys.by_kid, expires_at=self.expires_at)
 
 
 def read_keyset(token: str, *, signer: Ed25519PublicKey) -> KeySet:
@@ -122,6 +133,9 @@ def read_keyset(token: str, *, signer: Ed25519PublicKey) -> KeySet:
     keys = claims.get("keys")
     if not isinstance(keys, list) or not 1 <= len(keys) <= MAX_KEYS:
         raise KeySetRejected("invalid_keyset", f"keys must list 1..{MAX_KEYS} keys")
+    release_keys = claims.get("release_keys", [])
+    if not isinstance(release_keys, list) or len(release_keys) > MAX_KEYS:
+        raise KeySetRejected("invalid_keyset", f"release_keys must list 0..{MAX_KEYS} keys")
     return KeySet(
         version=version,
         issued_at=_date(claims, "iat"),
@@ -129,6 +143,9 @@ def read_keyset(token: str, *, signer: Ed25519PublicKey) -> KeySet:
         keys=TrustedKeys.of(key_from_jwk(key, f"keys[{i}]") for i, key in enumerate(keys)),
         root=key_from_jwk(claims.get("root"), "root"),
         token=token,
+        release_keys=TrustedKeys.of(
+            key_from_jwk(key, f"release_keys[{i}]") for i, key in enumerate(release_keys)
+        ),
     )
 
 
@@ -283,6 +300,14 @@ class Trust:
     def version(self) -> int | None:
         """The version of the key set in force (0: none yet); None with a fixed key list."""
         return None if self.ring is None else self.ring.version
+
+    def release_keys(self) -> TrustedKeys | None:
+        """The keys that sign agent releases, if the key set in force names any (they then
+        replace the configured ones until it expires); None otherwise."""
+        current = self.ring.current if self.ring is not None else None
+        if current is None or not current.release_keys.by_kid:
+            return None
+        return current.trusted_release_keys()
 
     def keys(self) -> TrustedKeys:
         if self._fixed is not None:

@@ -61,7 +61,10 @@ class AuditFile:
             raise AuditError(f"audit log {self.path} is already open")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            created = not self.path.exists()
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            if created:  # the group reads it (operators) whatever the umask (systemd: 0077)
+                os.fchmod(fd, 0o640)
         except OSError as exc:
             raise AuditError(f"cannot open audit log {self.path}: {exc}") from exc
         self._fd = fd

@@ -22,12 +22,19 @@ import functools
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import structlog
 
-from agent.core.commands import CollectMetrics, Command, OpenStream, Scale, Upgrade
-from agent.core.errors import AuditError, CommandRejected, DriverError, StateError
+from agent.core.commands import (
+    CollectMetrics,
+    Command,
+    OpenStream,
+    Scale,
+    UpdateAgent,
+    Upgrade,
+)
+from agent.core.errors import AuditError, CommandRejected, DriverError, Handover, StateError
 from agent.core.frames import Anchor, DeliveryRejected, Frame, KeySetStatus, Status
 from agent.core.lifecycle import (
     Arm,
@@ -69,6 +76,18 @@ class Peer(Protocol):
     def send(self, frame: Frame) -> None: ...
 
 
+class UpdateRunner(Protocol):
+    """What carries out ``update_agent`` (agent/update/updater.py)."""
+
+    async def run(self, command: UpdateAgent, ctx: ExecContext) -> dict[str, object]: ...
+
+
+UPDATE_NOT_CONFIGURED: Final = (
+    "this agent does not update itself here (no [update] in its configuration); on Kubernetes "
+    "its image is updated by a rollout of its Deployment (README 'Updating the agent')"
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunnerSettings:
     command_timeout: float = 900.0
@@ -92,13 +111,17 @@ class Runner:
         settings: RunnerSettings,
         clock: Clock,
         log: structlog.typing.FilteringBoundLogger,
+        updater: UpdateRunner | None = None,
     ) -> None:
+        """``updater``: carries out ``update_agent`` (None: the command fails
+        ``not_supported``)."""
         self.lifecycle = lifecycle
         self.trust = trust
         self.outbox = outbox
         self._journal = journal
         self._store = journal.store
         self._driver = driver
+        self._updater = updater
         self._streams = streams
         self._policy = policy
         self._receipts = receipts
@@ -519,6 +542,9 @@ class Runner:
                 outcome = self._crashed(jti, exc)
         except DriverError as exc:
             outcome = _failure(exc.code, exc.detail, exc.result)
+        except Handover as exc:  # the agent restarts; the next process carries it on
+            self._log.info("command_handed_over", jti=jti, detail=exc.detail)
+            return
         except asyncio.CancelledError:
             self.submit(
                 lambda batch: self._apply(
@@ -576,6 +602,10 @@ class Runner:
                 return await self._driver.collect_metrics(targets, ctx)
             case OpenStream():
                 return await self._streams.run(ctx.jti, command, self._policy.current, ctx)
+            case UpdateAgent():
+                if self._updater is None:
+                    raise DriverError("not_supported", UPDATE_NOT_CONFIGURED)
+                return await self._updater.run(command, ctx)
 
     # -- stopping --------------------------------------------------------------------------------
 

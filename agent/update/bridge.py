@@ -1,0 +1,73 @@
+"""How the agent reaches the updater: :func:`build_updater` makes one for the daemon
+(agent/daemon.py), which wires it in:
+
+1. the runner dispatches ``update_agent`` to :meth:`Updater.run` like a driver method (it raises
+   DriverError subclasses for a failure; without an updater the command fails
+   ``not_supported``);
+2. when it raises :class:`~agent.core.errors.Handover`, the runner leaves the command
+   ``running``: no final state, no ``interrupted``; the agent is draining to restart;
+3. at start, the lifecycle takes an ``update_agent`` command found ``running`` up again (acted
+   or not): the runner calls :meth:`Updater.run` with the same command and ``jti``, and it
+   continues from its journal;
+4. the updater gets ``restart(exit_code, reason)`` (drain, then exit with that status), the
+   release keys in force, and the tunnel's link as its session; :meth:`Updater.supervise`
+   runs as a background task from the start.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from agent.config import AgentConfig
+from agent.core.errors import ConfigError
+from agent.core.verifier import TrustedKeys
+from agent.update.updater import Updater
+
+
+def build_updater(
+    config: AgentConfig,
+    *,
+    keyset_release_keys: Callable[[], TrustedKeys | None],
+    restart: Callable[[int, str], None],
+    clock: Callable[[], float],
+    log: structlog.typing.FilteringBoundLogger,
+) -> Updater | None:
+    """The updater of an agent configured with ``[update]`` (None without it: a pod's image is
+    rolled out instead). ``keyset_release_keys()``: the release keys the key set in force
+    names, if it names any; they replace the configured ones while it is in force."""
+    if config.update is None:
+        return None
+    configured = load_release_keys(config.update.release_keys)
+
+    def release_keys() -> TrustedKeys:
+        return keyset_release_keys() or configured
+
+    return Updater(
+        config.update,
+        config_path=config.source,
+        state_dir=config.state_dir,
+        release_keys=release_keys,
+        restart=restart,
+        under_systemd="INVOCATION_ID" in os.environ,
+        log=log,
+        clock=clock,
+    )
+
+
+def load_release_keys(paths: tuple[Path, ...]) -> TrustedKeys:
+    keys: list[Ed25519PublicKey] = []
+    for path in paths:
+        try:
+            key = load_pem_public_key(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"update.release_keys: cannot load {path}: {exc}") from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise ConfigError(f"update.release_keys: {path} is not an Ed25519 public key")
+        keys.append(key)
+    return TrustedKeys.of(keys)
