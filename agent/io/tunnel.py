@@ -63,8 +63,9 @@ from agent.core.session import (
 from agent.executor import DeliveryOutcome
 from agent.io.audit_file import AuditLog
 from agent.io.egress import Route, route_for
-from agent.io.splice import MAX_STREAM_MESSAGE, STREAM_QUEUE
+from agent.io.splice import StreamConnection
 from agent.io.store import AgentState, OutboxRow
+from agent.io.stream_transport import DialSettings, dial_stream
 from agent.io.tls import PeerCertificate, classify_tls_failure
 
 # Hard cap enforced by the WebSocket layer while reading, so a hostile peer cannot make us buffer
@@ -258,18 +259,20 @@ class Tunnel:
             **direct,
         )
 
-    async def open_stream_connection(self, stream_id: str) -> ClientConnection:
+    async def open_stream_connection(self, stream_id: str) -> StreamConnection:
         """Dial the stream connection for ``stream_id`` (docs/PROTOCOL.md §13): same identity,
         same route, same checks as the tunnel; only while the tunnel session is up."""
         if not self.ready.is_set():
             raise ConnectionError("the tunnel is not connected")
-        route = route_for(self._cp)
-        return await self._connect(
+        return await dial_stream(
             f"{self._cp.url.rstrip('/')}/streams/{stream_id}",
             self._ssl_context(),
-            route,
-            max_size=MAX_STREAM_MESSAGE,
-            max_queue=STREAM_QUEUE,
+            route_for(self._cp),
+            DialSettings(
+                user_agent=f"byoc-agent/{self._hello().agent_version}",
+                server_name=self._cp.verify_name,
+                open_timeout=self._cp.connect_timeout,
+            ),
         )
 
     def _connect_failed(self, exc: Exception) -> float:
