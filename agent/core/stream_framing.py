@@ -40,6 +40,8 @@ class FramingError(Exception):
     def __init__(self, ended_by: str, detail: str) -> None:
         super().__init__(detail)
         self.ended_by = ended_by
+        self.events: list[Event] = []
+        """The events before the broken rule, in the same input (they are valid)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +106,14 @@ class Decoder:
         """The events in ``view``; :class:`Data` events are slices of it (valid while it is).
         Raises :class:`FramingError` at the first broken rule (nothing after it is read)."""
         events: list[Event] = []
+        try:
+            self._feed(view, events)
+        except FramingError as exc:
+            exc.events = events
+            raise
+        return events
+
+    def _feed(self, view: memoryview, events: list[Event]) -> None:
         pos, size = 0, len(view)
         while pos < size:
             if self._data_left:
@@ -136,7 +146,6 @@ class Decoder:
             event = self._record(header[0], header[1] << 16 | header[2] << 8 | header[3])
             if event is not None:
                 events.append(event)
-        return events
 
     def _record(self, kind: int, length: int) -> Event | None:
         if kind == DATA:

@@ -148,7 +148,9 @@ class WebSocketCodec:
             if not isinstance(frame, Frame):
                 continue
             if frame.opcode is Opcode.TEXT:
-                raise FramingError("protocol_error", "a text message on a stream connection")
+                exc = FramingError("protocol_error", "a text message on a stream connection")
+                exc.events = events
+                raise exc
             if frame.opcode in (Opcode.BINARY, Opcode.CONT):
                 if frame.opcode is Opcode.BINARY:
                     self._message_bytes = 0
@@ -160,10 +162,12 @@ class WebSocketCodec:
             elif frame.opcode is Opcode.CLOSE and ws.close_rcvd is not None:
                 events.append(Close(ws.close_rcvd.code, ws.close_rcvd.reason))
         failed = ws.close_sent if ws.close_rcvd is None else None
-        if failed is not None and failed.code == CloseCode.MESSAGE_TOO_BIG:
-            raise FramingError("message_too_large", "a message over the size limit")
-        if failed is not None and failed.code in (1002, CloseCode.INVALID_DATA):
-            raise FramingError("protocol_error", failed.reason)
+        if failed is not None and failed.code in (1002, 1007, 1009):
+            exc = FramingError(
+                "message_too_large" if failed.code == 1009 else "protocol_error", failed.reason
+            )
+            exc.events = events
+            raise exc
         return events
 
     def encode_data(self, buffer: bytearray, size: int) -> Sequence[bytes | memoryview]:
@@ -274,6 +278,8 @@ class SocketEnd(_End):
     def __init__(self) -> None:
         super().__init__()
         self.eof = False
+        self.held = bytearray()
+        """What arrived before the splice started (at most one read: reading then pauses)."""
         self._eof_seen: asyncio.Future[None] | None = None
         self._buffer = bytearray()
 
@@ -306,7 +312,11 @@ class SocketEnd(_End):
         return memoryview(self._buffer)[HEADROOM:]
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.splice is not None and self.splice._from_socket_read(self._buffer, nbytes):
+        if self.splice is None:  # some event loops start reading after connection_made()
+            if self._eof_seen is None and self.transport is not None:  # (else: discarded)
+                self.held += memoryview(self._buffer)[HEADROOM : HEADROOM + nbytes]
+                self.transport.pause_reading()
+        elif self.splice._from_socket_read(self._buffer, nbytes):
             self._buffer = bytearray()  # still in the connection's write queue: a new one
 
     def eof_received(self) -> bool:
@@ -413,6 +423,9 @@ class Splice:
         if self.abort_reason is not None:
             self._end(self.abort_reason)
         try:
+            if sock.held:
+                self._from_socket_read(bytearray(HEADROOM) + sock.held, len(sock.held))
+                sock.held.clear()
             if held.data:
                 self._from_connection(memoryview(bytes(held.data)))
             if held.lost or held.eof:
@@ -464,17 +477,18 @@ class Splice:
             if self._closing is not None and not self._closing.done():
                 self._await_close(data)
             return False
+        failure: FramingError | None = None
         try:
             events = self._codec.receive(data)
         except FramingError as exc:
-            self._flush_pending()
-            self._end(exc.ended_by)
-            return False
+            events, failure = exc.events, exc
         self._flush_pending()
         sock = self._socket
         if sock is None or sock.transport is None:
             return False
         target = sock.transport
+        if failure is not None:
+            events.append(Close(close_code(failure.ended_by), failure.ended_by))
         for event in events:
             if isinstance(event, Data):
                 if not self._in_done:
@@ -486,6 +500,8 @@ class Splice:
                     target.write_eof()
                 if self._out_done:
                     self._end("closed")
+            elif failure is not None:  # the events before it were carried; the stream ends
+                self._end(failure.ended_by)
             else:
                 self._close_rcvd = event
                 self._end(f"{self.peer}_closed")
