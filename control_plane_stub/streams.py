@@ -109,9 +109,15 @@ class StreamBroker:
         self._signer = signer
         self._log = log
         self._waiting: dict[str, _Waiting] = {}
+        self.changed = asyncio.Condition()
+        """Notified when a stream starts waiting for its agent."""
         self.forwards: dict[str, Forward] = {}
 
     # -- the agent's side -----------------------------------------------------------------
+
+    def waiting_for(self, agent_id: str) -> list[str]:
+        """The stream ids waiting for this agent to dial them."""
+        return [sid for sid, w in self._waiting.items() if w.agent_id == agent_id]
 
     def expected(self, stream_id: str, agent_id: str) -> bool:
         """Is this agent expected to dial this stream right now? (Checked before the
@@ -235,6 +241,8 @@ class StreamBroker:
             agent_id=forward.agent_id, arrived=asyncio.get_running_loop().create_future()
         )
         self._waiting[signed.jti] = waiting
+        async with self.changed:
+            self.changed.notify_all()
         try:
             self._store.add_command(
                 ref=signed.jti,

@@ -111,7 +111,7 @@ def test_a_long_close_reason_is_cut_to_fit_whole_characters() -> None:
 
 
 def test_data_record_refuses_sizes_outside_the_limit() -> None:
-    with pytest.raises(ValueError, match="1..262144"):
+    with pytest.raises(ValueError, match=r"1\.\.262144"):
         data_record(b"")
-    with pytest.raises(ValueError, match="1..262144"):
+    with pytest.raises(ValueError, match=r"1\.\.262144"):
         data_record(b"x" * (MAX_DATA + 1))

@@ -166,12 +166,9 @@ async def test_an_older_agent_gets_websocket_messages_from_the_stub(
     async with tcp_target() as target:
         host, port, _ = await forward_to(api, f"127.0.0.1:{target.port}")
         client = asyncio.create_task(exchange(host, port, b"SELECT 1;"))
-        async with asyncio.timeout(scaled(20)):
-            while not (queued := await api.commands(agent_id=AGENT, limit=1)):
-                # The grant is signed once the client is accepted; with no agent connected
-                # nothing else announces it: a bounded poll.
-                await asyncio.sleep(0.02)
-        stream_id = queued[0]["jti"]
+        async with asyncio.timeout(scaled(20)), stub.streams.changed:
+            await stub.streams.changed.wait_for(lambda: stub.streams.waiting_for(AGENT))
+        (stream_id,) = stub.streams.waiting_for(AGENT)
         context = client_context(
             ca_bundle=pki.server_ca_cert, cert=pki.agent_cert(AGENT), key=pki.agent_key(AGENT)
         )
