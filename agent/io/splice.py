@@ -257,6 +257,21 @@ class _End(asyncio.BufferedProtocol):
         self.splice: Splice | None = None
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self.held_by_peer = False
+        """The other end's write buffer is above its high-water mark: do not read."""
+        self.held_for_turn = False
+        """This end has had its share of the current event-loop turn: read on the next."""
+        self.moved = 0
+        """Bytes read since this end last gave way."""
+
+    def reading(self, allowed: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if allowed and not self.held_by_peer and not self.held_for_turn:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
 
     def pause_writing(self) -> None:
         if self.splice is not None:
@@ -316,8 +331,10 @@ class SocketEnd(_End):
             if self._eof_seen is None and self.transport is not None:  # (else: discarded)
                 self.held += memoryview(self._buffer)[HEADROOM : HEADROOM + nbytes]
                 self.transport.pause_reading()
-        elif self.splice._from_socket_read(self._buffer, nbytes):
+            return
+        if self.splice._from_socket_read(self._buffer, nbytes):
             self._buffer = bytearray()  # still in the connection's write queue: a new one
+        self.splice._after_read(self, nbytes)
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -351,6 +368,7 @@ class _ConnectionEnd(_End):
     def buffer_updated(self, nbytes: int) -> None:
         if self._splice._from_connection(memoryview(self._buffer)[:nbytes]):
             self._buffer = bytearray()  # slices of it still in the socket's write queue
+        self._splice._after_read(self, nbytes)
 
     def eof_received(self) -> bool:
         self._splice._connection_lost()
@@ -545,13 +563,38 @@ class Splice:
 
     def _writing_paused(self, end: _End) -> None:
         other = self._socket if end is self._conn else self._conn
-        if other is not None and other.transport is not None and not self._done():
-            other.transport.pause_reading()
+        if other is not None:
+            other.held_by_peer = True
+            other.reading(self._may_read(other))
 
     def _writing_resumed(self, end: _End) -> None:
         other = self._socket if end is self._conn else self._conn
-        if other is not None and other.transport is not None and not self._done():
-            other.transport.resume_reading()
+        if other is not None:
+            other.held_by_peer = False
+            other.reading(self._may_read(other))
+
+    def _after_read(self, end: _End, size: int) -> None:
+        """A bounded share of each event-loop turn: once an end has read ``read_chunk`` bytes
+        it stops until the next turn, so the event loop polls every other socket (the
+        tunnel's among them) in between. Without it one readiness event can read dozens of
+        chunks in a row (libuv reads up to 32 times)."""
+        end.moved += size
+        if end.moved < self.read_chunk:
+            return
+        end.moved = 0
+        end.held_for_turn = True
+        end.reading(False)
+        asyncio.get_running_loop().call_soon(self._next_turn, end)
+
+    def _next_turn(self, end: _End) -> None:
+        end.held_for_turn = False
+        end.reading(self._may_read(end))
+
+    def _may_read(self, end: _End) -> bool:
+        if not self._done():
+            return True
+        # After our close: the stream connection is read for the peer's answer only.
+        return end is self._conn and self._closing is not None and not self._closing.done()
 
     def _done(self) -> bool:
         return self._ended is None or self._ended.done()
