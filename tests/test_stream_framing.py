@@ -47,6 +47,9 @@ def test_the_wire_format_is_the_documented_one() -> None:
     assert end_record() == b"\x01\x00\x00\x00"
     assert close_record(4410, "max_duration") == b"\x02\x00\x00\x0e\x11\x3amax_duration"
     assert data_record(b"x" * MAX_DATA)[:4] == b"\x00\x04\x00\x00"
+    # PROTOCOL.md §13.3.2's example, byte for byte
+    assert (data_record(b"ping") + end_record()).hex(" ") == "00 00 00 04 70 69 6e 67 01 00 00 00"
+    assert close_record(1000, "closed").hex(" ") == "02 00 00 08 03 e8 63 6c 6f 73 65 64"
 
 
 @given(st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=8), st.data())

@@ -47,7 +47,8 @@ CLOSE_WAIT: Final = 2.0
 ABNORMAL_CLOSE_WAIT: Final = 0.25
 """After an abnormal end the pipe may be full (the peer stopped reading): a moment only."""
 STREAM_QUEUE: Final = 4
-"""Messages the version 1 control plane side may buffer (websockets' ``max_queue``)."""
+"""Messages websockets may queue per connection in the stub's server (its control
+connections; stream connections leave websockets after their upgrade)."""
 HEADROOM: Final = stream_framing.HEADER
 """Bytes kept in front of each socket read for the record header (version 2)."""
 
