@@ -77,6 +77,11 @@ def _number(value: object, digits: int) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _with_unit(value: object, unit: str) -> str:
+    shown = _number(value, 2)
+    return shown if shown == "—" else f"{shown} {unit}"
+
+
 def _describe(run: dict[str, Any]) -> str:
     machine, settings = run.get("machine", {}), run.get("settings", {})
     suites = ", ".join(run.get("suites", [])) or "all suites"
@@ -116,7 +121,7 @@ def render(
         value = now[key]
         met = value >= target if op == ">=" else value <= target
         lines.append(
-            f"| {text} | {_number(before.get(key), 2)} {unit} | {_number(value, 2)} {unit} | "
+            f"| {text} | {_with_unit(before.get(key), unit)} | {_with_unit(value, unit)} | "
             f"{'yes' if met else 'no'} |"
         )
     lines += ["", END]
@@ -124,11 +129,17 @@ def render(
 
 
 def update_docs(
-    report: dict[str, Any], suites: Sequence[str], targets: Sequence[tuple[Any, ...]]
+    report: dict[str, Any],
+    suites: Sequence[str],
+    targets: Sequence[tuple[Any, ...]],
+    *,
+    doc: Path = DOC,
+    results: Path = RESULTS,
+    baseline: Path = BASELINE,
 ) -> None:
     """Merge this run into docs/benchmark-results.json (its suites' figures replace theirs)
     and rewrite the block of docs/BENCHMARKS.md."""
-    merged = _load(RESULTS)
+    merged = _load(results)
     run: dict[str, Any] = {
         k: report[k] for k in ("when", "machine", "settings", "seconds") if k in report
     }
@@ -138,10 +149,18 @@ def update_docs(
         earlier["suites"] = [name for name in earlier["suites"] if name not in suites]
     merged["runs"] = [*kept, run]
     merged["figures"] = {**merged.get("figures", {}), **report["figures"]}
-    RESULTS.write_text(json.dumps(merged, indent=2) + "\n")
-    text = DOC.read_text()
+    results.write_text(json.dumps(merged, indent=2) + "\n")
+    doc.write_text(replace_block(doc.read_text(), render(_load(baseline), merged, targets)))
+
+
+def current_block(targets: Sequence[tuple[Any, ...]]) -> str:
+    """The block as docs/benchmark-results.json and docs/benchmark-baseline.json make it."""
+    return render(_load(BASELINE), _load(RESULTS), targets)
+
+
+def replace_block(text: str, block: str) -> str:
     head, found, rest = text.partition(START)
     _, found_end, tail = rest.partition(END)
     if not found or not found_end:
-        raise RuntimeError(f"{DOC} has lost its markers ({START!r} ... {END!r})")
-    DOC.write_text(head + render(_load(BASELINE), merged, targets) + tail)
+        raise RuntimeError(f"the document has lost its markers ({START!r} ... {END!r})")
+    return head + block + tail
