@@ -43,10 +43,10 @@ $(AXE): tests/browser/package.json tests/browser/package-lock.json
 
 browser-deps: $(AXE)
 
-lint: venv
+lint: venv tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/lint-imports
+	PYTHONPATH=. $(TOOLS)/bin/lint-imports
 
 typecheck: venv
 	$(BIN)/mypy

@@ -51,7 +51,7 @@ from agent import __version__
 from agent.config import AgentConfig, EnrollConfig
 from agent.core.backoff import Backoff
 from agent.core.errors import AgentError, ConfigError, PolicyError
-from agent.executor import Operator
+from agent.core.lifecycle import Operator
 from agent.io.control_socket import ControlSocketServer
 from agent.io.health import HealthServer
 from agent.io.policy_file import read_policy

@@ -34,7 +34,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from agent import __version__
-from agent.bootstrap import ensure_enrolled
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from agent.core.errors import AgentError, AuditIntegrityError, ConfigError, PolicyError
 from agent.core.verifier import jwk_thumbprint
@@ -76,9 +75,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 async def _run(config: AgentConfig) -> int:
     # No certificate yet and [enroll] set (a fresh pod): enroll first, waiting as long as it
-    # takes; the agent's id comes from the certificate (agent/bootstrap.py).
-    if not await ensure_enrolled(config):
-        return 0  # stopped while waiting to enroll
+    # takes; the agent's id comes from the certificate (agent/bootstrap.py, loaded only then).
+    if not config.control_plane.client_cert.exists():
+        from agent.bootstrap import ensure_enrolled  # noqa: PLC0415  # not needed once enrolled
+
+        if not await ensure_enrolled(config):
+            return 0  # stopped while waiting to enroll
     agent = Agent(config)
     await agent.run()
     return agent.exit_code

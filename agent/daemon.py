@@ -1,13 +1,25 @@
-"""The agent daemon: builds every part from the configuration and runs them until told to stop.
+"""The agent daemon: builds every part from the configuration, in one place, and runs them until
+told to stop.
 
-Start-up: audit log, state, policy, driver (adopts the existing workload), recovery of commands a
-previous run left behind, the local control socket, then the tunnel; READY=1 to systemd.
+Wiring, in the order the parts depend on each other (nothing is bound later)::
+
+    journal (state store + audit file) -> trust -> policy -> driver -> lifecycle, outbox
+      -> link, dialer -> streams -> runner -> renewer -> tunnel (hands frames to the runner)
+      -> control socket, health endpoint
+
+One command's path (docs/PROTOCOL.md §6)::
+
+    tunnel reader --frame--> session --CommandDelivered--> runner inbox
+    runner turn: lifecycle.deliver -> effects (audit records, rows, outbox frames, Execute)
+                 -> one journal batch (SQLite transaction + audit lines) -> syncer: WAL fsync
+    durable: runner starts the driver; tunnel writer sends received/running
+    driver done -> runner inbox -> lifecycle.finish -> batch -> fsync -> final status sent
 
 Shutdown (SIGTERM/SIGINT): STOPPING=1; refuse new deliveries (``shutting_down``); let running
 commands finish within ``shutdown_grace`` (then cancel them: they are reported ``interrupted``);
-commands still waiting stay queued in SQLite for the next start; try to deliver every queued
-result; close the tunnel with 1001; close the driver, the control socket, the state and the
-audit log, whose last record is ``agent_stopped``.
+commands still waiting stay in the store for the next start; try to deliver every queued result;
+close the tunnel with 1001; close the driver, the control socket and the journal, whose last
+record is ``agent_stopped``.
 """
 
 from __future__ import annotations
@@ -15,14 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import os
 import signal
 import ssl
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -35,29 +45,37 @@ from agent import __version__
 from agent.config import AgentConfig
 from agent.core.commands import COMMAND_TYPES
 from agent.core.errors import AgentError, AuditError, CommandRejected, ConfigError
-from agent.core.frames import MAX_FRAME_TO_AGENT, PROTOCOL_VERSION, Hello, KeySetStatus
+from agent.core.frames import MAX_FRAME_TO_AGENT, PROTOCOL_VERSION, CertificateFrame, Hello
+from agent.core.lifecycle import Lifecycle, Limits, Operator
+from agent.core.session import Outbox
 from agent.core.targets import is_loopback_host
-from agent.core.trust import KeyRing, KeySetRejected, key_from_jwk, public_jwk, read_keyset
-from agent.core.verifier import CommandVerifier, TrustedKeys, VerifierSettings, jwk_thumbprint
+from agent.core.trust import Trust, TrustEffect
+from agent.core.verifier import CommandVerifier, TrustedKeys, VerifierSettings
 from agent.drivers import load_driver_factory
 from agent.drivers.base import Driver, DriverEnvironment
-from agent.executor import CommandLimits, CommandProcessor, DeliveryOutcome, Operator
-from agent.io.audit_file import AuditLog
+from agent.io.audit_file import AuditFile
+from agent.io.clock import Clock, SystemClock
 from agent.io.control_socket import ControlSocketServer
+from agent.io.dialer import Dialer
 from agent.io.health import HealthServer
+from agent.io.journal import Journal
 from agent.io.metrics import Snapshot
 from agent.io.metrics import render as render_metrics
 from agent.io.policy_file import PolicyFile
 from agent.io.receipt_keys import ReceiptKeyFiles
 from agent.io.renewal import CertificateRenewer
+from agent.io.runner import Runner, RunnerSettings, apply_trust
 from agent.io.sdnotify import SystemdNotifier, run_watchdog
-from agent.io.store import AgentState
+from agent.io.store import Store
 from agent.io.streams import StreamManager
 from agent.io.tls import certificate_common_name, check_private_key_file, client_context
-from agent.io.tunnel import Tunnel
+from agent.io.tunnel import Connection, Link, Tunnel
 
 HOUSEKEEPING_INTERVAL: Final = 60.0
 FLUSH_ON_STOP: Final = 5.0
+FILE_WATCH_INTERVAL: Final = 2.0
+"""While disconnected, how often the certificate, key and CA files are checked for a change
+(a renewed or re-enrolled certificate is tried at once instead of after the backoff)."""
 
 
 def load_trusted_keys(paths: tuple[Path, ...]) -> TrustedKeys:
@@ -83,6 +101,51 @@ def resolve_agent_id(config: AgentConfig) -> str:
     return from_cert
 
 
+@dataclass(frozen=True)
+class Dispatch:
+    """Where the tunnel hands what arrives (agent/io/tunnel.py ``Handler``)."""
+
+    runner: Runner
+    renewer: CertificateRenewer
+    streams: StreamManager
+
+    def command(self, peer: Connection, ref: str, token: str) -> None:
+        self.runner.deliver(peer, ref, token)
+
+    def ack(self, peer: Connection, seq: int) -> None:
+        self.runner.ack(peer, seq)
+
+    def keyset(self, peer: Connection, token: str) -> None:
+        self.runner.offer_keyset(peer, token)
+
+    def certificate(self, frame: CertificateFrame) -> None:
+        self.renewer.offered(frame)
+
+    def record(self, event: str, /, **fields: object) -> None:
+        self.runner.record(event, **fields)
+
+    def session_ended(self) -> None:
+        self.streams.abort_all("session_lost")
+        self.runner.wake_acked()  # no ack will come on this session
+
+
+@dataclass(frozen=True, kw_only=True)
+class Parts:
+    """The running components."""
+
+    journal: Journal
+    trust: Trust
+    policy: PolicyFile
+    driver: Driver
+    outbox: Outbox
+    link: Link
+    streams: StreamManager
+    runner: Runner
+    renewer: CertificateRenewer
+    tunnel: Tunnel
+    control: ControlSocketServer
+
+
 class Agent:
     def __init__(
         self,
@@ -90,12 +153,11 @@ class Agent:
         *,
         driver: Driver | None = None,
         notifier: SystemdNotifier | None = None,
-        host_clock: Callable[[], float] = time.time,
+        clock: Clock | None = None,
     ) -> None:
-        """``host_clock`` is the host's wall clock, as far as the tunnel's clock-offset
-        measurement and certificate renewal are concerned (tests skew it)."""
+        """``clock`` is the host's clock as the agent reads it everywhere (tests skew it)."""
         self.config = config
-        self._host_clock = host_clock
+        self.clock: Clock = clock or SystemClock()
         self.log = structlog.get_logger("agent").bind(logger="agent")
         self.agent_id = resolve_agent_id(config)
         self._driver_override = driver
@@ -104,14 +166,18 @@ class Agent:
         self._stop_reason = "requested"
         self.exit_code = 0
         self.started = asyncio.Event()
-        self.audit = AuditLog(config.audit_log)
-        self._parts: _Parts | None = None
+        self.audit = Journal(
+            Store(config.state_dir / "agent.db"),
+            AuditFile(config.audit_log),
+            now=lambda: datetime.fromtimestamp(self.clock.time(), UTC),
+        )
+        """The journal: the audit log and the state store, written together."""
+        self._parts: Parts | None = None
         self.health: HealthServer | None = None
         self._background: list[asyncio.Task[None]] = []
-        self._keyring: KeyRing | None = None
 
     @property
-    def parts(self) -> _Parts:
+    def parts(self) -> Parts:
         """The running components; only valid once :attr:`started` is set."""
         if self._parts is None:
             raise RuntimeError("the agent is not running")
@@ -127,12 +193,12 @@ class Agent:
             self._stop_reason = reason
             self._stop.set()
 
-    def _audit_failed(self, exc: OSError) -> None:
+    def _journal_failed(self, exc: BaseException) -> None:
         self.log.error("audit_log_failed", error=str(exc))
         self.request_stop(f"audit log failure: {exc}", failure=True)
 
     def _background_done(self, task: asyncio.Task[None]) -> None:
-        """A background task (tunnel, watchdog, purge) must run until we stop; if one ends
+        """A background task (tunnel, runner, watchdog...) must run until we stop; if one ends
         early, stop with a failure instead of running on half-alive."""
         if self._stop.is_set() or task.cancelled():
             return
@@ -140,9 +206,16 @@ class Agent:
         self.log.error("background_task_ended", task=task.get_name(), error=repr(exc))
         self.request_stop(f"{task.get_name()} task ended: {exc!r}", failure=True)
 
-    def reload_policy(self) -> None:
+    def reload(self) -> None:
+        """SIGHUP: re-read the policy, and try to connect at once if the tunnel is down."""
         if self._parts is not None:
-            self._parts.policy.reload("sighup")
+            parts = self._parts
+
+            def reload_policy(_batch: object) -> None:
+                parts.policy.reload("sighup")
+
+            parts.runner.submit(reload_policy)
+            parts.link.retry_now()
 
     # -- run ------------------------------------------------------------------------------
 
@@ -157,164 +230,189 @@ class Agent:
         self, stack: contextlib.AsyncExitStack, *, install_signal_handlers: bool
     ) -> None:
         config = self.config
+        cp = config.control_plane
         # Refuse a key others can read before anything else (the tunnel checks it again on
         # every connection attempt, so a later chmod is caught too).
-        check_private_key_file(config.control_plane.client_key)
-        self.audit.open()
-        stack.callback(self.audit.close)
-        self.audit.on_failure(self._audit_failed)
-        state = AgentState(config.state_dir / "agent.db")
-        stack.callback(state.close)
+        check_private_key_file(cp.client_key)
+        journal = self.audit
+        journal.open()
+        stack.callback(journal.close)
+        journal.on_failure(self._journal_failed)
         stack.callback(self._notifier.close)
-        self._keyring = self._load_keyring(state) if config.commands.root_key else None
-        keys = (
-            self._keyring.trusted()
-            if self._keyring is not None
-            else load_trusted_keys(config.commands.trusted_keys)
-        )
-        self.audit.append(
-            "agent_started",
-            version=__version__,
-            agent_id=self.agent_id,
-            config=str(config.source),
-            trusted_kids=sorted(keys.by_kid),
-            keyset_version=self._keyring.version if self._keyring is not None else None,
-            driver=self._driver_override.kind if self._driver_override else config.driver_kind,
-            control_plane=config.control_plane.url,
-        )
-        stack.callback(self._audit_stopped, state)
-        if self._keyring is not None and self._keyring.version == 0 and config.commands.keyset:
-            self._bootstrap_keyset(state, config.commands.keyset)
-            keys = self._keyring.trusted()
-        policy = PolicyFile(config.policy, self.audit, self.log)
-        driver = self._driver_override or self._build_driver()
+        trust, trust_effects = self._trust(journal.store)
+        with journal.batch() as batch:
+            if journal.repaired:
+                batch.record("audit_tail_repaired", **journal.repaired)
+            batch.record(
+                "agent_started",
+                version=__version__,
+                agent_id=self.agent_id,
+                config=str(config.source),
+                trusted_kids=sorted(trust.keys().by_kid),
+                keyset_version=trust.version,
+                driver=self._driver_override.kind if self._driver_override else config.driver_kind,
+                control_plane=cp.url,
+            )
+            apply_trust(batch, trust_effects, self.clock, self.log)
+        stack.push_async_callback(self._stopped)
+        if trust.version == 0 and config.commands.keyset:
+            self._bootstrap_keyset(journal, trust, config.commands.keyset)
+        log = self.log
+        policy = PolicyFile(config.policy, journal.record, log)
+        driver = self._driver_override or self._build_driver(journal)
         await driver.start()
         stack.push_async_callback(driver.close)
-        verifier = CommandVerifier(
-            keys,
-            VerifierSettings(
-                audience=self.agent_id,
-                issuers=config.commands.issuers,
-                max_lifetime=config.commands.max_lifetime,
-                clock_skew=config.commands.clock_skew,
+        lifecycle = Lifecycle(
+            CommandVerifier(
+                trust.keys(),
+                VerifierSettings(
+                    audience=self.agent_id,
+                    issuers=config.commands.issuers,
+                    max_lifetime=config.commands.max_lifetime,
+                    clock_skew=config.commands.clock_skew,
+                ),
             ),
+            limits=Limits(
+                max_pending=config.commands.max_pending,
+                rate=config.commands.rate,
+                burst=config.commands.burst,
+            ),
+            agent_uid=os.geteuid(),
         )
-        tunnel = Tunnel(
-            control_plane=config.control_plane,
-            settings=config.tunnel,
+        outbox = Outbox(journal.store.outbox(), next_seq=journal.store.next_seq())
+        link = Link()
+        dialer = Dialer(
+            cp,
             ssl_context=self._ssl_context,
-            hello=lambda: self._hello(driver.kind),
-            state=state,
-            audit=self.audit,
-            on_delivery=self._deliver,
-            on_keyset=lambda token: self._offer_keyset(state, token),
-            log=self.log.bind(component="tunnel"),
-            agent_id=self.agent_id,
-            on_state=self._notifier.status,
-            on_session_end=lambda: streams.abort_all("session_lost"),
-            on_certificate=lambda frame: renewer.offered(frame),  # noqa: PLW0108  # bound later
-            clock=self._host_clock,
+            user_agent=f"byoc-agent/{__version__}",
+            connected=link.ready,
+        )
+        streams = StreamManager(
+            settings=config.streams, dial=dialer.stream, log=log.bind(component="streams")
+        )
+        runner = Runner(
+            lifecycle=lifecycle,
+            trust=trust,
+            outbox=outbox,
+            journal=journal,
+            driver=driver,
+            streams=streams,
+            policy=policy,
+            receipts=ReceiptKeyFiles(self.agent_id, cp.client_cert, cp.client_key),
+            on_outbox=link.notify_outbox,
+            settings=RunnerSettings(command_timeout=config.commands.command_timeout),
+            clock=self.clock,
+            log=log.bind(component="runner"),
         )
         renewer = CertificateRenewer(
             agent_id=self.agent_id,
-            cert_path=config.control_plane.client_cert,
-            key_path=config.control_plane.client_key,
-            send=tunnel.send_frame,
-            connected=tunnel.ready,
-            clock_offset=lambda: tunnel.clock_offset,
-            audit=self.audit,
-            log=self.log.bind(component="renewal"),
-            clock=self._host_clock,
+            cert_path=cp.client_cert,
+            key_path=cp.client_key,
+            send=link.send,
+            connected=link.ready,
+            clock_offset=lambda: link.clock_offset,
+            record=runner.record,
+            log=log.bind(component="renewal"),
+            clock=self.clock.time,
         )
-        streams = StreamManager(
-            settings=config.streams,
-            dial=tunnel.open_stream_connection,
-            log=self.log.bind(component="streams"),
+        tunnel = Tunnel(
+            link=link,
+            dialer=dialer,
+            control_plane=cp,
+            settings=config.tunnel,
+            ssl_context=self._ssl_context,
+            hello=lambda: self._hello(driver.kind, trust),
+            outbox=outbox,
+            durable=lambda: journal.durable,
+            handler=Dispatch(runner, renewer, streams),
+            agent_id=self.agent_id,
+            clock=self.clock,
+            log=log.bind(component="tunnel"),
+            on_state=self._notifier.status,
         )
-        processor = CommandProcessor(
-            verifier=verifier,
-            policy=lambda: policy.current,
-            state=state,
-            audit=self.audit,
-            driver=driver,
-            max_pending=config.commands.max_pending,
-            on_outbox=tunnel.notify_outbox,
-            log=self.log.bind(component="executor"),
-            agent_uid=os.geteuid(),
-            limits=CommandLimits(
-                rate=config.commands.rate,
-                burst=config.commands.burst,
-                timeout=config.commands.command_timeout,
-            ),
-            receipt_signer=ReceiptKeyFiles(
-                self.agent_id, config.control_plane.client_cert, config.control_plane.client_key
-            ),
-            streams=streams,
-        )
-        processor.recover()
+        runner.recover()
         control = ControlSocketServer(
-            config.control_socket, self._control_request, self.log.bind(component="control")
+            config.control_socket, self._control_request, log.bind(component="control")
+        )
+        self._parts = parts = Parts(
+            journal=journal,
+            trust=trust,
+            policy=policy,
+            driver=driver,
+            outbox=outbox,
+            link=link,
+            streams=streams,
+            runner=runner,
+            renewer=renewer,
+            tunnel=tunnel,
+            control=control,
         )
         await control.start()
         stack.push_async_callback(control.close)
         if config.health_listen is not None:
-            host, port = config.health_listen
-            self.health = HealthServer(
-                host=host,
-                port=port,
-                ready=self._ready,
-                live=lambda: (self._healthy(), "running" if self._healthy() else "stopping"),
-                metrics=lambda: render_metrics(self._snapshot()),
-                log=self.log.bind(component="health"),
-            )
-            await self.health.start()
-            stack.push_async_callback(self.health.close)
-            self.audit.append(
-                "health_listening", url=self.health.url, loopback=is_loopback_host(host)
-            )
-            if not is_loopback_host(host):
-                self.log.warning("health_not_on_loopback", url=self.health.url)
-        self._parts = _Parts(
-            state=state,
-            policy=policy,
-            driver=driver,
-            tunnel=tunnel,
-            processor=processor,
-            control=control,
-            streams=streams,
-        )
+            await self._serve_health(stack, runner, *config.health_listen)
         if install_signal_handlers:
             self._install_signal_handlers()
+        runner_task = asyncio.create_task(runner.run(), name="runner")
         tunnel_stop = asyncio.Event()
         background = [
             asyncio.create_task(tunnel.run(tunnel_stop), name="tunnel"),
-            asyncio.create_task(self._housekeeping(processor, state), name="housekeeping"),
+            asyncio.create_task(self._housekeeping(runner), name="housekeeping"),
+            asyncio.create_task(self._watch_files(link), name="file-watch"),
         ]
-        if config.control_plane.renew:
+        if cp.renew:
             background.append(asyncio.create_task(renewer.run(), name="renewal"))
         if self._notifier.watchdog_interval is not None:  # systemd asked for a watchdog
             background.append(
                 asyncio.create_task(run_watchdog(self._notifier, self._healthy), name="watchdog")
             )
-        for task in background:
+        for task in (runner_task, *background):
             task.add_done_callback(self._background_done)
-        self._background = background
+        self._background = [runner_task, *background]
+        await runner.settle()  # recovery and start-up records on disk before READY
         self._notifier.ready(f"agent {self.agent_id} started; connecting")
-        self.log.info("agent_started", agent_id=self.agent_id, version=__version__)
+        log.info("agent_started", agent_id=self.agent_id, version=__version__)
         self.started.set()
         try:
             await self._stop.wait()
         finally:
-            await self._shutdown(self._parts, tunnel_stop, background)
+            await self._shutdown(parts, tunnel_stop, runner_task, background)
 
-    def _build_driver(self) -> Driver:
+    def _trust(self, store: Store) -> tuple[Trust, list[TrustEffect]]:
+        commands = self.config.commands
+        if commands.root_key is None:
+            return Trust(fixed=load_trusted_keys(commands.trusted_keys)), []
+        (root,) = load_trusted_keys((commands.root_key,)).by_kid.values()
+        try:
+            return Trust.from_root(
+                root, latest=store.latest_keyset(), signers=store.keyset_signers()
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    def _bootstrap_keyset(self, journal: Journal, trust: Trust, path: Path) -> None:
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"commands.keyset: cannot read {path}: {exc.strerror}") from exc
+        status, effects = trust.offer(
+            token, now=self.clock.time(), clock_skew=self.config.commands.clock_skew
+        )
+        with journal.batch() as batch:
+            apply_trust(batch, effects, self.clock, self.log)
+        if not status.accepted:
+            # Fail closed: no trusted command key until the control plane pushes a good set.
+            self.log.error("keyset_bootstrap_refused", reason=status.reason, detail=status.detail)
+
+    def _build_driver(self, journal: Journal) -> Driver:
         factory = load_driver_factory(self.config.driver_kind)
         driver_dir = self.config.state_dir / "driver"
         driver_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        audit = self.audit
 
-        def driver_audit(event: str, /, **fields: object) -> None:
-            audit.append(event, source="driver", **fields)
+        async def driver_audit(event: str, /, **fields: object) -> None:
+            """What the driver does on its own initiative (supervision): on disk first."""
+            journal.record(event, source="driver", **fields)
+            await journal.settle()
 
         return factory(
             self.config.driver_settings,
@@ -325,6 +423,23 @@ class Agent:
             ),
         )
 
+    async def _serve_health(
+        self, stack: contextlib.AsyncExitStack, runner: Runner, host: str, port: int
+    ) -> None:
+        self.health = HealthServer(
+            host=host,
+            port=port,
+            ready=self._ready,
+            live=lambda: (self._healthy(), "running" if self._healthy() else "stopping"),
+            metrics=lambda: render_metrics(self._snapshot()),
+            log=self.log.bind(component="health"),
+        )
+        await self.health.start()
+        stack.push_async_callback(self.health.close)
+        runner.record("health_listening", url=self.health.url, loopback=is_loopback_host(host))
+        if not is_loopback_host(host):
+            self.log.warning("health_not_on_loopback", url=self.health.url)
+
     def _ssl_context(self) -> ssl.SSLContext:
         cp = self.config.control_plane
         # Built for every connection attempt, so renewed certificate files are picked up.
@@ -334,16 +449,16 @@ class Agent:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
-        loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
 
-    def _hello(self, driver_kind: str) -> Hello:
+    def _hello(self, driver_kind: str, trust: Trust) -> Hello:
         capabilities: dict[str, object] = {
             "commands": list(COMMAND_TYPES),
             "driver": driver_kind,
             "max_frame_bytes": MAX_FRAME_TO_AGENT,
         }
-        if self._keyring is not None:
-            capabilities["keyset_version"] = self._keyring.version
+        if trust.version is not None:
+            capabilities["keyset_version"] = trust.version
         return Hello(
             protocol=PROTOCOL_VERSION,
             agent_version=__version__,
@@ -351,101 +466,7 @@ class Agent:
             heartbeat_interval=self.config.tunnel.heartbeat.interval,
         )
 
-    # -- key sets -------------------------------------------------------------------------
-
-    def _load_keyring(self, state: AgentState) -> KeyRing:
-        """The configured root, and the highest key set accepted before (re-checked against the
-        root that signed it, kept beside it).
-
-        The configured root wins: the stored sets are kept only if they descend from it (it
-        signed one of them, or the latest names it as the next root, i.e. the root was rotated
-        through key sets and the configuration updated to match). Otherwise the customer has
-        replaced the root (feared stolen, say): the stored sets and their version floor are
-        discarded, audited as ``keyset_root_replaced``, and trust starts again from the
-        configured root (and the ``keyset`` file, if configured)."""
-        assert self.config.commands.root_key is not None  # noqa: S101  # checked by the caller
-        anchor = load_trusted_keys((self.config.commands.root_key,))
-        (root,) = anchor.by_kid.values()
-        configured_kid = jwk_thumbprint(root)
-        stored = state.latest_keyset()
-        if stored is None:
-            return KeyRing(root)
-        token, signer = stored
-        try:
-            current = read_keyset(token, signer=key_from_jwk(json.loads(signer), "signer"))
-            signers = {
-                jwk_thumbprint(key_from_jwk(json.loads(jwk), "signer"))
-                for jwk in state.keyset_signers()
-            }
-        except (KeySetRejected, ValueError) as exc:
-            raise ConfigError(f"the stored key set no longer verifies: {exc}") from exc
-        if configured_kid in signers or configured_kid == current.root_kid:
-            return KeyRing(root, current)
-        self.audit.append(
-            "keyset_root_replaced",
-            root_kid=configured_kid,
-            previous_root_kid=current.root_kid,
-            discarded_version=current.version,
-        )
-        self.log.warning(
-            "keyset_root_replaced",
-            root_kid=configured_kid,
-            previous_root_kid=current.root_kid,
-            discarded_version=current.version,
-        )
-        state.discard_keysets()
-        return KeyRing(root)
-
-    def _bootstrap_keyset(self, state: AgentState, path: Path) -> None:
-        try:
-            token = path.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"commands.keyset: cannot read {path}: {exc.strerror}") from exc
-        answer = self._offer_keyset(state, token)
-        if not answer.accepted:
-            # Fail closed: no trusted command key until the control plane pushes a good set.
-            self.log.error("keyset_bootstrap_refused", reason=answer.reason, detail=answer.detail)
-
-    def _offer_keyset(self, state: AgentState, token: str) -> KeySetStatus:
-        ring = self._keyring
-        if ring is None:
-            return KeySetStatus(
-                version=0,
-                accepted=False,
-                reason="keysets_not_enabled",
-                detail="this agent trusts a fixed list of command keys (commands.trusted_keys)",
-            )
-        try:
-            keyset = ring.check(token, now=time.time(), clock_skew=self.config.commands.clock_skew)
-        except KeySetRejected as exc:
-            self.audit.append("keyset_rejected", reason=exc.code, detail=exc.detail)
-            self.log.warning("keyset_rejected", reason=exc.code, detail=exc.detail)
-            return KeySetStatus(
-                version=ring.version, accepted=False, reason=exc.code, detail=exc.detail
-            )
-        self.audit.append(
-            "keyset_accepted",
-            version=keyset.version,
-            previous_version=ring.version,
-            kids=sorted(keyset.keys.by_kid),
-            root_kid=keyset.root_kid,
-            root_rotated=keyset.root_kid != jwk_thumbprint(ring.root),
-            expires=int(keyset.expires_at),
-        )
-        state.store_keyset(
-            version=keyset.version,
-            token=token,
-            signer=json.dumps(public_jwk(ring.root)),
-            now=time.time(),
-        )
-        ring.install(keyset)
-        if self._parts is not None:
-            self._parts.processor.set_keys(keyset.trusted())
-        self.log.info("keyset_accepted", version=keyset.version)
-        return KeySetStatus(version=keyset.version, accepted=True)
-
-    def _deliver(self, ref: str, token: str) -> DeliveryOutcome:
-        return self.parts.processor.handle_delivery(ref, token)
+    # -- observation ------------------------------------------------------------------------
 
     def _ready(self) -> tuple[bool, str]:
         """For /readyz: the tunnel is up and the client certificate is within its validity."""
@@ -454,13 +475,13 @@ class Agent:
         if expiry is None:
             return False, "client certificate unreadable"
         not_before, not_after = expiry
-        now = time.time()
+        now = self.clock.time()
         if now < not_before:
             return False, "client certificate not yet valid"
         if now >= not_after:
             return False, "client certificate expired"
-        if not parts.tunnel.ready.is_set():
-            return False, f"tunnel down: {parts.tunnel.last_error or 'connecting'}"
+        if not parts.link.ready.is_set():
+            return False, f"tunnel down: {parts.link.last_error or 'connecting'}"
         return True, "ready"
 
     def _snapshot(self) -> Snapshot:
@@ -469,71 +490,100 @@ class Agent:
         return Snapshot(
             agent_id=self.agent_id,
             version=__version__,
-            connected=parts.tunnel.ready.is_set(),
-            reconnects=parts.tunnel.reconnects,
-            commands=dict(parts.processor.outcomes),
-            refusals=dict(parts.processor.refusals),
+            connected=parts.link.ready.is_set(),
+            reconnects=parts.link.reconnects,
+            commands=dict(parts.runner.lifecycle.outcomes),
+            refusals=dict(parts.runner.lifecycle.refusals),
             audit_records=self.audit.head.seq,
-            pending_approvals=len(parts.processor.pending_approvals()),
-            unsent_frames=parts.state.unsent_results(),
+            pending_approvals=len(parts.runner.lifecycle.pending_approvals()),
+            unsent_frames=parts.outbox.unsent_results(),
             streams_open=len(parts.streams.active),
             stream_bytes_to_target=parts.streams.bytes_to_targets,
             stream_bytes_from_target=parts.streams.bytes_from_targets,
-            certificate_expiry_seconds=None if validity is None else validity[1] - time.time(),
+            certificate_expiry_seconds=None
+            if validity is None
+            else validity[1] - self.clock.time(),
         )
 
     def _healthy(self) -> bool:
-        """For the systemd watchdog: running, and every background task alive."""
+        """For the systemd watchdog and /livez: running, and every background task alive."""
         return not self._stop.is_set() and all(not t.done() for t in self._background)
 
-    async def _housekeeping(self, processor: CommandProcessor, state: AgentState) -> None:
-        """Every minute: forget expired commands, and anchor the audit head if it moved."""
-        anchored = -1
+    # -- background -------------------------------------------------------------------------
+
+    async def _housekeeping(self, runner: Runner) -> None:
+        """Every minute: anchor the audit head if it moved, and forget expired commands."""
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
-            head = self.audit.head
-            if head.seq != anchored:
-                state.queue_anchor(audit_seq=head.seq, audit_hash=head.hash, now=time.time())
-                self.parts.tunnel.notify_outbox()
-                anchored = head.seq
-            purged = processor.purge()
-            if purged:
-                self.log.info("replay_cache_purged", commands=purged)
+            runner.anchor()
+            runner.purge()
+
+    async def _watch_files(self, link: Link) -> None:
+        """While disconnected, try again at once when the certificate, key or CA files change
+        (renewed, re-enrolled, or a wrong CA fixed): a person who fixed them should not wait
+        out a 300 s retry."""
+        cp = self.config.control_plane
+        files = (cp.client_cert, cp.client_key, cp.ca_bundle)
+        seen = _stamps(files)
+        while True:
+            await asyncio.sleep(FILE_WATCH_INTERVAL)
+            now = _stamps(files)
+            if now != seen and not link.ready.is_set():
+                self.log.info("tls_files_changed", retry="now")
+                link.retry_now()
+            seen = now
 
     async def _shutdown(
-        self, parts: _Parts, tunnel_stop: asyncio.Event, background: list[asyncio.Task[None]]
+        self,
+        parts: Parts,
+        tunnel_stop: asyncio.Event,
+        runner_task: asyncio.Task[None],
+        background: list[asyncio.Task[None]],
     ) -> None:
-        """Finish or hand over in-flight work, then stop the tunnel. The exit stack closes the
-        control socket, the driver, the state and the audit log afterwards, in that order."""
+        """Finish or hand over in-flight work, then stop the tunnel and the runner. The exit
+        stack closes the control socket, the driver and the journal afterwards."""
         self._notifier.stopping()
-        parts.processor.stop_accepting()
-        self._audit_if_possible(
-            "agent_stopping",
-            reason=self._stop_reason,
-            running=parts.processor.running,
-            queued=parts.processor.queued,
-        )
+        runner = parts.runner
+        runner.stop_accepting()
+        failed = self.audit.failed
+        if not failed:
+            runner.record(
+                "agent_stopping",
+                reason=self._stop_reason,
+                running=runner.running,
+                queued=runner.queued,
+            )
         self.log.info("agent_stopping", reason=self._stop_reason)
         parts.streams.abort_all("agent_stopping")  # a stream has no result to finish
-        await parts.processor.drain(self.config.shutdown_grace)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(FLUSH_ON_STOP):
-                await parts.tunnel.wait_flushed()
+        if not failed:
+            with contextlib.suppress(AuditError):
+                await runner.drain(self.config.shutdown_grace)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FLUSH_ON_STOP):
+                        await self._flushed(parts)
         tunnel_stop.set()
         for task in background:
             if task.get_name() != "tunnel":
                 task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-
-    def _audit_if_possible(self, event: str, **fields: object) -> None:
-        """Shutdown must complete even when the audit log is what failed."""
         if not self.audit.failed:
             with contextlib.suppress(AuditError):
-                self.audit.append(event, **fields)
+                await runner.settle()
+        runner_task.cancel()
+        await asyncio.gather(runner_task, return_exceptions=True)
 
-    def _audit_stopped(self, state: AgentState) -> None:
-        unsent = state.unsent_results()
-        self._audit_if_possible("agent_stopped", reason=self._stop_reason, unsent_frames=unsent)
+    async def _flushed(self, parts: Parts) -> None:
+        """Until every queued result is acknowledged, or the tunnel is down."""
+        while parts.outbox.unsent_results() > 0 and parts.link.ready.is_set():
+            await parts.runner.wait_acked()
+
+    async def _stopped(self) -> None:
+        if self.audit.failed or self._parts is None:
+            return
+        unsent = self._parts.outbox.unsent_results()
+        with contextlib.suppress(AuditError):
+            self.audit.record("agent_stopped", reason=self._stop_reason, unsent_frames=unsent)
+            await self.audit.settle()
         self.log.info("agent_stopped", unsent_frames=unsent)
 
     # -- control socket -------------------------------------------------------------------
@@ -541,7 +591,7 @@ class Agent:
     async def _control_request(
         self, request: Mapping[str, Any], operator: Operator
     ) -> dict[str, object]:
-        processor = self.parts.processor
+        runner = self.parts.runner
         op = request.get("op")
         note = request.get("note")
         note = note[:500] if isinstance(note, str) else None
@@ -550,15 +600,14 @@ class Agent:
                 jti = request.get("jti")
                 if not isinstance(jti, str):
                     return {"ok": False, "error": "bad_request", "message": "'jti' is required"}
-                action = processor.approve if op == "approve" else processor.deny
-                row = action(jti, operator, note)
-                self.log.info(f"command_{op}d", jti=jti, by=operator.user)
+                action = runner.approve if op == "approve" else runner.deny
+                row = await action(jti, operator, note)
+                self.log.info("command_approved" if op == "approve" else "command_denied",
+                              jti=jti, by=operator.user)  # fmt: skip
                 return {"ok": True, "command": row.to_json()}
             if op == "pending":
-                return {
-                    "ok": True,
-                    "commands": [row.to_json() for row in processor.pending_approvals()],
-                }
+                rows = runner.lifecycle.pending_approvals()
+                return {"ok": True, "commands": [row.to_json() for row in rows]}
             if op == "status":
                 return {"ok": True, "status": self.status()}
         except CommandRejected as exc:
@@ -567,13 +616,15 @@ class Agent:
 
     def status(self) -> dict[str, object]:
         parts = self.parts
-        connection = parts.tunnel.connection
+        link = parts.link
+        connection = link.connection
         head = self.audit.head
+        lifecycle = parts.runner.lifecycle
         return {
             "agent_id": self.agent_id,
             "version": __version__,
             "control_plane": self.config.control_plane.url,
-            "connected": parts.tunnel.ready.is_set(),
+            "connected": link.ready.is_set(),
             "connection": None
             if connection is None
             else {
@@ -582,35 +633,26 @@ class Agent:
                 "cipher": connection.cipher,
                 "since": connection.since,
             },
-            "route": parts.tunnel.route,
-            "reconnects": parts.tunnel.reconnects,
-            "consecutive_failures": parts.tunnel.consecutive_failures,
-            "last_error": parts.tunnel.last_error,
+            "route": link.route,
+            "reconnects": link.reconnects,
+            "consecutive_failures": link.consecutive_failures,
+            "last_error": link.last_error,
+            "last_failure_reason": link.last_failure.reason if link.last_failure else None,
+            "next_attempt_at": link.next_attempt_at,
             "client_certificate_expires": _cert_expiry(self.config.control_plane.client_cert),
-            "pending_approvals": len(parts.processor.pending_approvals()),
-            "running_commands": parts.processor.running,
-            "queued_commands": parts.processor.queued,
-            "last_command": parts.processor.last_command,
-            "unsent_frames": parts.state.unsent_results(),
+            "pending_approvals": len(lifecycle.pending_approvals()),
+            "running_commands": parts.runner.running,
+            "queued_commands": parts.runner.queued,
+            "last_command": lifecycle.last_command,
+            "unsent_frames": parts.outbox.unsent_results(),
             "audit_head": {"seq": head.seq, "hash": head.hash},
             "policy_sha256": parts.policy.current.sha256,
             "workload": parts.driver.describe(),
             "streams": parts.streams.describe(),
             "health_url": self.health.url if self.health is not None else None,
             "tasks": len(asyncio.all_tasks()),
-            "time": time.time(),
+            "time": self.clock.time(),
         }
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Parts:
-    state: AgentState
-    policy: PolicyFile
-    driver: Driver
-    tunnel: Tunnel
-    processor: CommandProcessor
-    control: ControlSocketServer
-    streams: StreamManager
 
 
 @contextlib.contextmanager
@@ -633,6 +675,18 @@ def single_instance(state_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _stamps(paths: tuple[Path, ...]) -> tuple[tuple[int, int] | None, ...]:
+    out: list[tuple[int, int] | None] = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_ino, st.st_mtime_ns))
+    return tuple(out)
 
 
 def _cert_validity(path: Path) -> tuple[float, float] | None:

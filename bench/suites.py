@@ -184,6 +184,7 @@ async def _submit(
             command_type="collect_metrics",
             params=params,
         )
+    await stub.store.wait_durable()  # a control plane delivers only what it has on disk
     stub.hub.kick(AGENT_ID)
 
 

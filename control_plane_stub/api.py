@@ -317,11 +317,11 @@ class OperatorApi:
         ]
         return overview.replica_metrics(results)
 
-    def queue_command(
+    async def queue_command(
         self, agent_id: str, command_type: str, params: dict[str, Any], ttl: int = DEFAULT_TTL
     ) -> CommandRecord:
         """Sign a command with the stub's key and queue it for the agent (what ``cp-stub send``
-        and the console's forms do)."""
+        and the console's forms do). It is on disk before it is delivered or answered."""
         signed = self._signer.sign(
             agent_id=agent_id, command_type=command_type, params=params, now=time.time(), ttl=ttl
         )
@@ -334,6 +334,7 @@ class OperatorApi:
             command_type=command_type,
             params=params,
         )
+        await self._store.wait_durable()
         self._hub.kick(agent_id)
         return record
 
@@ -464,7 +465,7 @@ class OperatorApi:
             raise BadRequest("'params' must be an object")
         if not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= 86400:
             raise BadRequest("'ttl' must be an integer number of seconds in 1..86400")
-        record = self.queue_command(agent_id, command_type, params, ttl)
+        record = await self.queue_command(agent_id, command_type, params, ttl)
         return web.json_response({"command": record.to_json()}, status=201)
 
     async def relay_command(self, request: web.Request) -> web.Response:
@@ -483,6 +484,7 @@ class OperatorApi:
             command_type=claimed.type,
             params=dict(claimed.params) if claimed.params is not None else None,
         )
+        await self._store.wait_durable()
         self._hub.kick(agent_id)
         return web.json_response({"command": record.to_json()}, status=201)
 

@@ -4,6 +4,7 @@ operator API on loopback, and the SQLite store behind both."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -27,7 +28,7 @@ from certs.pki import PKIPaths
 from control_plane_stub.api import OperatorApi
 from control_plane_stub.console import Console, ConsoleAuth
 from control_plane_stub.enrollment import CERT_LIFETIME, CertificateAuthority, enrollment_app
-from control_plane_stub.errors import StubConfigError
+from control_plane_stub.errors import StubConfigError, StubError
 from control_plane_stub.hub import Hub, HubSettings
 from control_plane_stub.signer import CommandSigner
 from control_plane_stub.store import StubStore
@@ -108,7 +109,7 @@ class StubServer:
     def __init__(self, config: StubConfig) -> None:
         self.config = config
         self.log = structlog.get_logger("cp-stub").bind(logger="cp-stub")
-        self.store = StubStore(config.db)
+        self.store = StubStore(config.db, group_commit=True)
         self.signer = CommandSigner.from_file(config.signing_key, issuer=config.issuer)
         self.hub = Hub(self.store, HubSettings(heartbeat=config.heartbeat), self.log)
         self.ca = (
@@ -131,6 +132,7 @@ class StubServer:
                 tls=config.console_uses_tls,
             )
         self._ws: Server | None = None
+        self._writer: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self._enroll_runner: web.AppRunner | None = None
         self._console_runner: web.AppRunner | None = None
@@ -141,6 +143,8 @@ class StubServer:
 
     async def start(self) -> None:
         config = self.config
+        self.store.start_group_commit()
+        self._writer = asyncio.create_task(self.hub.run_store_writer(), name="store-writer")
         context = server_context(
             cert=config.server_cert, key=config.server_key, client_ca=config.agent_ca
         )
@@ -261,6 +265,11 @@ class StubServer:
             await self._console_runner.cleanup()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        with contextlib.suppress(StubError):  # what was committed reaches the disk first
+            await self.store.wait_durable()
         self.store.close()
         if self.ca is not None:
             self.ca.close()

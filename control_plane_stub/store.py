@@ -8,17 +8,20 @@ state only moves forward, and an agent can only report on commands addressed to 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
 from agent.core.frames import FINAL_STATES, DeliveryRejected, Status
 from agent.io import sqlite_db
+from agent.io.wal_sync import WalSyncer
 from control_plane_stub.errors import BadRequest, StubError, UnknownCommand
 
 RANK: Final = {
@@ -195,20 +198,117 @@ def _record(row: sqlite3.Row) -> CommandRecord:
 
 
 class StubStore:
-    def __init__(self, path: Path) -> None:
+    """The stub's database. With ``group_commit`` (the server), a commit only reaches the
+    operating system and :meth:`start_group_commit`'s syncer thread makes every commit since
+    its last sync durable with one fsync of the WAL (agent/io/wal_sync.py): callers that must
+    not act before their write is on disk (acknowledging a status, answering 201 for a new
+    command) wait for it with :meth:`wait_durable` or :meth:`after`. Without it (tests, tools),
+    every commit is durable when it returns."""
+
+    def __init__(self, path: Path, *, group_commit: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._group = group_commit
         try:
-            self._db = sqlite_db.connect(path)
+            self._db = sqlite_db.connect(path, durable_commits=not group_commit)
             self._db.executescript(_SCHEMA)
             # A restart means no agent is connected until it dials in again.
             self._db.execute("UPDATE agents SET connected = 0, connected_since = NULL")
         except (OSError, sqlite3.Error) as exc:
             raise StubError(f"cannot open stub database {path}: {exc}") from exc
-        self._tx = partial(sqlite_db.transaction, self._db)
         self._known_certs: set[str] = set()
         """Certificates known to be stored: a reconnection writes nothing for them."""
+        self._in_batch = False
+        self.committed = 0
+        self.durable = 0
+        self._syncer: WalSyncer | None = None
+        self._changed: asyncio.Event | None = None
+        self._after: deque[tuple[int, Callable[[], None]]] = deque()
+        self._failure: BaseException | None = None
+
+    # -- commits ----------------------------------------------------------------------------
+
+    def start_group_commit(self) -> None:
+        """Start the syncer (in the event loop that will use the store)."""
+        if not self._group or self._syncer is not None:
+            return
+        self._changed = asyncio.Event()
+        self._syncer = WalSyncer(
+            self.path,
+            asyncio.get_running_loop(),
+            durable=self._advance,
+            failed=self._failed,
+            name="stub-syncer",
+        )
+        self._syncer.start()
+
+    @contextmanager
+    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction, or a part of the batch being built."""
+        if self._in_batch:
+            yield self._db
+            return
+        with sqlite_db.transaction(self._db, durable=durable or self._group) as db:
+            yield db
+        self._committed()
+
+    @contextmanager
+    def batch(self) -> Iterator[int]:
+        """Many writes in one transaction; yields the commit number to wait for."""
+        if self._in_batch:
+            yield self.committed + 1
+            return
+        self._in_batch = True
+        try:
+            with sqlite_db.transaction(self._db, durable=True) as _db:
+                yield self.committed + 1
+        finally:
+            self._in_batch = False
+        self._committed()
+
+    def _committed(self) -> None:
+        self.committed += 1
+        if self._syncer is not None:
+            self._syncer.request(self.committed)
+        else:
+            self._advance(self.committed, None)
+
+    def _advance(self, commit: int, _mark: int | None) -> None:
+        if commit <= self.durable:
+            return
+        self.durable = commit
+        while self._after and self._after[0][0] <= commit:
+            _, action = self._after.popleft()
+            action()
+        if self._changed is not None:
+            self._changed.set()
+
+    def _failed(self, exc: BaseException) -> None:
+        self._failure = exc
+        if self._changed is not None:
+            self._changed.set()
+
+    def after(self, commit: int, action: Callable[[], None]) -> None:
+        """Run ``action`` once commit ``commit`` is durable (now, if it is)."""
+        if commit <= self.durable:
+            action()
+        else:
+            self._after.append((commit, action))
+
+    async def wait_durable(self, commit: int | None = None) -> None:
+        """Until commit ``commit`` (default: the last one) is on disk."""
+        target = self.committed if commit is None else commit
+        while self.durable < target:
+            if self._failure is not None:
+                raise StubError(f"the stub's database cannot be synced: {self._failure}")
+            assert self._changed is not None  # noqa: S101  # only when not durable at once
+            self._changed.clear()
+            await self._changed.wait()
 
     def close(self) -> None:
+        if self._syncer is not None:
+            self._syncer.stop()
+            self._syncer = None
         self._db.close()
 
     # -- agents ---------------------------------------------------------------------------

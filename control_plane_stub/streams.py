@@ -253,6 +253,7 @@ class StreamBroker:
                 command_type="open_stream",
                 params=params,
             )
+            await self._store.wait_durable()
             self._hub.kick(forward.agent_id)
             connection = await self._wait_for_agent(signed.jti, waiting, signed.exp)
             if connection is None:

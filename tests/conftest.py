@@ -7,7 +7,6 @@ Timeouts in tests are multiplied by ``$BYOC_TEST_TIMEOUT_FACTOR`` (default 1) fo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import shutil
@@ -23,6 +22,7 @@ from agent.config import AgentConfig, load_config
 from agent.core.session import HeartbeatSettings
 from agent.daemon import Agent
 from agent.drivers.base import Driver
+from agent.io.clock import Clock
 from byoc_demo.layout import DemoPaths, write_agent_files
 from certs.pki import PKIPaths, init_pki
 from control_plane_stub.client import StubClient
@@ -142,7 +142,7 @@ class RunningAgent:
 
     async def wait_connected(self) -> None:
         await asyncio.wait_for(self.agent.started.wait(), scaled(30))
-        await asyncio.wait_for(self.agent.parts.tunnel.ready.wait(), scaled(30))
+        await asyncio.wait_for(self.agent.parts.link.ready.wait(), scaled(30))
 
 
 AgentStarter = Callable[..., Awaitable[RunningAgent]]
@@ -162,6 +162,7 @@ async def start_agent(
         name: str = "agent",
         pki_root: Path | None = None,
         wait: bool = True,
+        clock: Clock | None = None,
         **layout: Any,
     ) -> RunningAgent:
         layout.setdefault("heartbeat_interval", 1.0)
@@ -176,7 +177,7 @@ async def start_agent(
             run_dir=short_tmp / name,
             **layout,
         )
-        agent = Agent(load_config(paths.config), driver=driver)
+        agent = Agent(load_config(paths.config), driver=driver, clock=clock)
         watcher = AuditWatcher()
         agent.audit.add_listener(watcher)
         task = asyncio.create_task(agent.run(install_signal_handlers=False))
@@ -187,10 +188,19 @@ async def start_agent(
         return handle
 
     yield start
+    # Every agent is stopped, and one that crashed, or failed to stop, fails the test: the
+    # shutdown path is part of what is tested.
+    problems: list[str] = []
     for handle in running:
-        if not handle.task.done():
-            with contextlib.suppress(Exception):
+        try:
+            if not handle.task.done():
                 await handle.stop()
+            elif not handle.task.cancelled() and handle.task.exception() is not None:
+                raise handle.task.exception()  # type: ignore[misc]
+        except Exception as exc:  # collected, then reported together
+            problems.append(f"{handle.paths.root.name}: {type(exc).__name__}: {exc}")
+    if problems:
+        pytest.fail("agents failed at or before shutdown: " + "; ".join(problems))
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,7 @@ class RecordingDriver:
 
     async def scale(self, replicas: int, ctx: ExecContext) -> dict[str, object]:
         self.calls.append(("scale", replicas, ctx.jti))
-        ctx.audit("replica_change", replicas=replicas)
+        await ctx.audit("replica_change", replicas=replicas)
         await self._maybe_hold()
         previous, self.replicas = self.replicas, replicas
         return {"replicas": replicas, "previous_replicas": previous, "version": self.version}

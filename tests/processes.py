@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from agent.io.audit_file import verify_file
-from agent.io.store import AgentState
+from agent.io.store import Store
 from certs.pki import PKIPaths
 from control_plane_stub.client import StubClient
 from tests.conftest import scaled
@@ -352,10 +352,12 @@ async def check_invariants(
     - in the journal (what really executed): at most one ``start`` line per jti and nothing
       executed that was not submitted; ``succeeded`` means exactly one ``start`` and one ``end``;
       a command with a ``start`` line is succeeded, failed or interrupted, never rejected;
-    - ``interrupted`` only for a command the agent had recorded as ``running`` (its history has
-      ``running``): started without an end (killed mid-command), or ended in the journal but
-      killed before the agent committed the outcome, or killed in the instant between
-      committing ``running`` and the driver's first write. Never for one that did not start;
+    - ``interrupted`` only for a command cut off mid-action: reported ``running`` and its driver
+      had audited an action (``journal_entry``); one that never acted is started again after a
+      restart (``command_resumed`` with ``never_acted``), so it has one more
+      ``execution_started``, never a second ``start`` line;
+    - what the stub was told agrees with the audit log: the outcome of ``execution_finished``
+      is the final state reported, and a ``succeeded``/``failed`` has that record;
     - the agent's own database holds the same final state as the stub for every command;
     - the audit log verifies, has at most one ``execution_started`` and at most one final
       ``result_delivered`` per jti, and has ``execution_started`` (and the driver's
@@ -368,8 +370,9 @@ async def check_invariants(
     finals: Counter[str] = Counter()
     refusals: Counter[str] = Counter()
     interrupted = Counter[str]()
+    stub_finals: dict[str, str] = {}
     jtis = set(submitted.values())
-    agent_state = AgentState(agent_db)
+    agent_state = Store(agent_db)
     try:
         agent_finals = {jti: row.state for jti in jtis if (row := agent_state.get(jti))}
     finally:
@@ -390,6 +393,7 @@ async def check_invariants(
             problems.append(f"{label}: not final ({state})")
             continue
         finals[state] += 1
+        stub_finals[ref] = state
         if agent_finals.get(jti) != state:
             problems.append(f"{label}: {state} at the stub, {agent_finals.get(jti)} at the agent")
         repeated = sorted(s for s, n in Counter(states).items() if n > 1)
@@ -429,15 +433,35 @@ async def check_invariants(
     records = _audit_events(audit_log)
     executions = Counter(str(r["jti"]) for r in records if r["event"] == "execution_started")
     entries = Counter(str(r["jti"]) for r in records if r["event"] == "journal_entry")
+    resumed = Counter(
+        str(r["jti"])
+        for r in records
+        if r["event"] == "command_resumed" and r.get("never_acted") is True
+    )
     delivered = Counter(
         str(r["jti"]) for r in records if r["event"] == "result_delivered" and r.get("jti")
     )
+    outcomes: dict[str, str] = {
+        str(r["jti"]): str(r["outcome"]) for r in records if r["event"] == "execution_finished"
+    }
     for jti in sorted(set(executions) | set(delivered)):
-        if executions[jti] > 1 or delivered[jti] > 1:
+        # A command started again after a restart is one that had never acted.
+        if executions[jti] > 1 + resumed[jti] or delivered[jti] > 1:
             problems.append(
-                f"jti {jti}: {executions[jti]} execution_started, {delivered[jti]} "
-                "result_delivered audit records"
+                f"jti {jti}: {executions[jti]} execution_started ({resumed[jti]} resumed), "
+                f"{delivered[jti]} result_delivered audit records"
             )
+    # What the control plane was told agrees with the audit log.
+    for ref, jti in submitted.items():
+        told = stub_finals.get(ref)
+        if jti in outcomes and told != outcomes[jti]:
+            problems.append(f"{ref}: the audit log says {outcomes[jti]}, the stub was told {told}")
+        if told in ("succeeded", "failed") and jti not in outcomes:
+            problems.append(f"{ref}: {told} at the stub, no execution_finished in the audit log")
+        if told == "interrupted" and not entries[jti]:
+            problems.append(f"{ref}: interrupted, but it never acted (no journal_entry)")
+        if told == "rejected" and entries[jti]:
+            problems.append(f"{ref}: rejected, but it acted (journal_entry)")
     for jti in sorted(starts):
         if not executions[jti] or not entries[jti]:
             problems.append(f"jti {jti} ran without execution_started/journal_entry audited first")

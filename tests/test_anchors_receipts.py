@@ -20,7 +20,7 @@ from agent.core.canonical import canonicalize
 from agent.core.errors import AuditIntegrityError
 from agent.core.frames import Status
 from agent.core.receipts import ReceiptInvalid, ReceiptSigner, result_sha256, verify_receipt
-from agent.io.audit_file import AuditLog, verify_file
+from agent.io.audit_file import verify_file
 from agent.io.receipt_keys import signer_from_files
 from certs.pki import PKIPaths
 from control_plane_stub.cli import main as stub_cli
@@ -28,6 +28,7 @@ from control_plane_stub.client import StubClient
 from control_plane_stub.hub import Hub, HubSettings
 from control_plane_stub.server import StubServer
 from control_plane_stub.store import StubStore
+from tests.audit_files import LogWriter
 from tests.conftest import AgentStarter, scaled
 from tests.fakes import RecordingDriver
 
@@ -266,8 +267,7 @@ def grown_log(tmp_path: Path, store: StubStore, *, cut_to: int, regrow: int, eve
     ``execution_started``), then the file is cut back to ``cut_to`` records on the host, the
     agent restarts (trusting the last line) and keeps working and anchoring every ``every``."""
     path = tmp_path / "audit.log"
-    log = AuditLog(path)
-    log.open()
+    log = LogWriter(path)
 
     def anchor() -> None:
         store.record_anchor("agent-1", log.head.seq, log.head.hash, time.time())
@@ -276,17 +276,14 @@ def grown_log(tmp_path: Path, store: StubStore, *, cut_to: int, regrow: int, eve
         log.append("execution_started" if n == 90 else "tick", n=n)
         if n % 10 == 9:
             anchor()
-    log.close()
     lines = path.read_bytes().splitlines(keepends=True)
     path.write_bytes(b"".join(lines[:cut_to]))
-    log = AuditLog(path)
-    log.open()
+    log = LogWriter(path, verify_file(path).summary.head)  # the agent trusts the last line
     assert log.head.seq == cut_to
     for n in range(regrow):
         log.append("tick", n=1000 + n)
         if n % every == every - 1:
             anchor()
-    log.close()
     return path
 
 
@@ -346,14 +343,12 @@ async def test_cp_stub_anchor_all_feeds_audit_verify_anchors_file(
     """The whole path an operator takes: every anchor through the API (more than one page),
     one SEQ:HASH a line, into ``audit verify --anchors-file``."""
     path = tmp_path / "audit.log"
-    log = AuditLog(path)
-    log.open()
+    log = LogWriter(path)
     for n in range(1200):
         log.append("tick", n=n)
         stub.store.record_anchor("agent-1", log.head.seq, log.head.hash, time.time())
         if n == 0:
             first = log.head.hash
-    log.close()
     api = ["--api", f"http://127.0.0.1:{stub.api_port}"]
     assert await asyncio.to_thread(stub_cli, ["anchor", *api, "agent-1"]) == 0
     assert capsys.readouterr().out.splitlines() == [f"1200:{log.head.hash}"]
@@ -380,13 +375,11 @@ def test_audit_verify_takes_repeated_anchors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "audit.log"
-    log = AuditLog(path)
-    log.open()
+    log = LogWriter(path)
     heads = []
     for n in range(3):
         log.append("tick", n=n)
         heads.append(f"{log.head.seq}:{log.head.hash}")
-    log.close()
     assert (
         agent_cli(["audit", "verify", str(path), "--anchor", heads[0], "--anchor", heads[2]]) == 0
     )

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -23,7 +21,8 @@ from agent.core.audit_chain import (
     verify_lines,
 )
 from agent.core.errors import AuditError, AuditIntegrityError
-from agent.io.audit_file import AuditLog, utc_timestamp, verify_file
+from agent.io.audit_file import utc_timestamp, verify_file
+from tests.audit_files import LogWriter
 
 TS = "2026-11-23T10:00:00.123456Z"
 
@@ -357,195 +356,11 @@ def test_chain_verifier_incremental() -> None:
 # -- the log file ---------------------------------------------------------------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 11, 23, 10, 0, 0, 123456, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        self.now += timedelta(seconds=1)
-        return self.now
-
-
-@pytest.fixture
-def zero_umask() -> Iterator[None]:
-    previous = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(previous)
-
-
-def open_log(path: Path) -> AuditLog:
-    log = AuditLog(path, clock=FakeClock())
-    log.open()
-    return log
-
-
-def test_utc_timestamp() -> None:
-    moment = datetime(2026, 11, 23, 11, 0, 0, 5, tzinfo=UTC)
-    assert utc_timestamp(moment) == "2026-11-23T11:00:00.000005Z"
-    plus_two = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone(timedelta(hours=2)))
-    assert utc_timestamp(plus_two) == "2026-11-23T10:00:00.000000Z"
-
-
-def test_append_returns_heads(tmp_path: Path) -> None:
-    log = open_log(tmp_path / "audit.jsonl")
-    try:
-        assert log.head == ChainHead()
-        first = log.append("agent_started", version="0.1.0")
-        second = log.append("command_received", jti="j-1")
-        assert (first.seq, second.seq) == (1, 2)
-        assert log.head == second
-    finally:
-        log.close()
-    lines = (tmp_path / "audit.jsonl").read_bytes().splitlines(keepends=True)
-    assert len(lines) == 2
-    records = [json.loads(line) for line in lines]
-    assert records[0]["hash"] == first.hash
-    assert records[1]["hash"] == second.hash
-    assert records[1]["prev"] == first.hash
-    assert records[0]["ts"] == "2026-11-23T10:00:01.123456Z"
-    assert records[1]["ts"] == "2026-11-23T10:00:02.123456Z"
-    assert verify_file(tmp_path / "audit.jsonl").summary.head == second
-
-
-def test_file_mode_0640(tmp_path: Path, zero_umask: None) -> None:
-    path = tmp_path / "sub" / "audit.jsonl"
-    log = open_log(path)
-    log.close()
-    assert stat.S_IMODE(path.stat().st_mode) == 0o640
-    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o750
-
-
-def test_reopen_continues_chain(tmp_path: Path) -> None:
-    path = tmp_path / "audit.jsonl"
-    log = open_log(path)
-    log.append("a")
-    head = log.append("b", n=1)
-    log.close()
-
-    reopened = open_log(path)
-    try:
-        assert reopened.head == head
-        third = reopened.append("c")
-    finally:
-        reopened.close()
-    assert third.seq == 3
-    records = [json.loads(line) for line in path.read_bytes().splitlines()]
-    assert records[2]["prev"] == head.hash
-    summary = verify_file(path).summary
-    assert summary.records == 3
-    assert summary.head == third
-
-
-def test_torn_final_line_repaired(tmp_path: Path) -> None:
-    path = tmp_path / "audit.jsonl"
-    log = open_log(path)
-    log.append("a")
-    head = log.append("b")
-    log.close()
-    full_line, _ = make_record(head, "command_started", {"jti": "j-9"}, ts=TS)
-    torn = full_line[: len(full_line) // 2]
-    with path.open("ab") as handle:
-        handle.write(torn)
-    with pytest.raises(AuditIntegrityError):
-        verify_file(path)
-
-    reopened = open_log(path)
-    try:
-        assert reopened.head.seq == 3
-        after = reopened.append("c")
-    finally:
-        reopened.close()
-    records = [json.loads(line) for line in path.read_bytes().splitlines()]
-    assert [r["event"] for r in records] == ["a", "b", "audit_tail_repaired", "c"]
-    assert records[2]["discarded_bytes"] == len(torn)
-    assert records[2]["prev"] == head.hash
-    summary = verify_file(path).summary
-    assert summary.records == 4
-    assert summary.head == after
-
-
-def test_torn_only_line_repaired(tmp_path: Path) -> None:
-    path = tmp_path / "audit.jsonl"
-    path.write_bytes(b'{"event":"a","ha')
-    log = open_log(path)
-    log.close()
-    records = [json.loads(line) for line in path.read_bytes().splitlines()]
-    assert [r["event"] for r in records] == ["audit_tail_repaired"]
-    assert records[0]["seq"] == 1
-    assert records[0]["prev"] == GENESIS
-    assert verify_file(path).summary.records == 1
-
-
-def test_reopen_after_long_records(tmp_path: Path) -> None:
-    # Records longer than the tail-reading chunk still give the right head.
-    path = tmp_path / "audit.jsonl"
-    log = open_log(path)
-    log.append("big", blob="x" * 200_000)
-    head = log.append("big", blob="y" * 150_000)
-    log.close()
-    reopened = open_log(path)
-    reopened.close()
-    assert reopened.head == head
-
-
-def test_reopen_refuses_edited_last_record(tmp_path: Path) -> None:
-    path = tmp_path / "audit.jsonl"
-    log = open_log(path)
-    log.append("a", n=1)
-    log.close()
-    path.write_bytes(path.read_bytes().replace(b'"n":1', b'"n":2'))
-    reopened = AuditLog(path)
-    try:
-        with pytest.raises(AuditIntegrityError):
-            reopened.open()
-    finally:
-        reopened.close()
-
-
-def test_append_after_close(tmp_path: Path) -> None:
-    log = open_log(tmp_path / "audit.jsonl")
-    log.append("a")
-    log.close()
-    with pytest.raises(AuditError, match="not open"):
-        log.append("b")
-    log.close()  # closing twice is harmless
-
-
-def test_append_before_open(tmp_path: Path) -> None:
-    with pytest.raises(AuditError, match="not open"):
-        AuditLog(tmp_path / "audit.jsonl").append("a")
-
-
-def test_append_refuses_bad_fields_without_writing(tmp_path: Path) -> None:
-    path = tmp_path / "audit.jsonl"
-    log = open_log(path)
-    try:
-        head = log.append("a")
-        with pytest.raises(AuditError):
-            log.append("b", ratio=0.5)
-        with pytest.raises(AuditError):
-            log.append("b", prev="forged")
-        assert log.head == head
-    finally:
-        log.close()
-    assert verify_file(path).summary.records == 1
-
-
-def test_open_unwritable_location(tmp_path: Path) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    with pytest.raises(AuditError, match="cannot open"):
-        AuditLog(blocker / "audit.jsonl").open()
-
-
 def test_verify_file_reports_edited_line(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
-    log = open_log(path)
+    log = LogWriter(path)
     for index in range(4):
         log.append("e", n=index)
-    log.close()
     path.write_bytes(path.read_bytes().replace(b'"n":2', b'"n":7'))
     with pytest.raises(AuditIntegrityError) as info:
         verify_file(path)
@@ -555,6 +370,13 @@ def test_verify_file_reports_edited_line(tmp_path: Path) -> None:
 def test_verify_missing_file(tmp_path: Path) -> None:
     with pytest.raises(AuditError, match="cannot read"):
         verify_file(tmp_path / "missing.jsonl")
+
+
+def test_utc_timestamp() -> None:
+    moment = datetime(2026, 11, 23, 11, 0, 0, 5, tzinfo=UTC)
+    assert utc_timestamp(moment) == "2026-11-23T11:00:00.000005Z"
+    plus_two = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone(timedelta(hours=2)))
+    assert utc_timestamp(plus_two) == "2026-11-23T10:00:00.000000Z"
 
 
 def test_a_float_in_a_rehashed_record_is_an_integrity_error() -> None:
@@ -568,11 +390,3 @@ def test_a_float_in_a_rehashed_record_is_an_integrity_error() -> None:
     error = integrity_error(lines)
     assert error.line == 2
     assert "float" in error.reason
-
-
-def test_opening_twice_is_refused(tmp_path: Path) -> None:
-    log = AuditLog(tmp_path / "audit.jsonl")
-    log.open()
-    with pytest.raises(AuditError):
-        log.open()
-    log.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 
 import pytest
 
@@ -136,3 +137,37 @@ def test_base_equal_to_cap_accepted() -> None:
     assert backoff.ceiling() == 5.0
     backoff.next_delay()
     assert backoff.ceiling() == 5.0
+
+
+class _NoJitter(random.Random):
+    """Always the top of the window: what a fleet without jitter would do."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def _reconnections(rngs: list[random.Random], *, back_at: float) -> list[float]:
+    """When each agent of a fleet reconnects: all lose the control plane at 0, dial at once,
+    and wait their delay after every failed attempt (an attempt takes no time here); the first
+    attempt at or after ``back_at`` succeeds."""
+    settings = BackoffSettings(base=0.2, cap=5.0)
+    out = []
+    for rng in rngs:
+        backoff, moment = Backoff(settings, rng=rng), 0.0
+        while moment < back_at:
+            moment += backoff.next_delay()
+        out.append(moment)
+    return out
+
+
+def test_the_backoff_spreads_a_fleet_over_the_window() -> None:
+    """docs/PROTOCOL.md §4.4, the arithmetic behind tests/test_reconnect_storm.py: 200 agents,
+    the control plane back after 2 s. With full jitter their reconnections spread over more than
+    a second and no 100 ms slice holds more than 20 % of them; without jitter all land in one."""
+    clients, back_at, slice_s = 200, 2.0, 0.1
+    jittered = _reconnections([random.Random(20_240_611 + n) for n in range(clients)], back_at=2.0)
+    busiest = max(Counter(int((t - back_at) // slice_s) for t in jittered).values())
+    assert max(jittered) - min(jittered) > 1.0
+    assert busiest <= 0.2 * clients
+    lockstep = _reconnections([_NoJitter() for _ in range(clients)], back_at=2.0)
+    assert max(Counter(int((t - back_at) // slice_s) for t in lockstep).values()) == clients

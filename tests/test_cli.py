@@ -12,18 +12,16 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from agent.cli import main as agent_cli
 from agent.core.verifier import COMMAND_TYP, jwk_thumbprint
-from agent.io.audit_file import AuditLog
 from byoc_demo.layout import REFERENCE_POLICY
 from certs.pki import PKIPaths
 from control_plane_stub.cli import main as stub_cli
+from tests.audit_files import LogWriter
 
 
 def make_log(path: Path, records: int = 5) -> None:
-    log = AuditLog(path)
-    log.open()
+    log = LogWriter(path)
     for n in range(records):
         log.append("test_event", n=n)
-    log.close()
 
 
 def test_audit_verify_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,7 +12,7 @@ import shutil
 import socket
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -24,11 +24,12 @@ from websockets.exceptions import InvalidProxy
 from agent.config import ControlPlaneConfig, TunnelConfig, parse_config
 from agent.core.errors import ConfigError
 from agent.core.frames import Hello
-from agent.io.audit_file import AuditLog
+from agent.core.session import Outbox
+from agent.io.clock import SystemClock
+from agent.io.dialer import Dialer
 from agent.io.egress import Route, redact_url, route_for
 from agent.io.proxy_url import normalize_proxy_url, scrub
-from agent.io.store import AgentState
-from agent.io.tunnel import Tunnel
+from agent.io.tunnel import Link, Tunnel
 from certs.pki import PKIPaths, issue_agent_cert
 from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubServer
@@ -202,12 +203,12 @@ async def test_https_proxy_and_no_proxy_from_the_environment(
     monkeypatch.setenv("HTTPS_PROXY", f"http://{USER}:{PASSWORD}@127.0.0.1:{tinyproxy.port}")
     proxied = await start_agent(port=stub.agent_port, driver=RecordingDriver(), name="proxied")
     assert len(tinyproxy.connects()) == 1
-    assert proxied.agent.parts.tunnel.route.startswith("via proxy http://***@127.0.0.1:")
+    assert proxied.agent.parts.link.route.startswith("via proxy http://***@127.0.0.1:")
     await proxied.stop()
 
     monkeypatch.setenv("NO_PROXY", "localhost")
     direct = await start_agent(port=stub.agent_port, driver=RecordingDriver(), name="direct")
-    assert direct.agent.parts.tunnel.route == "direct"
+    assert direct.agent.parts.link.route == "direct"
     assert len(tinyproxy.connects()) == 1  # the second agent went around the proxy
 
 
@@ -223,7 +224,7 @@ async def test_private_endpoint_dials_one_address_and_verifies_another_name(
         connect_to="127.0.0.1",
         server_name="localhost",
     )
-    assert running.agent.parts.tunnel.route == f"direct to 127.0.0.1:{stub.agent_port}"
+    assert running.agent.parts.link.route == f"direct to 127.0.0.1:{stub.agent_port}"
     sent = await api.send("agent-1", "collect_metrics", {"targets": ["workload"]})
     final = await api.command(sent["ref"], wait_for="final", wait_seconds=scaled(10))
     assert final["command"]["state"] == "succeeded"
@@ -499,27 +500,60 @@ def closed_port() -> int:
     return free_port()
 
 
-def offline_tunnel(tmp_path: Path, cp: ControlPlaneConfig) -> Tunnel:
-    audit = AuditLog(tmp_path / "audit.log")
-    audit.open()
-    return Tunnel(
+@dataclass
+class Records:
+    """A tunnel handler that only keeps the audit records the tunnel asks for."""
+
+    seen: list[str] = field(default_factory=list)
+
+    def record(self, event: str, /, **fields: object) -> None:
+        self.seen.append(f"{event} {fields!r}")
+
+    def command(self, peer: object, ref: str, token: str) -> None:
+        raise AssertionError("no session in these tests")
+
+    def ack(self, peer: object, seq: int) -> None:
+        raise AssertionError("no session in these tests")
+
+    def keyset(self, peer: object, token: str) -> None:
+        raise AssertionError("no session in these tests")
+
+    def certificate(self, frame: object) -> None:
+        raise AssertionError("no session in these tests")
+
+    def session_ended(self) -> None:
+        pass
+
+
+def offline_tunnel(tmp_path: Path, cp: ControlPlaneConfig) -> tuple[Tunnel, Records]:
+    link, records = Link(), Records()
+    tunnel = Tunnel(
+        link=link,
+        dialer=Dialer(
+            cp, ssl_context=ssl.create_default_context, user_agent="t", connected=link.ready
+        ),
         control_plane=cp,
         settings=TunnelConfig(),
         ssl_context=ssl.create_default_context,
-        hello=Hello(protocol=1, agent_version="x", capabilities={}, heartbeat_interval=15.0),
-        state=AgentState(tmp_path / "agent.db"),
-        audit=audit,
-        on_delivery=lambda _ref, _token: "refused",
-        log=structlog.get_logger(),
+        hello=lambda: Hello(protocol=1, agent_version="x", capabilities={}, heartbeat_interval=15),
+        outbox=Outbox(),
+        durable=lambda: 0,
+        handler=records,
         agent_id="agent-1",
+        clock=SystemClock(),
+        log=structlog.get_logger(),
     )
+    return tunnel, records
 
 
-async def attempt_once(tunnel: Tunnel) -> list[str]:
-    """One connection attempt; returns everything that could show an error (state and logs)."""
+async def attempt_once(offline: tuple[Tunnel, Records]) -> list[str]:
+    """One connection attempt; returns everything that could show an error (state, audit
+    records and logs)."""
+    tunnel, records = offline
     with structlog.testing.capture_logs() as logs:
         await tunnel._attempt(asyncio.Event())
-    return [tunnel.route, str(tunnel.last_error), *(repr(entry) for entry in logs)]
+    link = tunnel.link
+    return [link.route, str(link.last_error), *records.seen, *(repr(entry) for entry in logs)]
 
 
 @pytest.mark.parametrize(
@@ -537,8 +571,9 @@ async def test_proxy_credentials_never_reach_last_error_or_logs(
     """/tmp/review3/egress_leak.py: websockets' InvalidProxy text, holding the whole URL,
     went to ``last_error`` (so ``byoc-agent status``) and the ``connect_failed`` log line."""
     clean_environment.setenv("HTTPS_PROXY", proxy.format(port=closed_port()))
-    tunnel = offline_tunnel(tmp_path, control_plane(tmp_path))
-    shown = await attempt_once(tunnel)
+    offline = offline_tunnel(tmp_path, control_plane(tmp_path))
+    shown = await attempt_once(offline)
+    tunnel = offline[0].link
     assert tunnel.last_error is not None
     assert not [text for text in shown if "SECRET" in text]
     assert tunnel.route.startswith(("via proxy http://***@127.0.0.1:", "none "))
@@ -552,8 +587,9 @@ async def test_credentials_file_password_never_reaches_last_error_or_logs(
     creds.chmod(0o600)
     port = closed_port()
     clean_environment.setenv("HTTPS_PROXY", f"127.0.0.1:{port}")
-    tunnel = offline_tunnel(tmp_path, control_plane(tmp_path, proxy_credentials_file=creds))
-    shown = await attempt_once(tunnel)
+    offline = offline_tunnel(tmp_path, control_plane(tmp_path, proxy_credentials_file=creds))
+    shown = await attempt_once(offline)
+    tunnel = offline[0].link
     assert tunnel.route == f"via proxy http://***@127.0.0.1:{port}"
     assert "ConnectionRefusedError" in str(tunnel.last_error)  # it did go to the proxy
     assert not [text for text in shown if "SECRET" in text]
@@ -569,9 +605,10 @@ async def test_an_error_text_quoting_the_proxy_url_is_scrubbed(
     async def connect(*_args: object, proxy: str, **_kwargs: object) -> None:
         raise InvalidProxy(proxy, "hostile library text; password pw-SECRET")
 
-    monkeypatch.setattr("agent.io.tunnel._ConnectWithoutRedirects", connect)
-    tunnel = offline_tunnel(tmp_path, control_plane(tmp_path, proxy=url))
-    shown = await attempt_once(tunnel)
+    monkeypatch.setattr("agent.io.dialer._ConnectWithoutRedirects", connect)
+    offline = offline_tunnel(tmp_path, control_plane(tmp_path, proxy=url))
+    shown = await attempt_once(offline)
+    tunnel = offline[0].link
     assert tunnel.last_error is not None
     assert "http://***@proxy.corp:3128 isn't a valid proxy" in tunnel.last_error
     assert not [text for text in shown if "SECRET" in text]

@@ -9,7 +9,7 @@ import dataclasses
 import hashlib
 import stat
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from agent.config import load_config
 from agent.daemon import Agent
 from agent.enroll import EnrollmentFailed, enroll
+from agent.io.clock import Clock, OffsetClock
 from agent.io.files import write_atomic
 from agent.io.renewal import Validity, new_key_and_csr, private_key_pem, renewal_due
 from byoc_demo.layout import DemoPaths, write_agent_files
@@ -114,17 +115,17 @@ async def enrolled(
 
 @contextlib.asynccontextmanager
 async def running_agent(
-    paths: DemoPaths, host_clock: Callable[[], float] = time.time, *, ready: bool = True
+    paths: DemoPaths, clock: Clock | None = None, *, ready: bool = True
 ) -> AsyncIterator[tuple[Agent, AuditWatcher]]:
     """The agent of ``paths``, in this loop (connected, unless ``ready`` is False)."""
-    agent = Agent(load_config(paths.config), driver=RecordingDriver(), host_clock=host_clock)
+    agent = Agent(load_config(paths.config), driver=RecordingDriver(), clock=clock)
     watcher = AuditWatcher()
     agent.audit.add_listener(watcher)
     task = asyncio.create_task(agent.run(install_signal_handlers=False))
     try:
         await asyncio.wait_for(agent.started.wait(), scaled(30))
         if ready:
-            await asyncio.wait_for(agent.parts.tunnel.ready.wait(), scaled(30))
+            await asyncio.wait_for(agent.parts.link.ready.wait(), scaled(30))
         yield agent, watcher
     finally:
         agent.request_stop("test")
@@ -244,11 +245,11 @@ async def test_the_agent_renews_before_expiry_and_uses_the_new_certificate_next_
         assert renewed["serial"] == format(
             x509.load_pem_x509_certificate(new_cert).serial_number, "x"
         )
-        assert agent.parts.tunnel.ready.is_set()  # no gap: the session carried on
+        assert agent.parts.link.ready.is_set()  # no gap: the session carried on
 
         ca_stub.hub.disconnect("agent-6", 4001, "test: reconnect")  # the next connection ...
         await audit.wait_for("connection_up", count=2)
-        await asyncio.wait_for(agent.parts.tunnel.ready.wait(), scaled(10))
+        await asyncio.wait_for(agent.parts.link.ready.wait(), scaled(10))
         presented = ca_stub.hub.links["agent-6"].cert_sha256
         assert presented == fingerprint(x509.load_pem_x509_certificate(new_cert))  # the new one
 
@@ -264,7 +265,7 @@ async def test_a_revoked_certificate_is_disconnected_and_refused(
         assert "4006" in str(down["reason"])
         refused = await audit.wait_for("connection_failed", reason="http_refused", within=20)
         assert refused["status"] == 403
-        assert not agent.parts.tunnel.ready.is_set()
+        assert not agent.parts.link.ready.is_set()
         assert "agent-4" not in ca_stub.hub.links
 
 
@@ -319,8 +320,8 @@ async def test_a_skewed_agent_renews_on_the_control_planes_time(
     measured at ``welcome``, the agent renews once, on time."""
     name = "agent-5b" if skew < 0 else "agent-5a"
     paths = await enrolled(ca_stub, ca_api, pki, tmp_path, short_tmp, name)
-    async with running_agent(paths, host_clock=lambda: time.time() + skew) as (agent, audit):
-        assert agent.parts.tunnel.clock_offset == pytest.approx(-skew, abs=5)
+    async with running_agent(paths, clock=OffsetClock(skew)) as (agent, audit):
+        assert agent.parts.link.clock_offset == pytest.approx(-skew, abs=5)
         await audit.wait_for("certificate_renewed", within=LIFETIME * 2)
         renewed = x509.load_pem_x509_certificate(
             load_config(paths.config).control_plane.client_cert.read_bytes()

@@ -609,7 +609,7 @@ async def test_message_over_websocket_limit_closes_and_agent_reconnects(world: W
     assert await world.cp.wait_closed(first) == 1009
     await world.cp.connection(2)
     await assert_still_usable(world)
-    assert world.running.agent.parts.tunnel.reconnects >= 1
+    assert world.running.agent.parts.link.reconnects >= 1
 
     records = world.audit()
     down = find(records, "connection_down")

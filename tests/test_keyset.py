@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,21 @@ from tests.conftest import AgentStarter, RunningAgent, scaled
 from tests.fakes import RecordingDriver
 
 NOW = 1_800_000_000.0
+
+
+@dataclass
+class SteppedClock:
+    """The system clock plus an offset the test moves forward (the agent's own clock)."""
+
+    offset: float = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+
 DAY = 86_400.0
 
 
@@ -213,15 +229,17 @@ async def test_an_expired_key_set_stops_trusting_its_keys(
             op.root, 1, load_ed25519_private(pki.signing_key), lifetime=lifetime, now=time.time()
         )
     )
+    clock = SteppedClock()
     await start_agent(
         port=stub.agent_port,
         driver=RecordingDriver(),
         root_key=op.offline / "root.pub",
         keyset=short,
         clock_skew=0.0,
+        clock=clock,
     )
     assert (await command_signed_by(api, pki.signing_key))["state"] == "succeeded"
-    await asyncio.sleep(lifetime + 0.5)  # waiting for wall-clock time to pass, not for an event
+    clock.offset += lifetime + 1  # the agent's clock passes the set's expiry; nothing sleeps
     assert (await command_signed_by(api, pki.signing_key))["reason"] == "keyset_expired"
 
 

@@ -58,7 +58,7 @@ class Cluster:
         }
 
     def ctx(self) -> ExecContext:
-        def audit(event: str, /, **fields: object) -> None:
+        async def audit(event: str, /, **fields: object) -> None:
             self.records.append((event, fields))
 
         return ExecContext(jti="test", audit=audit, log=structlog.get_logger())

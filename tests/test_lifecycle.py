@@ -37,7 +37,7 @@ async def test_result_made_while_disconnected_is_delivered_after_reconnect(
     assert driver.hold is not None
     driver.hold.set()  # the command finishes while nobody is listening
     await running.audit.wait_for("execution_finished", outcome="succeeded")
-    assert running.agent.parts.state.outbox_size() >= 1  # kept on disk, unsent
+    assert len(running.agent.parts.outbox) >= 1  # kept on disk, unsent
 
     second = StubServer(stub_config(pki, db, agent_port=port))  # same database, same port
     await second.start()
@@ -97,7 +97,8 @@ async def test_cut_connection_reconnects_without_losing_or_repeating_work(
         final = await api.command(sent["ref"], wait_for="final", wait_seconds=scaled(20))
         assert final["command"]["state"] == "succeeded"
         assert driver.executed(sent["jti"]) == 1
-        assert running.audit.count("connection_up") >= 2
+        # It came through a second connection (whose record may land just after the result).
+        await running.audit.wait_for("connection_up", count=2)
     finally:
         await proxy.close()
 

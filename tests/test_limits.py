@@ -5,29 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 import time
-from pathlib import Path
 
 import pytest
-import structlog
 
-from agent.config import ControlPlaneConfig, TunnelConfig
-from agent.core.frames import DeliveryRejected, Frame, Hello, KeySetStatus, Status, Welcome, encode
+from agent.core.frames import DeliveryRejected, Frame, Hello, Status, Welcome, encode
 from agent.core.limits import ErrorBudget, TokenBucket
 from agent.core.session import (
+    BENIGN_REFUSALS,
     AgentSession,
     CloseCode,
     CloseRequested,
-    CommandDelivered,
     FrameRefused,
     HeartbeatSettings,
-    KeySetOffered,
 )
-from agent.executor import DeliveryOutcome
-from agent.io.audit_file import AuditLog
-from agent.io.store import AgentState
-from agent.io.tunnel import Tunnel
 from certs.pki import PKIPaths
 from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubServer
@@ -67,7 +58,7 @@ def test_session_closes_a_peer_over_its_error_budget() -> None:
     for n in range(5):
         events = session.receive("{not json", 1.0 + n)
         assert [type(e) for e in events] == [FrameRefused]
-    assert session.delivery_refused(7.0) == [
+    assert session.delivery_outcome("bad_signature", 7.0) == [
         CloseRequested(CloseCode.TOO_MANY_ERRORS, "more than 5 refused frames or deliveries in 60s")
     ]
 
@@ -81,47 +72,24 @@ def test_session_closes_a_peer_over_its_deferral_budget() -> None:
     session = AgentSession(hello=Hello(protocol=1, agent_version="t"), heartbeat=settings, now=0.0)
     welcome = Welcome(protocol=1, agent_id="agent-1", server_time=0.0, heartbeat_interval=10.0)
     session.receive(encode(welcome), 0.1)
-    assert [session.delivery_deferred(1.0 + n) for n in range(4)] == [[], [], [], []]
-    assert session.delivery_refused(5.0) == []  # the error budget is untouched
-    assert session.delivery_deferred(61.5) == []  # the first two have left the window
-    assert session.delivery_deferred(62.0) == []
-    assert session.delivery_deferred(62.5) == [
+    assert [session.delivery_outcome("busy", 1.0 + n) for n in range(4)] == [[], [], [], []]
+    assert session.delivery_outcome("replayed", 5.0) == []  # the error budget is untouched
+    assert session.delivery_outcome("rate_limited", 61.5) == []  # two have left the window
+    assert session.delivery_outcome("duplicate_delivery", 62.0) == []
+    assert session.delivery_outcome("shutting_down", 62.5) == [
         CloseRequested(
             CloseCode.TOO_MANY_ERRORS,
             "more than 4 deferred deliveries or re-offered key sets in 60s",
         )
     ]
-    assert session.delivery_deferred(63.0) == []  # closed: asked once
+    assert session.delivery_outcome("busy", 63.0) == []  # closed: asked once
 
 
-async def test_redeliveries_and_keyset_reoffers_are_bounded_per_connection(
-    tmp_path: Path,
-) -> None:
+def test_redeliveries_and_keyset_reoffers_are_bounded_per_connection() -> None:
     """/tmp/review3/audit_flood.py: a redelivery (``duplicate_delivery``), a ``rate_limited``
     refusal and a re-offer of the key set in force each write audit records but spent no
-    budget at all, so one connection could write audit records without bound."""
-    outcomes: list[DeliveryOutcome] = []
-    tunnel = Tunnel(
-        control_plane=ControlPlaneConfig(
-            url="wss://cp.example.com/v1/agent",
-            host="cp.example.com",
-            port=443,
-            ca_bundle=tmp_path / "ca",
-            client_cert=tmp_path / "c",
-            client_key=tmp_path / "k",
-        ),
-        settings=TunnelConfig(),
-        ssl_context=ssl.create_default_context,
-        hello=Hello(protocol=1, agent_version="t"),
-        state=AgentState(tmp_path / "agent.db"),
-        audit=AuditLog(tmp_path / "audit.log"),
-        on_delivery=lambda _ref, _token: outcomes[len(outcomes) - 1],
-        on_keyset=lambda _token: KeySetStatus(
-            version=3, accepted=False, reason="already_current", detail="v3 is in force"
-        ),
-        log=structlog.get_logger(),
-        agent_id="agent-1",
-    )
+    budget at all, so one connection could write audit records without bound. The session is
+    the one place that decides which refusal spends which budget."""
 
     def session() -> AgentSession:
         settings = HeartbeatSettings(interval=10, timeout=30, max_peer_deferrals=5)
@@ -130,23 +98,20 @@ async def test_redeliveries_and_keyset_reoffers_are_bounded_per_connection(
         made.receive(encode(welcome), 0.0)
         return made
 
-    for outcome in ("deferred", "accepted"):
-        outcomes.append(outcome)
-        delivered = session()
-        closes = [tunnel._handle(delivered, [CommandDelivered("r", "t")]) for _ in range(6)]
-        if outcome == "deferred":  # the sixth is over the budget of five
-            assert closes[:5] == [None] * 5
-            assert closes[5] == CloseRequested(
-                CloseCode.TOO_MANY_ERRORS,
-                "more than 5 deferred deliveries or re-offered key sets in 60s",
-            )
-        else:  # accepted deliveries spend nothing (the rate limit bounds them)
-            assert closes == [None] * 6
+    over = CloseRequested(
+        CloseCode.TOO_MANY_ERRORS, "more than 5 deferred deliveries or re-offered key sets in 60s"
+    )
+    for refusal in sorted(BENIGN_REFUSALS):
+        deferred = session()
+        closes = [deferred.delivery_outcome(refusal, 1.0) for _ in range(6)]
+        assert closes == [[]] * 5 + [[over]], refusal  # the sixth is over the budget of five
+    accepted = session()  # accepted deliveries spend nothing (the rate limit bounds them)
+    assert [accepted.delivery_outcome(None, 1.0) for _ in range(6)] == [[]] * 6
     offered = session()
-    closes = [tunnel._handle(offered, [KeySetOffered("t")]) for _ in range(6)]
-    assert closes[:5] == [None] * 5
-    assert closes[5] is not None
-    assert closes[5].code == CloseCode.TOO_MANY_ERRORS
+    closes = [offered.keyset_outcome(False, "already_current", 1.0) for _ in range(6)]
+    assert closes == [[]] * 5 + [[over]]
+    refused = session()  # any other key-set refusal spends the (larger here) error budget
+    assert refused.keyset_outcome(False, "rollback", 1.0) == []
 
 
 async def test_a_peer_redelivering_in_a_loop_is_disconnected(

@@ -62,7 +62,7 @@ class AuditRecorder:
         self.violations: list[str] = []
         self._arrived = asyncio.Event()
 
-    def __call__(self, event: str, /, **fields: object) -> None:
+    async def __call__(self, event: str, /, **fields: object) -> None:
         pid, port = fields.get("pid"), fields.get("port")
         if event == "replica_stopping" and isinstance(pid, int) and not is_running(pid):
             self.violations.append(f"{event} {fields}: the process had already exited")
@@ -660,9 +660,9 @@ async def test_a_port_taken_by_another_program_is_not_mistaken_for_the_replica(
     servers: list[http.server.ThreadingHTTPServer] = []
     grabbing = True
 
-    def grab_the_port(event: str, /, **fields: object) -> None:
+    async def grab_the_port(event: str, /, **fields: object) -> None:
         nonlocal grabbing
-        harness.audit(event, **fields)
+        await harness.audit(event, **fields)
         port = fields.get("port")
         if grabbing and event == "replica_starting" and isinstance(port, int):
             grabbing = False  # written before the spawn: the impostor wins the race

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -537,25 +536,24 @@ async def test_agent_closes_4003_without_welcome(
     cp: IndependentControlPlane, start_agent: AgentStarter
 ) -> None:
     """§4.1.4: no welcome within ``handshake_timeout`` (here 2 s; default 10 s) closes with
-    4003."""
+    4003. (When, exactly, is the session's rule, tested with explicit times in
+    tests/test_session.py::test_handshake_timeout.)"""
     cp.withhold_welcome = True
     await start_agent(port=cp.port, driver=RecordingDriver(), wait=False, handshake_timeout=2.0)
     conn = await cp.wait_until(
         lambda: next((c for c in cp.connections if c.hello is not None), None),
         within=scaled(WAIT),
     )
-    started = time.monotonic()
     await cp.wait_until(conn.closed.is_set, within=scaled(15))
-    elapsed = time.monotonic() - started
     assert conn.close_code_received == 4003
-    assert 1.5 <= elapsed <= scaled(4.0), elapsed
 
 
 async def test_agent_heartbeat_timeout_raised_to_three_intervals(
     pki: PKIPaths, tmp_path: Path, start_agent: AgentStarter
 ) -> None:
-    """§4.3: the agent's heartbeat timeout (5 s here) is raised to at least 3 x the control
-    plane's announced interval (2 s -> 6 s); when nothing arrives for that long, it aborts."""
+    """§4.3: when nothing arrives for its heartbeat timeout, the agent aborts the connection
+    and dials again. (The timeout's length, at least 3 x the control plane's announced
+    interval, is the session's rule, tested with explicit times in tests/test_session.py.)"""
     async with IndependentControlPlane(
         server_cert=pki.server_cert,
         server_key=pki.server_key,
@@ -566,11 +564,8 @@ async def test_agent_heartbeat_timeout_raised_to_three_intervals(
         plane.silent = True
         await start_agent(port=plane.port, driver=RecordingDriver(), wait=False)
         conn = await plane.wait_connection(AGENT_ID, within=scaled(WAIT))
-        welcomed = time.monotonic()  # the welcome was the last frame the agent received
         await plane.wait_until(conn.closed.is_set, within=scaled(15))
-        elapsed = time.monotonic() - welcomed
-        assert 6.0 <= elapsed <= scaled(8.0), elapsed
-        assert conn.close_code_received in (None, 4004)
+        assert conn.close_code_received in (None, 4004)  # aborted: the code may never arrive
         plane.silent = False
         await plane.wait_connection(AGENT_ID, after=conn, within=scaled(WAIT))
 

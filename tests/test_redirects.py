@@ -117,11 +117,11 @@ async def test_tunnel_redirect_is_refused_never_followed(
     assert elsewhere.accepted == 0
     assert cp.requests == ["/v1/agent"]  # not even the same host's other path
     assert cp.connections == []  # no WebSocket session was ever opened
-    tunnel = agent.agent.parts.tunnel
-    assert not tunnel.ready.is_set()
-    assert tunnel.last_error is not None
-    assert "redirect" in tunnel.last_error
-    assert location not in tunnel.last_error  # the status text names no other host
+    link = agent.agent.parts.link
+    assert not link.ready.is_set()
+    assert link.last_error is not None
+    assert "redirect" in link.last_error
+    assert location not in link.last_error  # the status text names no other host
 
 
 async def test_tunnel_redirect_without_location_is_refused(

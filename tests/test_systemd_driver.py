@@ -65,9 +65,10 @@ GOOD = {
     ],
 )
 def test_bad_settings_are_refused(tmp_path: Path, change: dict[str, object], message: str) -> None:
-    env = DriverEnvironment(
-        state_dir=tmp_path, audit=lambda *_a, **_k: None, log=structlog.get_logger()
-    )
+    async def audit(event: str, /, **fields: object) -> None:
+        pass  # nothing is recorded: the settings are refused before anything runs
+
+    env = DriverEnvironment(state_dir=tmp_path, audit=audit, log=structlog.get_logger())
     SystemdDriver(GOOD, env)  # the good settings are good
     with pytest.raises(ConfigError, match=message):
         SystemdDriver({**GOOD, **change}, env)

@@ -143,11 +143,11 @@ class Refusals:
         assert failed["detail"]
         assert find(records, "connection_up") == []
 
-        tunnel = running.agent.parts.tunnel
-        assert tunnel.reconnects == attempts, _summary(self.logs)
-        assert not tunnel.ready.is_set()
-        assert tunnel.connection is None
-        assert tunnel.last_error == failed["detail"]
+        link = running.agent.parts.link
+        assert link.reconnects == attempts, _summary(self.logs)
+        assert not link.ready.is_set()
+        assert link.connection is None
+        assert link.last_error == failed["detail"]
 
         rejected = [e for e in self.logs if e["event"] == "tls_certificate_rejected"]
         assert len(rejected) == 1, rejected
@@ -222,7 +222,7 @@ async def test_good_pair_connects_and_audits_the_server_certificate(
     assert up["tls_version"] == "TLSv1.3"
     assert up["url"] == running.config.control_plane.url
     assert find(records, "connection_failed") == []
-    connection = running.agent.parts.tunnel.connection
+    connection = running.agent.parts.link.connection
     assert connection is not None
     assert connection.peer_sha256 == der_sha256(pki.server_cert)
     assert connection.agent_id_seen == AGENT_ID

@@ -1,8 +1,17 @@
-"""One connection's protocol state, on the agent side. Sans-I/O.
+"""The agent side of the protocol: one connection's state (:class:`AgentSession`) and the
+outbox that outlives connections (:class:`Outbox`). Sans-I/O.
 
-The asyncio tunnel feeds it what arrives (:meth:`AgentSession.receive`) and the time
+The asyncio tunnel feeds a session what arrives (:meth:`AgentSession.receive`) and the time
 (:meth:`AgentSession.tick`), sends what :meth:`AgentSession.data_to_send` returns, and acts on the
 events it gets back. The session never blocks, never reads a clock and never touches a socket.
+It owns the connection's budgets: which refusal spends which one is decided here only
+(:meth:`AgentSession.delivery_outcome`, :meth:`AgentSession.keyset_outcome`), and which ack is
+acceptable (:meth:`AgentSession.acknowledge`).
+
+The outbox numbers the frames that must arrive (``status``, ``delivery_rejected``, ``anchor``:
+docs/PROTOCOL.md §6.3), keeps them until acknowledged and says which may go out: one that the
+durable store has not got yet never does, so the control plane cannot hear of a state the agent
+could lose.
 
 Phases (docs/PROTOCOL.md §4)::
 
@@ -17,29 +26,44 @@ middlebox dropped the flow).
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any, Final
 
 from agent.core.errors import ProtocolError
 from agent.core.frames import (
+    FINAL_STATES,
     MAX_FRAME_TO_AGENT,
+    MAX_FRAME_TO_CONTROL_PLANE,
     PROTOCOL_VERSION,
     TO_AGENT,
     Ack,
+    Anchor,
     CertificateFrame,
     CommandFrame,
+    DeliveryRejected,
     ErrorFrame,
     Frame,
     Hello,
     KeySetFrame,
     Ping,
     Pong,
+    Status,
     Welcome,
     decode,
     encode,
 )
 from agent.core.limits import ErrorBudget
+
+BENIGN_REFUSALS: Final = frozenset({"shutting_down", "busy", "rate_limited", "duplicate_delivery"})
+"""Delivery refusals that are no fault of the peer's (docs/PROTOCOL.md §3): they spend the
+deferral budget, not the error budget."""
+MAX_OUTBOX: Final = 10_000
+"""Unacknowledged frames beyond which refusals are audited but not queued (a peer that never
+acknowledges cannot make the outbox grow without bound)."""
 
 
 class CloseCode:
@@ -134,6 +158,14 @@ class CloseRequested:
     reason: str
 
 
+@dataclass(frozen=True)
+class AckRefused:
+    """An ``ack`` for a frame not sent on this connection (ignored, and counted as an error)."""
+
+    seq: int
+    last_sent: int
+
+
 Event = (
     Welcomed
     | CommandDelivered
@@ -143,6 +175,7 @@ Event = (
     | PeerReportedError
     | FrameRefused
     | CloseRequested
+    | AckRefused
 )
 
 
@@ -198,6 +231,8 @@ class AgentSession:
             limit=heartbeat.max_peer_deferrals, window=heartbeat.peer_error_window
         )
         self._outgoing: deque[str] = deque([encode(hello)])
+        self.last_sent = 0
+        """The highest outbox ``seq`` sent on this connection."""
 
     # -- output ---------------------------------------------------------------------------
 
@@ -271,15 +306,44 @@ class AgentSession:
         """Queue a frame of the agent's own (e.g. a ``keyset_status``) for the peer."""
         self._queue(frame)
 
-    def delivery_refused(self, now: float) -> list[Event]:
-        """The agent refused a delivered command: that spends the peer's error budget too."""
+    def delivery_outcome(self, refusal: str | None, now: float) -> list[Event]:
+        """A delivery on this connection was accepted (``None``) or refused for ``refusal``:
+        a refusal spends the error budget, or the deferral budget when it is no fault of the
+        peer's (:data:`BENIGN_REFUSALS`)."""
+        if refusal is None:
+            return []
+        if refusal in BENIGN_REFUSALS:
+            return self._spend_deferral(now)
         return self._spend_error(now)
 
-    def delivery_deferred(self, now: float) -> list[Event]:
-        """The agent refused a delivery, or a key set, for a reason that is no fault of the
-        peer's (a redelivery, ``rate_limited``, ``busy``, ``already_current``...). Each was
-        audited, so they have a budget of their own, larger than the error budget: a peer over
-        it is closed with the same code (4005)."""
+    def keyset_outcome(self, accepted: bool, reason: str | None, now: float) -> list[Event]:
+        """A key set offered on this connection was answered: a re-offer of the set in force
+        (``already_current``) spends the deferral budget, any other refusal the error budget."""
+        if accepted:
+            return []
+        if reason == "already_current":
+            return self._spend_deferral(now)
+        return self._spend_error(now)
+
+    def sent(self, seq: int) -> None:
+        """The outbox frame ``seq`` went out on this connection (counted before the write
+        completes: its ack may arrive first)."""
+        self.last_sent = max(self.last_sent, seq)
+
+    def acknowledge(
+        self, seq: int, outbox: Outbox, now: float
+    ) -> tuple[OutboxEntry | None, list[Event]]:
+        """Apply an ``ack``: the entry it removed from the outbox (None if it was gone already,
+        a repeated ack). An ack for a frame not sent on this connection is ignored (an early ack
+        must not lose a frame) and spends the error budget."""
+        if seq > self.last_sent:
+            return None, [AckRefused(seq, self.last_sent), *self._spend_error(now)]
+        return outbox.ack(seq), []
+
+    def _spend_deferral(self, now: float) -> list[Event]:
+        """Refusals that are no fault of the peer's were audited too, so they have a budget of
+        their own, larger than the error budget: a peer over it is closed with the same code
+        (4005)."""
         if self.phase is Phase.CLOSED or not self._deferrals.spend(now):
             return []
         return self._close(
@@ -330,3 +394,109 @@ class AgentSession:
 def _size(data: str | bytes) -> int:
     """Size in bytes on the wire (UTF-8 for text), as the frame limits count it."""
     return len(data.encode("utf-8", "surrogatepass")) if isinstance(data, str) else len(data)
+
+
+# -- the outbox ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutboxEntry:
+    """One frame that must reach the control plane."""
+
+    seq: int
+    kind: str
+    """``status``, ``delivery_rejected`` or ``anchor``."""
+    body: Mapping[str, Any]
+    """The frame's members except ``type`` and ``seq``."""
+    jti: str | None = None
+    state: str | None = None
+    commit: int = 0
+    """The store commit that holds it: it may go out once that commit is durable."""
+
+    def frame(self) -> Status | DeliveryRejected | Anchor:
+        if self.kind == Status.type:
+            return Status(seq=self.seq, **self.body)
+        if self.kind == Anchor.type:
+            return Anchor(seq=self.seq, **self.body)
+        return DeliveryRejected(seq=self.seq, **self.body)
+
+    @property
+    def reports_final(self) -> bool:
+        return self.kind == Status.type and self.state in FINAL_STATES
+
+
+class Outbox:
+    """Unacknowledged frames, by ``seq``: strictly increasing over the agent's life (the next
+    number is stored with every entry), sent in order, again on every connection."""
+
+    def __init__(self, entries: Iterable[OutboxEntry] = (), *, next_seq: int = 1) -> None:
+        self._entries: dict[int, OutboxEntry] = {}
+        for entry in sorted(entries, key=lambda e: e.seq):
+            self._entries[entry.seq] = entry
+        self.next_seq = max([next_seq, *(seq + 1 for seq in self._entries)])
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(
+        self, kind: str, body: Mapping[str, Any], *, commit: int, jti: str | None = None,
+        state: str | None = None,
+    ) -> OutboxEntry | None:  # fmt: skip
+        """Number and keep a frame. A refusal is not kept once the outbox holds
+        :data:`MAX_OUTBOX` frames (the caller audited it; a peer that never acknowledges cannot
+        make this grow): None then."""
+        if kind == DeliveryRejected.type and len(self._entries) >= MAX_OUTBOX:
+            return None
+        entry = OutboxEntry(
+            seq=self.next_seq, kind=kind, body=body, jti=jti, state=state, commit=commit
+        )
+        self._entries[entry.seq] = entry
+        self.next_seq += 1
+        return entry
+
+    def waiting_anchor(self) -> OutboxEntry | None:
+        """An anchor not acknowledged yet (a new one replaces it: only the newest matters)."""
+        return next((e for e in self._entries.values() if e.kind == Anchor.type), None)
+
+    def remove(self, seq: int) -> OutboxEntry | None:
+        return self._entries.pop(seq, None)
+
+    def ack(self, seq: int) -> OutboxEntry | None:
+        return self._entries.pop(seq, None)
+
+    def sendable(self, *, after: int, durable: int) -> list[OutboxEntry]:
+        """Entries numbered above ``after`` whose commit is durable, in order; it stops at the
+        first one that is not durable yet (frames go out in ``seq`` order)."""
+        out = []
+        for seq in sorted(s for s in self._entries if s > after):
+            entry = self._entries[seq]
+            if entry.commit > durable:
+                break
+            out.append(entry)
+        return out
+
+    def unsent_results(self) -> int:
+        """Entries that report on deliveries and commands (anchors are best effort, and a
+        control plane that ignores them must not hold up a stop)."""
+        return sum(1 for e in self._entries.values() if e.kind != Anchor.type)
+
+
+def encode_entry(entry: OutboxEntry) -> tuple[str, str | None]:
+    """The text of an outbox frame, and the problem, if it could not be sent as it is: a frame
+    that is not strict JSON or over the limit is replaced by one that says so, so that it
+    cannot block the outbox."""
+    try:
+        text = encode(entry.frame())
+        if len(text.encode("utf-8")) <= MAX_FRAME_TO_CONTROL_PLANE:
+            return text, None
+        problem = "over the frame size limit"
+    except (ValueError, TypeError) as exc:
+        problem = f"not valid JSON: {exc}"
+    frame = entry.frame()
+    if isinstance(frame, Status):
+        frame = dataclasses.replace(
+            frame, result={"truncated": True}, detail=f"result could not be sent: {problem}"
+        )
+    elif isinstance(frame, DeliveryRejected):
+        frame = dataclasses.replace(frame, detail=frame.detail[:200], jti=None)
+    return encode(frame), problem

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Final
@@ -29,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent.core.errors import CommandRejected, ProtocolError
-from agent.core.frames import MAX_TOKEN_CHARS, parse_json_object
+from agent.core.frames import MAX_TOKEN_CHARS, KeySetStatus, parse_json_object
 from agent.core.verifier import TrustedKeys, jwk_thumbprint
 
 KEYSET_TYP: Final = "byoc-keyset+jwt"
@@ -193,3 +194,145 @@ class KeyRing:
 
     def trusted(self) -> TrustedKeys:
         return self.current.trusted() if self.current is not None else TrustedKeys({})
+
+
+# -- what the agent trusts, and how an offer changes it ------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredKeySet:
+    """A key set accepted earlier, as the store keeps it: the token and the root that signed it
+    (a JWK, JSON)."""
+
+    token: str
+    signer: str
+
+
+@dataclass(frozen=True)
+class SaveKeySet:
+    """Effect: keep an accepted set with its signer (so a rollback is refused after a restart)."""
+
+    version: int
+    token: str
+    signer: str
+
+
+@dataclass(frozen=True)
+class DiscardKeySets:
+    """Effect: forget every kept set and its version floor (the configured root replaced)."""
+
+
+@dataclass(frozen=True)
+class TrustRecord:
+    """Effect: an audit record (and the operational log line that goes with it)."""
+
+    event: str
+    fields: dict[str, object]
+    level: str = "info"
+
+
+TrustEffect = SaveKeySet | DiscardKeySets | TrustRecord
+
+
+class Trust:
+    """The command-signing keys the agent trusts: a fixed list, or an offline root and the
+    newest key set it signed. Sans-I/O: the store's contents in, effects out."""
+
+    def __init__(self, *, fixed: TrustedKeys | None = None, ring: KeyRing | None = None) -> None:
+        if (fixed is None) == (ring is None):
+            raise ValueError("trust: either a fixed key list or a key ring")
+        self._fixed = fixed
+        self.ring = ring
+
+    @classmethod
+    def from_root(
+        cls, root: Ed25519PublicKey, *, latest: StoredKeySet | None, signers: list[str]
+    ) -> tuple[Trust, list[TrustEffect]]:
+        """The configured root, and the highest set accepted before (re-checked against the
+        root that signed it).
+
+        The configured root wins: the kept sets count only if they descend from it (it signed
+        one of them, or the latest names it as the next root: the root was rotated through key
+        sets and the configuration updated to match). Otherwise the customer replaced the root
+        (feared stolen, say): the kept sets and their version floor are discarded
+        (``keyset_root_replaced``) and trust starts again from the configured root.
+
+        Raises ValueError when a kept set no longer verifies (a damaged store)."""
+        if latest is None:
+            return cls(ring=KeyRing(root)), []
+        try:
+            current = read_keyset(latest.token, signer=key_from_jwk(_json(latest.signer), "signer"))
+            kids = {jwk_thumbprint(key_from_jwk(_json(jwk), "signer")) for jwk in signers}
+        except KeySetRejected as exc:
+            raise ValueError(f"the stored key set no longer verifies: {exc.detail}") from exc
+        configured = jwk_thumbprint(root)
+        if configured in kids or configured == current.root_kid:
+            return cls(ring=KeyRing(root, current)), []
+        fields: dict[str, object] = {
+            "root_kid": configured,
+            "previous_root_kid": current.root_kid,
+            "discarded_version": current.version,
+        }
+        effects: list[TrustEffect] = [
+            TrustRecord("keyset_root_replaced", fields, level="warning"),
+            DiscardKeySets(),
+        ]
+        return cls(ring=KeyRing(root)), effects
+
+    @property
+    def version(self) -> int | None:
+        """The version of the key set in force (0: none yet); None with a fixed key list."""
+        return None if self.ring is None else self.ring.version
+
+    def keys(self) -> TrustedKeys:
+        if self._fixed is not None:
+            return self._fixed
+        assert self.ring is not None  # noqa: S101  # one of the two, by construction
+        return self.ring.trusted()
+
+    def offer(
+        self, token: str, *, now: float, clock_skew: float
+    ) -> tuple[KeySetStatus, list[TrustEffect]]:
+        """Judge a key set offered now (docs/PROTOCOL.md §5.4)."""
+        ring = self.ring
+        if ring is None:
+            return (
+                KeySetStatus(
+                    version=0,
+                    accepted=False,
+                    reason="keysets_not_enabled",
+                    detail="this agent trusts a fixed list of command keys (commands.trusted_keys)",
+                ),
+                [],
+            )
+        try:
+            keyset = ring.check(token, now=now, clock_skew=clock_skew)
+        except KeySetRejected as exc:
+            record = TrustRecord(
+                "keyset_rejected", {"reason": exc.code, "detail": exc.detail}, level="warning"
+            )
+            status = KeySetStatus(
+                version=ring.version, accepted=False, reason=exc.code, detail=exc.detail
+            )
+            return status, [record]
+        accepted = TrustRecord(
+            "keyset_accepted",
+            {
+                "version": keyset.version,
+                "previous_version": ring.version,
+                "kids": sorted(keyset.keys.by_kid),
+                "root_kid": keyset.root_kid,
+                "root_rotated": keyset.root_kid != jwk_thumbprint(ring.root),
+                "expires": int(keyset.expires_at),
+            },
+        )
+        save = SaveKeySet(keyset.version, token, json.dumps(public_jwk(ring.root)))
+        ring.install(keyset)
+        return KeySetStatus(version=keyset.version, accepted=True), [accepted, save]
+
+
+def _json(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise KeySetRejected("malformed_keyset", "a stored signer is not JSON") from exc

@@ -22,9 +22,11 @@ import structlog
 
 
 class AuditSink(Protocol):
-    """Writes one audit record and fsyncs it before returning."""
+    """Writes one audit record; returns once it is on disk (the action it describes may then
+    be taken). Records from every command that is ready in the same turn share one disk write
+    (agent/io/journal.py)."""
 
-    def __call__(self, event: str, /, **fields: object) -> None: ...
+    async def __call__(self, event: str, /, **fields: object) -> None: ...
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -61,34 +61,36 @@ class JournalDriver:
             os.close(self._fd)
             self._fd = None
 
-    def _append(self, **entry: object) -> None:
+    async def _append(self, **entry: object) -> None:
+        """One line, on disk before this returns (synced in a thread: the event loop goes on)."""
         if self._fd is None:
             raise RuntimeError("journal driver is not started")
         line = json.dumps({"at": time.time(), **entry}, sort_keys=True) + "\n"
-        os.write(self._fd, line.encode())
-        os.fsync(self._fd)
+        fd = self._fd
+        os.write(fd, line.encode())
+        await asyncio.to_thread(os.fsync, fd)
 
     async def _run(self, ctx: ExecContext, command: str, **params: object) -> None:
-        ctx.audit("journal_entry", command=command)
-        self._append(event="start", jti=ctx.jti, command=command, **params)
+        await ctx.audit("journal_entry", command=command)
+        await self._append(event="start", jti=ctx.jti, command=command, **params)
         if self.delay:
             await asyncio.sleep(self.delay)
 
     async def scale(self, replicas: int, ctx: ExecContext) -> dict[str, object]:
         await self._run(ctx, "scale", replicas=replicas)
         previous, self.replicas = self.replicas, replicas
-        self._append(event="end", jti=ctx.jti, replicas=self.replicas, version=self.version)
+        await self._append(event="end", jti=ctx.jti, replicas=self.replicas, version=self.version)
         return {"replicas": replicas, "previous_replicas": previous, "version": self.version}
 
     async def upgrade(self, version: str, ctx: ExecContext) -> dict[str, object]:
         await self._run(ctx, "upgrade", version=version)
         previous, self.version = self.version, version
-        self._append(event="end", jti=ctx.jti, replicas=self.replicas, version=self.version)
+        await self._append(event="end", jti=ctx.jti, replicas=self.replicas, version=self.version)
         return {"version": version, "previous_version": previous, "changed": previous != version}
 
     async def collect_metrics(self, targets: Sequence[str], ctx: ExecContext) -> dict[str, object]:
         await self._run(ctx, "collect_metrics", targets=list(targets))
-        self._append(event="end", jti=ctx.jti, replicas=self.replicas, version=self.version)
+        await self._append(event="end", jti=ctx.jti, replicas=self.replicas, version=self.version)
         return {
             "samples": [
                 {

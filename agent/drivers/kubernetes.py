@@ -266,14 +266,14 @@ class KubernetesDriver:
         if s.kind == "Milvus":
             current = await self._read()
             previous = _milvus_component(current, s.component).get("replicas")
-            ctx.audit("workload_scaling", object=self._object(), replicas=replicas)
+            await ctx.audit("workload_scaling", object=self._object(), replicas=replicas)
             patch = {"spec": {"components": {s.component: {"replicas": replicas}}}}
             await self._patch(patch, PatchType.MERGE)
         else:
             with api_errors(f"get {self._object()}/scale"):
                 scale = await self._api.get(self._resource.Scale, s.name)
             previous = scale.spec.replicas if scale.spec is not None else None
-            ctx.audit("workload_scaling", object=self._object(), replicas=replicas)
+            await ctx.audit("workload_scaling", object=self._object(), replicas=replicas)
             await self._patch({"spec": {"replicas": replicas}}, PatchType.MERGE, scale=True)
         self._described["replicas"] = replicas
         return {"replicas": replicas, "previous_replicas": previous}
@@ -286,7 +286,9 @@ class KubernetesDriver:
         try:
             await self._wait_rollout(since)
         except _RolloutStuck as stuck:
-            ctx.audit("rollback_started", object=self._object(), image=previous, why=str(stuck))
+            await ctx.audit(
+                "rollback_started", object=self._object(), image=previous, why=str(stuck)
+            )
             _, since = await self._set_image(previous, ctx, reason="rollback")
             try:
                 await self._wait_rollout(since)
@@ -348,7 +350,7 @@ class KubernetesDriver:
                     "template": {"spec": {"containers": [{"name": s.container, "image": image}]}}
                 }
             patch = {"metadata": {"resourceVersion": version}, "spec": spec}
-            ctx.audit("image_setting", object=self._object(), image=image, reason=reason)
+            await ctx.audit("image_setting", object=self._object(), image=image, reason=reason)
             try:
                 done = await self._patch(patch, patch_type)
             except _Conflict:

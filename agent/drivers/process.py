@@ -192,7 +192,7 @@ class ProcessDriver:
         known = {replica.proc.pid for replica in self._replicas}
         orphans = [p for p in marked_processes(self._marker) if p.pid not in known]
         for orphan in orphans:
-            self._env.audit("replica_orphan_stopping", pid=orphan.pid)
+            await self._env.audit("replica_orphan_stopping", pid=orphan.pid)
             with contextlib.suppress(psutil.Error):
                 orphan.terminate()
         if orphans:
@@ -354,7 +354,7 @@ class ProcessDriver:
         ctx: ExecContext,
     ) -> NoReturn:
         """Put the ``upgraded`` replicas back on the versions they ran; always raises."""
-        ctx.audit(
+        await ctx.audit(
             "rollback_started",
             from_version=version,
             to_version=previous,
@@ -478,7 +478,7 @@ class ProcessDriver:
 
     async def _restart(self, dead: _Replica) -> None:
         audit, log = self._env.audit, self._env.log
-        audit(
+        await audit(
             "replica_restarting",
             replica=dead.index,
             pid=dead.proc.pid,
@@ -557,7 +557,7 @@ class ProcessDriver:
                     continue
                 raise
             break
-        audit(
+        await audit(
             "replica_healthy",
             replica=index,
             pid=replica.proc.pid,
@@ -588,7 +588,7 @@ class ProcessDriver:
                 replica=index,
                 state_dir=self._env.state_dir,
             )
-            audit("replica_starting", replica=index, version=version, port=port)
+            await audit("replica_starting", replica=index, version=version, port=port)
             try:
                 proc = await ManagedProcess.spawn(
                     argv, self._env.state_dir / f"replica-{index}.log", marker=self._marker
@@ -662,7 +662,7 @@ class ProcessDriver:
         With ``keep_slot`` the (stopped) replica stays recorded, to be restarted later.
         """
         if replica.proc.running:
-            audit(
+            await audit(
                 "replica_stopping",
                 replica=replica.index,
                 pid=replica.proc.pid,

@@ -247,11 +247,11 @@ class SystemdDriver:
         for unit in await (await self._bus()).units_matching(pattern, ["active", "activating"]):
             match = self._instance.fullmatch(unit)
             if match and int(match.group(1)) >= self._replicas:
-                self._env.audit("unit_stopping", unit=unit, reason="above the replica count")
+                await self._env.audit("unit_stopping", unit=unit, reason="above the replica count")
                 await self._job("stop", int(match.group(1)))
         for index in range(self._replicas):
             if await (await self._bus()).active_state(self._unit(index)) != "active":
-                self._env.audit("unit_starting", unit=self._unit(index), reason="reconcile")
+                await self._env.audit("unit_starting", unit=self._unit(index), reason="reconcile")
                 await self._job("start", index)
 
     async def close(self) -> None:
@@ -277,12 +277,14 @@ class SystemdDriver:
             previous = self._replicas
             started: list[int] = []
             for index in range(previous, replicas):
-                ctx.audit("unit_starting", unit=self._unit(index), port=self._port(index))
+                await ctx.audit("unit_starting", unit=self._unit(index), port=self._port(index))
                 started.append(index)
                 problem = await self._start_healthy(index, "start")
                 if problem is not None:
                     for undo in reversed(started):
-                        ctx.audit("unit_stopping", unit=self._unit(undo), reason="scale undone")
+                        await ctx.audit(
+                            "unit_stopping", unit=self._unit(undo), reason="scale undone"
+                        )
                         await self._job("stop", undo)
                     raise DriverError(
                         "unhealthy",
@@ -290,7 +292,7 @@ class SystemdDriver:
                         result={"replicas": previous},
                     )
             for index in reversed(range(replicas, previous)):
-                ctx.audit("unit_stopping", unit=self._unit(index), reason="scale down")
+                await ctx.audit("unit_stopping", unit=self._unit(index), reason="scale down")
                 await self._job("stop", index)
             self._replicas = replicas
             self._persist()
@@ -309,9 +311,9 @@ class SystemdDriver:
                 await self._install(version, release, target, ctx)
             self._upgrade = _Upgrade(previous, version)
             self._persist()  # before `current` moves: a killed agent finds it at its next start
-            self._switch(target, ctx.audit, reason="upgrade")
+            await self._switch(target, ctx.audit, reason="upgrade")
             for index in range(self._replicas):
-                ctx.audit("unit_restarting", unit=self._unit(index), version=version)
+                await ctx.audit("unit_restarting", unit=self._unit(index), version=version)
                 self._upgrade.moved.append(index)
                 self._persist()
                 try:
@@ -377,7 +379,7 @@ class SystemdDriver:
         if not any(release.url.startswith(prefix) for prefix in self.settings.allowed_urls):
             raise DriverError("url_not_allowed", f"{release.url} is not under allowed_urls")
         self.settings.releases_dir.mkdir(parents=True, exist_ok=True)
-        ctx.audit("artifact_downloading", version=version, url=release.url)
+        await ctx.audit("artifact_downloading", version=version, url=release.url)
         with tempfile.TemporaryDirectory(dir=self.settings.releases_dir, prefix=".get-") as tmp:
             artifact = Path(tmp) / "artifact"
             digest = await self._download(release.url, artifact)
@@ -388,14 +390,14 @@ class SystemdDriver:
                 )
             if self.settings.signing_key is not None:
                 await self._check_signature(release.url, artifact)
-            ctx.audit("artifact_verified", version=version, sha256=digest)
+            await ctx.audit("artifact_verified", version=version, sha256=digest)
             unpacked = Path(tmp) / "release"
             try:
                 with tarfile.open(artifact) as archive:
                     extract_release(archive, unpacked)
             except (tarfile.TarError, OSError) as exc:
                 raise DriverError("bad_artifact", f"{release.url}: {exc}") from exc
-            ctx.audit("release_installing", version=version, path=str(target))
+            await ctx.audit("release_installing", version=version, path=str(target))
             os.replace(unpacked, target)
 
     async def _download(self, url: str, path: Path) -> str:
@@ -403,6 +405,12 @@ class SystemdDriver:
         size = 0
         try:
             async with self._client.stream("GET", url, follow_redirects=False) as response:
+                if response.is_redirect or 300 <= response.status_code < 400:
+                    raise DriverError(
+                        "redirect_refused",
+                        f"{url}: HTTP {response.status_code} redirect; redirects are never "
+                        "followed (point the release URL at the artifact itself)",
+                    )
                 if response.status_code != httpx.codes.OK:
                     raise DriverError("download_failed", f"{url}: HTTP {response.status_code}")
                 with path.open("wb") as out:
@@ -432,8 +440,8 @@ class SystemdDriver:
         except InvalidSignature as exc:
             raise DriverError("signature_invalid", f"{url}: it does not verify") from exc
 
-    def _switch(self, target: Path, audit: AuditSink, *, reason: str) -> None:
-        audit("release_switching", to=target.name, previous=self.version, reason=reason)
+    async def _switch(self, target: Path, audit: AuditSink, *, reason: str) -> None:
+        await audit("release_switching", to=target.name, previous=self.version, reason=reason)
         link = self.settings.current
         temporary = link.with_name(f".{link.name}.new")
         temporary.unlink(missing_ok=True)
@@ -441,12 +449,12 @@ class SystemdDriver:
         os.replace(temporary, link)  # atomic: readers see the old or the new release
 
     async def _roll_back(self, previous: str | None, moved: list[int], audit: AuditSink) -> None:
-        audit("rollback_started", to=previous, units=[self._unit(i) for i in moved])
+        await audit("rollback_started", to=previous, units=[self._unit(i) for i in moved])
         if previous is None:
             raise DriverError("rollback_failed", "there was no previous release to go back to")
-        self._switch(self.settings.releases_dir / previous, audit, reason="rollback")
+        await self._switch(self.settings.releases_dir / previous, audit, reason="rollback")
         for index in moved:
-            audit("unit_restarting", unit=self._unit(index), version=previous)
+            await audit("unit_restarting", unit=self._unit(index), version=previous)
             problem = await self._start_healthy(index, "restart")
             if problem is not None:
                 raise DriverError(
@@ -459,7 +467,7 @@ class SystemdDriver:
         """The agent stopped half way through an upgrade (killed, or the host rebooted): its
         command is reported interrupted, so go back to where it started."""
         audit = self._env.audit
-        audit(
+        await audit(
             "upgrade_interrupted",
             previous=upgrade.previous,
             to=upgrade.to,
@@ -470,10 +478,10 @@ class SystemdDriver:
                 await self._roll_back(upgrade.previous, upgrade.moved, audit)
         except DriverError as exc:
             # Keep going: the agent must come up to report; the control plane sees the state.
-            audit("upgrade_recovery_failed", code=exc.code, detail=exc.detail)
+            await audit("upgrade_recovery_failed", code=exc.code, detail=exc.detail)
             self._env.log.error("upgrade_recovery_failed", code=exc.code, detail=exc.detail)
         else:
-            audit("upgrade_recovered", version=self.version)
+            await audit("upgrade_recovered", version=self.version)
         self._upgrade = None
         self._persist()
 

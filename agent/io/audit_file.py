@@ -1,18 +1,23 @@
-"""The audit log file: append-only JSON Lines, hash-chained, each record fsync'd before the action
-it describes is taken (the caller awaits nothing between ``append`` returning and acting).
+"""The audit log file: append-only JSON Lines, hash-chained (the chain is built by
+:mod:`agent.core.audit_chain`; this module owns the file).
 
-The chain itself is built by :mod:`agent.core.audit_chain`; this module owns the file.
+Lines are appended as their batch commits (agent/io/journal.py): readers (``tail -f``,
+``byoc-agent audit``) see them at once, and the file is synced to disk off the critical path,
+because the state store holds each batch's lines until then. At open, what a crash left after
+the last *committed* record is cut off (those records were never committed, so nothing they
+describe was done), and what the file lost in a power failure is written back from the store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from agent.core.audit_chain import ChainHead, ChainVerifier, make_record, parse_line, record_hash
+from agent.core.audit_chain import ChainHead, ChainVerifier, parse_line, record_hash
 from agent.core.errors import AuditError, AuditIntegrityError
 
 _TAIL_CHUNK: Final = 64 * 1024
@@ -24,7 +29,7 @@ def utc_timestamp(moment: datetime | None = None) -> str:
 
 
 def _last_line(fd: int, size: int) -> tuple[bytes, int]:
-    """The last line of the file (with its newline, if any) and the offset where it starts."""
+    """The last line of the first ``size`` bytes (with its newline, if any) and its offset."""
     end = size
     buffer = b""
     while end > 0:
@@ -40,28 +45,18 @@ def _last_line(fd: int, size: int) -> tuple[bytes, int]:
     return buffer, 0
 
 
-class AuditLog:
-    """An open audit log. Not thread-safe: one writer (the agent's event loop) owns it."""
+class AuditFile:
+    """The open audit log file. One writer: the agent's event loop; :meth:`sync` may run in
+    another thread."""
 
-    def __init__(self, path: Path, *, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self._clock = clock or (lambda: datetime.now(UTC))
         self._fd: int | None = None
-        self._head = ChainHead()
-        self._listeners: list[Callable[[str, Mapping[str, object]], None]] = []
-        self._on_failure: list[Callable[[OSError], None]] = []
-        self._failure: str | None = None
+        self.torn_bytes = 0
+        """Bytes of an incomplete last line cut off at open (a crash in the middle of a write)."""
 
-    def add_listener(self, listener: Callable[[str, Mapping[str, object]], None]) -> None:
-        """Call ``listener(event, fields)`` after each record is durably written."""
-        self._listeners.append(listener)
-
-    @property
-    def head(self) -> ChainHead:
-        return self._head
-
-    def open(self) -> None:
-        """Open (or create) the log and find the chain head. Repairs a torn final line."""
+    def open(self) -> ChainHead:
+        """Open (or create) the file, cut off a torn last line, and return the chain's head."""
         if self._fd is not None:
             raise AuditError(f"audit log {self.path} is already open")
         try:
@@ -71,34 +66,32 @@ class AuditLog:
             raise AuditError(f"cannot open audit log {self.path}: {exc}") from exc
         self._fd = fd
         try:
-            self._recover_head(fd)
+            size = os.fstat(fd).st_size
+            line, offset = _last_line(fd, size) if size else (b"", 0)
+            if size and not line.endswith(b"\n"):
+                os.ftruncate(fd, offset)
+                self.torn_bytes = len(line)
+            return self._head_before(os.fstat(fd).st_size)
+        except OSError as exc:
+            self.close()
+            raise AuditError(f"cannot read audit log {self.path}: {exc}") from exc
         except BaseException:
             self.close()
             raise
 
-    def _recover_head(self, fd: int) -> None:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return
-        line, offset = _last_line(fd, size)
-        if not line.endswith(b"\n"):
-            # A crash interrupted a write: the record was never complete, so the action it
-            # described was never taken. Cut it off and say so in the chain.
-            os.ftruncate(fd, offset)
-            os.fsync(fd)
-            torn = line
-            self._head = self._read_head(fd, offset)
-            self.append("audit_tail_repaired", discarded_bytes=len(torn))
-            return
-        self._head = self._head_from_line(line)
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            raise AuditError("audit log is not open")
+        return self._fd
 
-    def _read_head(self, fd: int, size: int) -> ChainHead:
+    def _head_before(self, size: int) -> ChainHead:
         if size == 0:
             return ChainHead()
-        line, _ = _last_line(fd, size)
-        return self._head_from_line(line)
+        line, _ = _last_line(self.fd, size)
+        return self._head_of(line)
 
-    def _head_from_line(self, line: bytes) -> ChainHead:
+    def _head_of(self, line: bytes) -> ChainHead:
         record = parse_line(line.rstrip(b"\n"), 0)
         try:
             valid = record_hash(record) == record["hash"]
@@ -108,51 +101,42 @@ class AuditLog:
             raise AuditIntegrityError(0, f"the last record of {self.path} does not match its hash")
         return ChainHead(int(str(record["seq"])), str(record["hash"]))
 
-    def append(self, event: str, /, **fields: object) -> ChainHead:
-        """Write one record and fsync it. Returns the new head.
+    def cut_after(self, seq: int) -> tuple[ChainHead, int]:
+        """Remove every record after ``seq`` (they were written ahead of a commit that never
+        happened); return the new head and how many records went."""
+        fd = self.fd
+        size = os.fstat(fd).st_size
+        removed = 0
+        while size:
+            line, offset = _last_line(fd, size)
+            head = self._head_of(line)
+            if head.seq <= seq:
+                break
+            size, removed = offset, removed + 1
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+        return self._head_before(size), removed
 
-        A write or fsync that fails cuts the file back to where the record began and *latches*
-        the log: every later append raises :class:`AuditError`. Nothing may happen without an
-        audit record, so the agent stops (``on_failure``) rather than carry on unaudited; the
-        chain on disk stays valid for the next start.
-        """
-        if self._fd is None:
-            raise AuditError("audit log is not open")
-        if self._failure is not None:
-            raise AuditError(f"audit log {self.path} failed earlier: {self._failure}")
-        line, head = make_record(self._head, event, fields, ts=utc_timestamp(self._clock()))
-        fd = self._fd
+    def write(self, lines: bytes) -> None:
+        """Append complete lines (not yet synced). A failed or short write cuts the file back
+        to where it was and raises AuditError."""
+        fd = self.fd
         start = os.fstat(fd).st_size
         try:
-            written = os.write(fd, line)
-            if written != len(line):
-                raise OSError(f"short write ({written} of {len(line)} bytes)")
-            os.fsync(fd)
+            written = os.write(fd, lines)
+            if written != len(lines):
+                raise OSError(f"short write ({written} of {len(lines)} bytes)")
         except OSError as exc:
-            self._latch(fd, start, exc)
+            # Best effort: leave no partial record behind (open() cuts it otherwise).
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
             raise AuditError(f"cannot write audit log {self.path}: {exc}") from exc
-        self._head = head
-        for listener in self._listeners:
-            listener(event, fields)
-        return head
 
-    def _latch(self, fd: int, start: int, exc: OSError) -> None:
-        self._failure = str(exc)
-        try:  # best effort: leave no partial record behind (open() repairs it otherwise)
-            os.ftruncate(fd, start)
-            os.fsync(fd)
-        except OSError:
-            pass
-        for callback in self._on_failure:
-            callback(exc)
-
-    @property
-    def failed(self) -> bool:
-        return self._failure is not None
-
-    def on_failure(self, callback: Callable[[OSError], None]) -> None:
-        """Call ``callback`` once if the log latches into its failed state."""
-        self._on_failure.append(callback)
+    def sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            raise AuditError(f"cannot sync audit log {self.path}: {exc}") from exc
 
     def close(self) -> None:
         if self._fd is not None:

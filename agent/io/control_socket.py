@@ -32,7 +32,7 @@ from typing import Any, Final
 import structlog
 
 from agent.core.errors import ControlSocketError
-from agent.executor import Operator
+from agent.core.lifecycle import Operator
 
 MAX_REQUEST_BYTES: Final = 64 * 1024
 Handler = Callable[[Mapping[str, Any], Operator], Awaitable[dict[str, object]]]

@@ -7,13 +7,13 @@ last good policy stays in force: a typo must never open or close the door by acc
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
 from agent.core.errors import ConfigError, PolicyError
 from agent.core.policy import Policy
-from agent.io.audit_file import AuditLog
 
 
 def read_policy(path: Path) -> Policy:
@@ -29,10 +29,14 @@ def read_policy(path: Path) -> Policy:
 
 class PolicyFile:
     def __init__(
-        self, path: Path, audit: AuditLog, log: structlog.typing.FilteringBoundLogger
+        self,
+        path: Path,
+        record: Callable[..., object],
+        log: structlog.typing.FilteringBoundLogger,
     ) -> None:
+        """``record(event, **fields)`` writes an audit record (the journal's current batch)."""
         self.path = path
-        self._audit = audit
+        self._record = record
         self._log = log
         try:
             self._policy = read_policy(path)
@@ -49,7 +53,7 @@ class PolicyFile:
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _audit_loaded(self, trigger: str) -> None:
-        self._audit.append(
+        self._record(
             "policy_loaded",
             path=str(self.path),
             policy_sha256=self._policy.sha256,
@@ -70,7 +74,7 @@ class PolicyFile:
         try:
             policy = read_policy(self.path)
         except PolicyError as exc:
-            self._audit.append(
+            self._record(
                 "policy_reload_failed",
                 path=str(self.path),
                 trigger=trigger,

@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.core.frames import CertificateFrame, RenewRequest
-from agent.io.audit_file import AuditLog
 from agent.io.files import write_atomic
 from agent.io.tls import common_name
 
@@ -92,7 +91,7 @@ class CertificateRenewer:
         send: Callable[[RenewRequest], object],
         connected: asyncio.Event,
         clock_offset: Callable[[], float],
-        audit: AuditLog,
+        record: Callable[..., object],
         log: structlog.typing.FilteringBoundLogger,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -102,7 +101,8 @@ class CertificateRenewer:
         self._send = send
         self._connected = connected
         self._clock_offset = clock_offset
-        self._audit = audit
+        self._record = record
+        """Writes an audit record (agent/io/runner.py)."""
         self._log = log
         self._clock = clock
         self._pending_key: ec.EllipticCurvePrivateKey | None = None
@@ -133,14 +133,14 @@ class CertificateRenewer:
             try:
                 await self.renew_once()
             except (RenewalRefused, TimeoutError, ConnectionError) as exc:
-                self._audit.append("certificate_renewal_failed", detail=str(exc)[:300])
+                self._record("certificate_renewal_failed", detail=str(exc)[:300])
                 self._log.warning("certificate_renewal_failed", error=str(exc))
                 await asyncio.sleep(RETRY_AFTER)
 
     async def renew_once(self) -> None:
         key, csr = new_key_and_csr(self._agent_id)
         self._answer = asyncio.get_running_loop().create_future()
-        self._audit.append("certificate_renewal_requested")
+        self._record("certificate_renewal_requested")
         await self._send_request(csr)
         async with asyncio.timeout(ANSWER_WITHIN):
             frame = await self._answer
@@ -165,7 +165,7 @@ class CertificateRenewer:
         write_atomic(self._cert_path, frame.certificate.encode(), 0o644)
         self.renewed += 1
         not_after = int(cert.not_valid_after_utc.timestamp())
-        self._audit.append(
+        self._record(
             "certificate_renewed", serial=format(cert.serial_number, "x"), not_after=not_after
         )
         self._log.info("certificate_renewed", not_after=not_after)

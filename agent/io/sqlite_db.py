@@ -1,5 +1,6 @@
-"""SQLite the way this project uses it: WAL, ``synchronous=FULL`` (a commit is on disk when it
-returns), rows by name, explicit ``BEGIN IMMEDIATE`` transactions.
+"""SQLite the way this project uses it: WAL, rows by name, explicit ``BEGIN IMMEDIATE``
+transactions; commits durable on return (``synchronous=FULL``) unless the caller syncs the WAL
+itself (``durable_commits=False``: agent/io/journal.py).
 
 Shared by the agent's state store and the stub control plane's store."""
 
@@ -12,8 +13,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def connect(path: Path, *, mode: int = 0o600) -> sqlite3.Connection:
-    """Open (creating with ``mode`` if needed) a database in autocommit mode, durable on commit.
+def connect(path: Path, *, mode: int = 0o600, durable_commits: bool = True) -> sqlite3.Connection:
+    """Open (creating with ``mode`` if needed) a database in autocommit mode.
+
+    ``durable_commits``: each commit waits for the disk (``synchronous=FULL``). Without it a
+    commit only reaches the operating system (``synchronous=NORMAL``: it survives the process
+    being killed, not a power loss) and automatic checkpoints are off: the caller makes commits
+    durable itself by syncing the WAL file, and checkpoints when it suits it
+    (agent/io/journal.py).
 
     Raises ``sqlite3.Error`` or ``OSError``; callers translate them into their own errors."""
     if not path.exists():
@@ -22,7 +29,9 @@ def connect(path: Path, *, mode: int = 0o600) -> sqlite3.Connection:
     try:
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        db.execute(f"PRAGMA synchronous={'FULL' if durable_commits else 'NORMAL'}")
+        if not durable_commits:
+            db.execute("PRAGMA wal_autocheckpoint=0")
         db.execute("PRAGMA busy_timeout=5000")
     except BaseException:
         db.close()

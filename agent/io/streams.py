@@ -116,7 +116,7 @@ class StreamManager:
                     target_end.transport.abort()
                 raise
             self.opened += 1
-            ctx.audit("stream_opened", target=target, address=address)
+            await ctx.audit("stream_opened", target=target, address=address)
             ctx.log.info("stream_opened", target=target, address=address)
             ended_by = await stream.run(
                 connection, target_end, deadline=started + command.max_duration
@@ -134,7 +134,7 @@ class StreamManager:
             "ended_by": ended_by,
             "duration_ms": duration_ms,
         }
-        ctx.audit(
+        await ctx.audit(
             "stream_closed",
             target=target,
             bytes_to_target=stream.to_socket,
@@ -165,9 +165,11 @@ class StreamManager:
         try:
             usable = policy.stream_addresses(command, resolved)
         except CommandRejected as exc:
-            ctx.audit("stream_refused", target=str(target), reason=exc.code, detail=exc.detail)
+            await ctx.audit(
+                "stream_refused", target=str(target), reason=exc.code, detail=exc.detail
+            )
             raise DriverError(exc.code, exc.detail) from exc
-        ctx.audit("stream_connecting", target=str(target), addresses=[str(a) for a in usable])
+        await ctx.audit("stream_connecting", target=str(target), addresses=[str(a) for a in usable])
         errors: list[str] = []
         for address in usable:
             shown = format_host_port(str(address), target.port)
@@ -197,7 +199,7 @@ class StreamManager:
             async with asyncio.timeout(self.settings.connect_timeout):
                 connection = await self._dial(jti)
         except RedirectRefused as exc:
-            ctx.audit(
+            await ctx.audit(
                 "stream_connection_failed",
                 reason="redirect_refused",
                 status=exc.status,
@@ -215,7 +217,7 @@ class StreamManager:
                 "stream_refused", f"the control plane refused the stream connection: HTTP {status}"
             ) from exc
         except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake) as exc:
-            ctx.audit(
+            await ctx.audit(
                 "stream_connection_failed", reason="control_plane_unreachable", error=repr(exc)
             )
             ctx.log.warning("stream_connection_failed", error=repr(exc))

@@ -358,7 +358,7 @@ class Console:
             if _wants_json(request):
                 raise
             return self._agent_page(request, error=f"Not sent: {exc}", status=400)
-        record = self._api.queue_command(agent_id, command_type, params, ttl)
+        record = await self._api.queue_command(agent_id, command_type, params, ttl)
         self._log.info(
             "console_command_queued", agent_id=agent_id, ref=record.ref, type=command_type
         )
