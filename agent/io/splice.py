@@ -10,17 +10,16 @@ stream connection lands in another buffer, and the payload slices in it are writ
 socket as they arrive (a record's bytes are passed on before the record is complete). A buffer
 still referenced by a transport's write queue is never reused: the next read gets a new one.
 
-Framing is a :class:`Codec`: version 2 records (:mod:`agent.core.stream_framing`), or version 1,
-RFC 6455 WebSocket binary messages through websockets' sans-I/O protocol, for peers that do not
-speak version 2 (negotiated in the upgrade, agent/io/stream_transport.py).
+Framing is a codec (agent/io/stream_codecs.py): version 2 records or version 1 WebSocket
+messages, negotiated in the upgrade (agent/io/stream_transport.py).
 
 Flow control is TCP's and bounded: each end stops reading while the other end's write buffer
 is above its high-water mark (one read chunk), so each direction holds at most a read chunk and
 a transport's write buffer; nothing grows with the amount of data carried.
 
-Each read is at most ``read_chunk`` bytes and is handled in one callback, so a saturated stream
-takes a bounded share of every event-loop turn: the tunnel's frames never wait behind more than
-one chunk per stream.
+A saturated stream takes a bounded share of every event-loop turn: an end that has read
+``read_chunk`` bytes stops reading until the next turn, so the tunnel's frames never wait behind
+more than one chunk per stream direction.
 """
 
 from __future__ import annotations
@@ -28,17 +27,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, cast
-
-from websockets.exceptions import InvalidState
-from websockets.frames import Frame, Opcode
-from websockets.protocol import OPEN
-from websockets.protocol import Protocol as WebSocketProtocol
+from typing import Any, Final, cast
 
 from agent.core import stream_framing
-from agent.core.stream_framing import Close, Data, End, Event, FramingError
+from agent.core.stream_framing import Close, Data, End, FramingError
+from agent.io.stream_codecs import HEADROOM, Codec, RecordCodec
 
 MAX_STREAM_MESSAGE: Final = stream_framing.MAX_DATA
 """The largest message (version 1) or DATA record (version 2) either side may send."""
@@ -49,8 +44,6 @@ ABNORMAL_CLOSE_WAIT: Final = 0.25
 STREAM_QUEUE: Final = 4
 """Messages websockets may queue per connection in the stub's server (its control
 connections; stream connections leave websockets after their upgrade)."""
-HEADROOM: Final = stream_framing.HEADER
-"""Bytes kept in front of each socket read for the record header (version 2)."""
 
 
 class CloseCode:
@@ -76,120 +69,6 @@ def close_code(ended_by: str) -> int:
         "max_duration": CloseCode.MAX_DURATION,
         "session_lost": CloseCode.SESSION_LOST,
     }.get(ended_by, CloseCode.NORMAL)
-
-
-# -- framing ----------------------------------------------------------------------------------
-
-
-class Codec(Protocol):
-    version: int
-
-    def receive(self, data: memoryview) -> list[Event]:
-        """Events in ``data`` (``Data`` slices valid while ``data`` is); FramingError."""
-
-    def encode_data(self, buffer: bytearray, size: int) -> Sequence[bytes | memoryview]:
-        """What to write for the ``size`` bytes at ``buffer[HEADROOM:]`` (may use the
-        headroom in front of them)."""
-
-    def encode_end(self) -> bytes: ...
-
-    def encode_close(self, code: int, reason: str) -> bytes:
-        """The close record, or b"" if one was sent already."""
-
-    def pending(self) -> list[bytes]:
-        """Bytes the codec must send by itself (version 1: pongs, the echo of a close)."""
-
-
-class RecordCodec:
-    """Version 2: length-prefixed records (agent/core/stream_framing.py)."""
-
-    version = 2
-
-    def __init__(self) -> None:
-        self._decoder = stream_framing.Decoder()
-        self._close_sent = False
-
-    def receive(self, data: memoryview) -> list[Event]:
-        return self._decoder.feed(data)
-
-    def encode_data(self, buffer: bytearray, size: int) -> Sequence[bytes | memoryview]:
-        start = HEADROOM - stream_framing.HEADER
-        stream_framing.write_header(buffer, start, stream_framing.DATA, size)
-        return (memoryview(buffer)[start : HEADROOM + size],)
-
-    def encode_end(self) -> bytes:
-        return stream_framing.end_record()
-
-    def encode_close(self, code: int, reason: str) -> bytes:
-        if self._close_sent:
-            return b""
-        self._close_sent = True
-        return stream_framing.close_record(code, reason)
-
-    def pending(self) -> list[bytes]:
-        return []
-
-
-class WebSocketCodec:
-    """Version 1: each binary message carries the next bytes, an empty one ends a direction;
-    RFC 6455 itself (masking, fragments, ping/pong, the closing handshake, the size limit) is
-    websockets' sans-I/O protocol, given in the OPEN state."""
-
-    version = 1
-
-    def __init__(self, protocol: WebSocketProtocol) -> None:
-        self._ws = protocol
-        self._message_bytes = 0
-
-    def receive(self, data: memoryview) -> list[Event]:
-        ws = self._ws
-        ws.receive_data(bytes(data))
-        events: list[Event] = []
-        for frame in ws.events_received():
-            if not isinstance(frame, Frame):
-                continue
-            if frame.opcode is Opcode.TEXT:
-                exc = FramingError("protocol_error", "a text message on a stream connection")
-                exc.events = events
-                raise exc
-            if frame.opcode in (Opcode.BINARY, Opcode.CONT):
-                if frame.opcode is Opcode.BINARY:
-                    self._message_bytes = 0
-                if frame.data:
-                    self._message_bytes += len(frame.data)
-                    events.append(Data(memoryview(frame.data)))
-                if frame.fin and not self._message_bytes:
-                    events.append(End())
-            elif frame.opcode is Opcode.CLOSE and ws.close_rcvd is not None:
-                events.append(Close(ws.close_rcvd.code, ws.close_rcvd.reason))
-        failed = ws.close_sent if ws.close_rcvd is None else None
-        if failed is not None and failed.code in (1002, 1007, 1009):
-            exc = FramingError(
-                "message_too_large" if failed.code == 1009 else "protocol_error", failed.reason
-            )
-            exc.events = events
-            raise exc
-        return events
-
-    def encode_data(self, buffer: bytearray, size: int) -> Sequence[bytes | memoryview]:
-        self._ws.send_binary(bytes(buffer[HEADROOM : HEADROOM + size]))
-        return self._ws.data_to_send()
-
-    def encode_end(self) -> bytes:
-        self._ws.send_binary(b"")
-        return b"".join(self._ws.data_to_send())
-
-    def encode_close(self, code: int, reason: str) -> bytes:
-        if self._ws.state is not OPEN:
-            return b""
-        try:
-            self._ws.send_close(code, reason)
-        except InvalidState:
-            return b""
-        return b"".join(self._ws.data_to_send())
-
-    def pending(self) -> list[bytes]:
-        return [chunk for chunk in self._ws.data_to_send() if chunk]
 
 
 # -- the two ends -----------------------------------------------------------------------------

@@ -37,13 +37,8 @@ from websockets.uri import parse_uri
 
 from agent.core.errors import RedirectRefused
 from agent.io.egress import Route
-from agent.io.splice import (
-    MAX_STREAM_MESSAGE,
-    Codec,
-    RecordCodec,
-    StreamConnection,
-    WebSocketCodec,
-)
+from agent.io.splice import MAX_STREAM_MESSAGE, StreamConnection
+from agent.io.stream_codecs import Codec, RecordCodec, WebSocketCodec
 
 FRAMING_HEADER: Final = "BYOC-Stream-Framing"
 FRAMING_V2: Final = "2"
