@@ -65,6 +65,8 @@ class Forward:
     bytes_to_agent: int = 0
     bytes_from_agent: int = 0
     last_outcome: str | None = None
+    last_framing: int | None = None
+    """The framing of the last stream connection (1 or 2, docs/PROTOCOL.md §13.3.1)."""
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     splices: set[Splice] = field(default_factory=set)
 
@@ -89,6 +91,7 @@ class Forward:
             "bytes_to_agent": self.sent,
             "bytes_from_agent": self.received,
             "last_outcome": self.last_outcome,
+            "last_framing": self.last_framing,
         }
 
 
@@ -260,6 +263,7 @@ class StreamBroker:
                 await client.close_unused()
                 record = self._store.get(signed.jti)
                 return f"no stream: {record.state} {record.reason or ''}".strip()
+            forward.last_framing = connection.version
             splice = Splice(peer="agent", local="client")
             forward.splices.add(splice)
             try:

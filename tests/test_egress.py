@@ -170,6 +170,7 @@ async def test_a_stream_goes_through_the_proxy_too(
     closed = await running.audit.wait_for("stream_closed")
     assert closed["bytes_to_target"] == len(payload)
     assert tinyproxy.connects().count(f"localhost:{stub.agent_port} HTTP/1.1") == 2
+    assert (await api.forwards())[0]["last_framing"] == 2
 
 
 async def test_wrong_proxy_credentials_are_audited_and_retried_slowly(

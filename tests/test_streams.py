@@ -1,5 +1,5 @@
 """Streams end to end: the stub's forward listener -> signed grant -> agent -> target, over real
-mutual TLS on loopback, with real TCP targets (docs/PROTOCOL.md §12)."""
+mutual TLS on loopback, with real TCP targets (docs/PROTOCOL.md §13)."""
 
 from __future__ import annotations
 
@@ -156,6 +156,7 @@ async def test_a_forwarded_connection_reaches_the_target_and_is_audited(
         assert received[0]["iss"] == "cp-stub"
         assert running.audit.count("stream_opened", jti=command["jti"]) == 1
         assert target.connections == 1
+        assert (await api.forwards())[0]["last_framing"] == (2 if stub_offers_v2 else 1)
 
 
 async def test_an_older_agent_gets_websocket_messages_from_the_stub(
