@@ -25,6 +25,7 @@ from websockets.http11 import Request, Response
 from websockets.utils import accept_key
 
 from agent.core.stream_framing import close_record, data_record, end_record
+from agent.io import event_loop
 from agent.io.egress import Route
 from agent.io.splice import MAX_STREAM_MESSAGE, CloseCode, SocketEnd, Splice, StreamConnection
 from agent.io.stream_transport import (
@@ -299,3 +300,57 @@ async def test_bytes_right_behind_the_upgrade_response_are_the_streams(
 
     await asyncio.wait_for(target.eof.wait(), scaled(5))
     assert target.received == b"early"
+
+
+def test_a_saturated_stream_reads_one_chunk_per_event_loop_turn(pki: PKIPaths) -> None:
+    """The bounded share of each event-loop turn (agent/io/splice.py), on uvloop, whose libuv
+    reads up to 32 times per readiness event: between two turns of the loop (a callback that
+    reschedules itself marks them) the splice moves at most about one chunk per direction, so
+    the tunnel's frames never wait behind a burst. Counted in bytes, not timed."""
+    pytest.importorskip("uvloop")
+    total = 32 * MAX_STREAM_MESSAGE
+
+    async def scenario() -> list[int]:
+        drained = asyncio.Event()
+
+        async def discard(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while await reader.read(1 << 20):
+                pass
+            writer.close()
+            await writer.wait_closed()
+            drained.set()
+
+        sink = await asyncio.start_server(discard, "127.0.0.1", 0)
+        target = Target(port=sink.sockets[0].getsockname()[1])
+        wire = b"".join(data_record(b"z" * MAX_STREAM_MESSAGE) for _ in range(32))
+        collected: list[bytes] = []
+        per_turn: list[int] = []
+        async with sink, control_plane(pki, raw_peer(wire + end_record(), collected), v2=True) as c:
+            _, end = await asyncio.get_running_loop().create_connection(
+                SocketEnd, "127.0.0.1", target.port
+            )
+            splice = Splice(peer="control_plane", local="target")
+            moved = asyncio.Event()
+            last = 0
+
+            def tick() -> None:  # once per turn of the loop: what moved since the last one
+                nonlocal last
+                per_turn.append(splice.to_socket - last)
+                last = splice.to_socket
+                if splice.to_socket < total:
+                    asyncio.get_running_loop().call_soon(tick)
+                else:
+                    moved.set()
+
+            asyncio.get_running_loop().call_soon(tick)
+            run = asyncio.ensure_future(splice.run(c, end))
+            await asyncio.wait_for(moved.wait(), scaled(20))
+            splice.abort("test_done")
+            await run
+            await asyncio.wait_for(drained.wait(), scaled(10))
+        return per_turn
+
+    per_turn = event_loop.run(scenario(), "uvloop")
+
+    assert sum(per_turn) == total
+    assert max(per_turn) <= 2 * MAX_STREAM_MESSAGE, sorted(per_turn)[-5:]
