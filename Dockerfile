@@ -4,11 +4,10 @@
 # (no bytecode caches). tests/test_pod_enrollment.py runs the agent that way.
 FROM python:3.11.7-slim-bookworm AS build
 WORKDIR /src
-COPY pyproject.toml constraints.txt README.md ./
+# The agent alone: not the stub control plane, its PKI tool or the demo workload (setup.py
+# declares the commands of the packages that are there), nor the stub's dependencies.
+COPY pyproject.toml setup.py constraints.txt README.md LICENSE ./
 COPY agent ./agent
-COPY control_plane_stub ./control_plane_stub
-COPY certs ./certs
-COPY byoc_demo ./byoc_demo
 RUN python -m venv /opt/byoc-agent \
     && /opt/byoc-agent/bin/pip install --no-cache-dir -c constraints.txt ".[fast]"
 

@@ -9,10 +9,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: venv tools browser-deps test lint typecheck unit demo demo-stop bench bench-deps install clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,fast]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,fast,stub]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

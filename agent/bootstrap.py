@@ -304,6 +304,9 @@ class Bootstrap:
                     client_cert=cp.client_cert,
                     ca_bundle=cp.ca_bundle,
                     expected_id=self.config.agent_id,
+                    # Only ever called without a certificate: a key left by an enrollment that
+                    # did not finish holds no identity, and is replaced.
+                    force=True,
                 )
         except EnrollmentFailed as exc:
             if exc.status is not None and 400 <= exc.status < 500:

@@ -1,19 +1,25 @@
 """``byoc-agent``: run the daemon, approve or deny commands, inspect status, verify the audit log.
 
     byoc-agent run [--config PATH]
+    byoc-agent enroll --control-plane URL --token TOKEN [--ca-bundle PEM] [--force]
+    byoc-agent doctor [--json] [--timeout S]      check everything the agent needs, one line each
     byoc-agent status [--json]
-    byoc-agent pending [--json]
+    byoc-agent pending [--json | -q]
     byoc-agent approve JTI [--note TEXT]
     byoc-agent deny JTI [--note TEXT]
-    byoc-agent audit verify PATH [--anchor SEQ:HASH ...] [--anchors-file FILE]
-    byoc-agent policy check PATH
-    byoc-agent keys kid PUBLIC_KEY_PEM
+    byoc-agent audit show [PATH] [--jti JTI] [--event NAME ...] [--since T] [--until T]
+                          [--last N] [-f] [--json]   read the log, verifying its chain
+    byoc-agent audit tail [PATH] [-n N] [-f]      the latest records (audit show --last N)
+    byoc-agent audit verify [PATH] [--anchor SEQ:HASH ...] [--anchors-file FILE]
+    byoc-agent policy check [PATH]
+    byoc-agent keys kid [PUBLIC_KEY_PEM]
     byoc-agent vpc check --vpc-id ID [--security-group ID] [--endpoint ID] [--region R] [--json]
     byoc-agent vpc template [--output FILE] [--azs A,B,C] [--endpoint-service NAME] ...
     byoc-agent vpc policy
 
 The configuration path defaults to ``$BYOC_AGENT_CONFIG`` or /etc/byoc-agent/agent.toml; the
-local commands only need it to find the control socket (or take ``--socket``).
+local commands only need it to find the control socket (or take ``--socket``), and the files
+that ``audit``, ``policy check`` and ``keys kid`` read when none is named.
 Exit status: 0 success, 1 failure (e.g. a broken audit chain, a VPC rule not met), 2 usage or
 configuration error.
 """
@@ -24,9 +30,12 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +44,13 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
+from agent.core import audit_view
 from agent.core.errors import AgentError, AuditIntegrityError, ConfigError, PolicyError
 from agent.core.verifier import jwk_thumbprint
 from agent.daemon import Agent
 from agent.io import event_loop
 from agent.io.audit_file import verify_file
+from agent.io.audit_reader import FOLLOW_POLL, LineReader
 from agent.io.control_socket import request
 from agent.io.policy_file import read_policy
 from agent.logs import configure_logging, effective_level
@@ -93,6 +104,18 @@ def _control(args: argparse.Namespace, payload: dict[str, object]) -> dict[str, 
     return answer
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from agent import doctor  # noqa: PLC0415  # its probes only for this command
+
+    started = time.monotonic()
+    path = _config_path(args)
+    checks = doctor.examine(
+        path, doctor.Options(timeout=args.timeout, vpc_cidrs=tuple(args.vpc_cidr))
+    )
+    print(doctor.report(path, checks, time.monotonic() - started, as_json=args.json))
+    return EXIT_FAILURE if any(check.status == "fail" for check in checks) else 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = _control(args, {"op": "status"})["status"]
     if args.json:
@@ -117,6 +140,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  tls:        {connection['tls_version']} {connection['cipher']}")
     if status.get("last_error"):
         print(f"  last error: {status['last_error']}")
+    diagnosis = status.get("diagnosis")
+    if diagnosis:
+        print(f"  cause:      {diagnosis['cause']}")
+        print(f"  what to do: {diagnosis['action']}")
     print(f"certificate:  expires {status['client_certificate_expires']}")
     print(
         f"pending:      {status['pending_approvals']} awaiting approval, "
@@ -135,6 +162,10 @@ def cmd_pending(args: argparse.Namespace) -> int:
     commands = _control(args, {"op": "pending"})["commands"]
     if args.json:
         _print_json(commands)
+        return 0
+    if args.quiet:  # for scripts: JTI=$(byoc-agent pending -q | head -n 1)
+        for row in commands:
+            print(row["jti"])
         return 0
     if not commands:
         print("no commands awaiting approval")
@@ -172,8 +203,15 @@ def _anchors_file(value: str) -> list[tuple[int, str]]:
     return [_anchor(line) for line in lines if line and not line.startswith("#")]
 
 
+def _audit_path(args: argparse.Namespace) -> Path:
+    """The log named on the command line, else the configuration's ``[agent] audit_log``."""
+    if args.path:
+        return Path(args.path)
+    return load_config(_config_path(args)).audit_log
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    path = Path(args.path)
+    path = _audit_path(args)
     anchors: dict[int, str] = {}
     for seq, digest in [*(args.anchor or []), *(args.anchors_file or [])]:
         if anchors.setdefault(seq, digest) != digest:
@@ -205,21 +243,128 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _moment(value: str) -> datetime:
+    try:
+        return audit_view.parse_moment(value, now=datetime.now(UTC))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _audit_show_options(p: argparse.ArgumentParser, *, tail: bool) -> None:
+    p.add_argument("path", nargs="?", help="default: [agent] audit_log of the configuration")
+    p.add_argument("--jti", help="only the records of this command (its jti, or its ref)")
+    p.add_argument(
+        "--event",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only records of this event (command_received, connection_up, ...); repeatable",
+    )
+    p.add_argument(
+        "--since", type=_moment, metavar="T", help="from this time (2026-11-23T10:00Z) or 2h ago"
+    )
+    p.add_argument("--until", type=_moment, metavar="T", help="up to this time, or 15m ago")
+    p.add_argument(
+        "-n",
+        "--last",
+        type=int,
+        default=20 if tail else 0,
+        metavar="N",
+        help="only the last N records shown" + (" (default 20)" if tail else ""),
+    )
+    p.add_argument(
+        "-f", "--follow", action="store_true", help="then show records as they are written"
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='the records as JSON lines, unchanged; a break is a line {"audit_chain_break": …}',
+    )
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    """Read the log, verifying every record as it comes; print what the filter keeps (only
+    the last N with --last); with --follow go on as the agent appends, until Ctrl-C. Exit 1 if
+    the chain breaks anywhere."""
+    path = _audit_path(args)
+    wanted = audit_view.AuditFilter(
+        jti=args.jti, events=frozenset(args.event), since=args.since, until=args.until
+    )
+    walk = audit_view.ChainWalk()
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
+    shown = 0
+
+    def render(entry: audit_view.Entry) -> list[str]:
+        out: list[str] = []
+        if entry.broken is not None:  # marked whatever the filter says
+            mark = audit_view.break_json(entry)
+            out.append(audit_view.render_json(mark) if args.json else audit_view.break_line(entry))
+        if entry.record is not None and wanted.matches(entry):
+            shown_as = (
+                audit_view.render_json(entry.record)
+                if args.json
+                else audit_view.table_row(entry, width=width)
+            )
+            out.append(shown_as)
+        return out
+
+    def emit(rendered: list[str]) -> None:
+        nonlocal shown  # counted before printing: a Ctrl-C may come at any moment after
+        shown += sum(1 for text in rendered if not text.startswith(("!!", '{"audit_chain_')))
+        for text in rendered:
+            print(text, flush=args.follow)
+
+    if not args.json:
+        print(audit_view.TABLE_HEADER)
+    with LineReader(path) as reader:
+        held: deque[list[str]] = deque(maxlen=args.last or None)
+        for line in reader.lines():
+            held.append(render(walk.feed(line)))
+        if reader.pending and not args.follow:  # a torn last record: verification says so
+            held.append(render(walk.feed(reader.pending)))
+        for rendered in held:
+            emit(rendered)
+        if args.follow:
+            try:
+                while True:
+                    for line in reader.lines():
+                        emit(render(walk.feed(line)))
+                    time.sleep(FOLLOW_POLL)
+            except KeyboardInterrupt:
+                pass
+    if not args.json:
+        print(audit_view.summary_line(walk, shown))
+    elif not walk.intact:
+        print(f"{path}: the chain breaks at {len(walk.breaks)} place(s)", file=sys.stderr)
+    return 0 if walk.intact else EXIT_FAILURE
+
+
 def cmd_policy_check(args: argparse.Namespace) -> int:
-    policy = read_policy(Path(args.path))
-    print(f"{args.path}: OK (sha256 {policy.sha256})")
+    path = Path(args.path) if args.path else load_config(_config_path(args)).policy
+    policy = read_policy(path)
+    print(f"{path}: OK (sha256 {policy.sha256})")
     _print_json(policy.summary())
     return 0
 
 
-def cmd_keys_kid(args: argparse.Namespace) -> int:
+def _kid(path: Path) -> str:
     try:
-        key = load_pem_public_key(Path(args.path).read_bytes())
+        key = load_pem_public_key(path.read_bytes())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load {args.path}: {exc}") from exc
+        raise ConfigError(f"cannot load {path}: {exc}") from exc
     if not isinstance(key, Ed25519PublicKey):
-        raise ConfigError(f"{args.path} is not an Ed25519 public key")
-    print(jwk_thumbprint(key))
+        raise ConfigError(f"{path} is not an Ed25519 public key")
+    return jwk_thumbprint(key)
+
+
+def cmd_keys_kid(args: argparse.Namespace) -> int:
+    if args.path:
+        print(_kid(Path(args.path)))
+        return 0
+    commands = load_config(_config_path(args)).commands
+    keys = [*commands.trusted_keys, *([commands.root_key] if commands.root_key else [])]
+    for path in keys:  # each trusted key (or the root), with the kid a signer must use
+        print(f"{_kid(path)}  {path}")
     return 0
 
 
@@ -389,7 +534,16 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         client_cert=cp.client_cert,
         ca_bundle=cp.ca_bundle,
         expected_id=config.agent_id,
+        force=args.force,
     )
+    if done.replaced is not None and done.replaced != done.agent_id:
+        print(
+            f"byoc-agent: this host was {done.replaced} and is now {done.agent_id}: "
+            f"{done.replaced}'s key and certificate were replaced (--force)",
+            file=sys.stderr,
+        )
+    elif done.replaced is not None:
+        print(f"replaced the earlier key and certificate of {done.agent_id} (--force)")
     print(
         f"enrolled as {done.agent_id}; certificate {cp.client_cert} valid until "
         f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(done.not_after))}, key {cp.client_key}"
@@ -425,7 +579,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--ca-bundle",
         help="CA to verify the enrollment endpoint (default: control_plane.ca_bundle)",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a key and certificate already there (the identity they hold is lost; "
+        "said aloud when it is another agent id)",
+    )
     p.set_defaults(func=cmd_enroll)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check everything the agent needs, one line each with the fix (exit 1 on a failure)",
+        description="Check the configuration, the policy, the key, certificate and state files, "
+        "the route (proxy, private endpoint), DNS, TCP, the proxy's CONNECT, the TLS handshake, "
+        "the control plane's acceptance of the certificate, the clock and the running agent. "
+        "Run it as the agent's user or root.",
+    )
+    with_config(p)
+    p.add_argument("--json", action="store_true", help="one JSON object: ok, checks[]")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="seconds for each network step (default 3)",
+    )
+    p.add_argument(
+        "--vpc-cidr",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="the VPC's CIDR, to judge a private endpoint (default: from the EC2 instance "
+        "metadata); repeatable",
+    )
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("status", help="connection, certificate, pending approvals, audit head")
     with_config(p, socket=True)
@@ -434,7 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pending", help="list commands awaiting local approval")
     with_config(p, socket=True)
-    p.add_argument("--json", action="store_true")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true")
+    shown.add_argument("-q", "--quiet", action="store_true", help="only the JTIs, one a line")
     p.set_defaults(func=cmd_pending)
 
     for name, text in (
@@ -450,8 +639,17 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="audit log tools").add_subparsers(
         dest="audit_command", required=True, metavar="ACTION"
     )
+    for name, text in (
+        ("show", "read the audit log as a table (or JSON lines), verifying its chain"),
+        ("tail", "the latest records of the audit log (audit show --last 20); -f follows it"),
+    ):
+        p = audit.add_parser(name, help=text, description=text)
+        with_config(p)
+        _audit_show_options(p, tail=name == "tail")
+        p.set_defaults(func=cmd_audit_show)
     p = audit.add_parser("verify", help="verify the hash chain of an audit log")
-    p.add_argument("path")
+    with_config(p)
+    p.add_argument("path", nargs="?", help="default: [agent] audit_log of the configuration")
     p.add_argument(
         "--anchor",
         type=_anchor,
@@ -475,14 +673,18 @@ def build_parser() -> argparse.ArgumentParser:
         dest="policy_command", required=True, metavar="ACTION"
     )
     p = policy.add_parser("check", help="validate a policy file and show what it allows")
-    p.add_argument("path")
+    with_config(p)
+    p.add_argument("path", nargs="?", help="default: [agent] policy of the configuration")
     p.set_defaults(func=cmd_policy_check)
 
     keys = sub.add_parser("keys", help="key tools").add_subparsers(
         dest="keys_command", required=True, metavar="ACTION"
     )
     p = keys.add_parser("kid", help="print the kid (RFC 7638 thumbprint) of an Ed25519 public key")
-    p.add_argument("path")
+    with_config(p)
+    p.add_argument(
+        "path", nargs="?", help="default: each key the configuration trusts (or its root key)"
+    )
     p.set_defaults(func=cmd_keys_kid)
 
     _add_vpc_commands(sub)
@@ -501,6 +703,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `byoc-agent audit show | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return result
 
 

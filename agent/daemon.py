@@ -44,6 +44,7 @@ from cryptography.x509 import load_pem_x509_certificate
 from agent import __version__
 from agent.config import AgentConfig
 from agent.core.commands import COMMAND_TYPES
+from agent.core.diagnosis import Where, diagnose
 from agent.core.errors import AgentError, AuditError, CommandRejected, ConfigError
 from agent.core.frames import MAX_FRAME_TO_AGENT, PROTOCOL_VERSION, CertificateFrame, Hello
 from agent.core.lifecycle import Lifecycle, Limits, Operator
@@ -614,6 +615,23 @@ class Agent:
             return {"ok": False, "error": exc.code, "message": exc.detail}
         return {"ok": False, "error": "bad_request", "message": f"unknown op {str(op)[:32]!r}"}
 
+    def _diagnosis(self, error: str | None) -> dict[str, str] | None:
+        """The last connection error explained, as ``doctor`` explains it (cause, action)."""
+        if error is None or self.parts.link.ready.is_set():
+            return None
+        cp = self.config.control_plane
+        found = diagnose(
+            error,
+            Where(
+                host=cp.host,
+                port=cp.port,
+                ca_bundle=str(cp.ca_bundle),
+                client_cert=str(cp.client_cert),
+                client_key=str(cp.client_key),
+            ),
+        )
+        return {"code": found.code, "cause": found.cause, "action": found.action}
+
     def status(self) -> dict[str, object]:
         parts = self.parts
         link = parts.link
@@ -638,6 +656,7 @@ class Agent:
             "consecutive_failures": link.consecutive_failures,
             "last_error": link.last_error,
             "last_failure_reason": link.last_failure.reason if link.last_failure else None,
+            "diagnosis": self._diagnosis(link.last_error),
             "next_attempt_at": link.next_attempt_at,
             "client_certificate_expires": _cert_expiry(self.config.control_plane.client_cert),
             "pending_approvals": len(lifecycle.pending_approvals()),

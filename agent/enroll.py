@@ -10,12 +10,18 @@ A token works once, so everything that can be checked here is checked before it 
 (:func:`check_preconditions`): the URL, the CA bundle to verify the endpoint with, and that
 this user can write the directories of the key, the certificate and the CA bundle. A failure
 is one line that says what to fix, and the token stays unspent.
+
+An identity already on the host is never replaced by accident (:func:`check_existing`): a key
+or certificate at the configured paths stops enrollment before the token is sent, unless the
+caller forces it; then :attr:`Enrolled.replaced` names the identity that was replaced, so that
+replacing ``agent-1`` by ``agent-2`` is said aloud.
 """
 
 from __future__ import annotations
 
 import ssl
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +52,48 @@ class EnrollmentFailed(AgentError):
 class Enrolled:
     agent_id: str
     not_after: float
+    replaced: str | None = None
+    """The agent id of the certificate this enrollment replaced (``--force``), if any."""
+
+
+@dataclass(frozen=True)
+class Existing:
+    """An identity found at the configured paths before enrolling."""
+
+    agent_id: str | None
+    """The certificate's common name; None when only a key is there (or no readable cert)."""
+    not_after: float | None = None
+
+
+def check_existing(*, client_key: Path, client_cert: Path, force: bool) -> Existing | None:
+    """What is at the key and certificate paths already. Without ``force``, anything there
+    stops enrollment (before the token is spent) with a line that says what would be lost."""
+    if not client_cert.exists() and not client_key.exists():
+        return None
+    found = Existing(agent_id=None)
+    if client_cert.exists():
+        try:
+            cert = x509.load_pem_x509_certificate(client_cert.read_bytes())
+        except (OSError, ValueError):
+            found = Existing(agent_id=None)
+        else:
+            found = Existing(common_name(cert.subject), cert.not_valid_after_utc.timestamp())
+    if force:
+        return found
+    if found.agent_id is not None:
+        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(found.not_after or 0))
+        raise EnrollmentFailed(
+            f"this host is enrolled already: {client_cert} is the certificate of "
+            f"{found.agent_id} (valid until {until}), with its key {client_key}; enrolling "
+            f"again replaces both, and {found.agent_id}'s identity is gone from this host. "
+            "To do that, run enroll again with --force (the token was not used)"
+        )
+    there = client_key if client_key.exists() else client_cert
+    raise EnrollmentFailed(
+        f"{there} exists already (without a usable certificate at {client_cert}: an "
+        "enrollment that did not finish?); run enroll again with --force to replace it "
+        "(the token was not used)"
+    )
 
 
 def check_preconditions(
@@ -90,8 +138,12 @@ def enroll(
     client_cert: Path,
     ca_bundle: Path,
     expected_id: str | None = None,
+    force: bool = False,
 ) -> Enrolled:
+    """Enroll with ``token``. A key or certificate already at the configured paths is
+    replaced only with ``force`` (:func:`check_existing`)."""
     url = control_plane.rstrip("/") + "/v1/enroll"
+    existing = check_existing(client_key=client_key, client_cert=client_cert, force=force)
     context = check_preconditions(
         url=url,
         trust=trust,
@@ -151,4 +203,7 @@ def enroll(
             f"enrolled as {agent_id}, but writing {exc.filename or 'the files'} failed: "
             f"{exc.strerror or exc}; ask the vendor for a new token"
         ) from exc
-    return Enrolled(agent_id=agent_id, not_after=cert.not_valid_after_utc.timestamp())
+    replaced = existing.agent_id if existing is not None else None
+    return Enrolled(
+        agent_id=agent_id, not_after=cert.not_valid_after_utc.timestamp(), replaced=replaced
+    )

@@ -39,7 +39,7 @@ targets = ["workload", "host"]
 
 [open_stream]               # streams: the control plane reaching a port here, through the agent
 allow = true
-targets = ["127.0.0.1:21000-21999"]   # the demo workload's replicas (their /metrics)
+targets = ["127.0.0.1:20000-20999"]   # the process driver's replicas (port_range)
 max_duration = 600
 require_approval = false
 
@@ -49,14 +49,14 @@ groups = ["byoc-operators"]
 """
 
 
-def demo_policy(approver: str | None = None, stream_ports: tuple[int, int] = (21000, 21999)) -> str:
+def demo_policy(approver: str | None = None, stream_ports: tuple[int, int] = (20000, 20999)) -> str:
     """The reference policy, with the user running the demo allowed to approve.
 
     In the demo the agent runs as that same user, which a production policy should not allow
     (its workload may share the agent's user); see README.md, "Policy"."""
     user = approver or getpass.getuser()
     return REFERENCE_POLICY.replace('users = ["root"]', f"users = [{_toml(user)}]").replace(
-        "127.0.0.1:21000-21999", f"127.0.0.1:{stream_ports[0]}-{stream_ports[1]}"
+        "127.0.0.1:20000-20999", f"127.0.0.1:{stream_ports[0]}-{stream_ports[1]}"
     )
 
 

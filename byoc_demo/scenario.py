@@ -52,6 +52,11 @@ from control_plane_stub.errors import ApiError
 STEP_TIMEOUT = 90.0
 KEPT_FILE = "kept.json"
 """In the demo directory: the processes ``--keep`` left running, for ``--stop``."""
+ENV_FILE = "env"
+"""In the demo directory, with ``--keep``: ``. .demo/env`` points a shell at the pair."""
+HEALTH_DEFAULT = "127.0.0.1:9464"
+"""The agent's default health address: the pair left running uses it when it is free, so
+that README's ``curl 127.0.0.1:9464/healthz`` reaches it."""
 CONSOLE_TOKEN_FILE = "console.token"  # noqa: S105  # a file name, not a secret
 
 
@@ -115,6 +120,15 @@ def _proc_net_address(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6
         int(hex_ip[i : i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(hex_ip), 8)
     )
     return ipaddress.ip_address(packed), int(hex_port, 16)
+
+
+def _free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _on_loopback(address: str) -> bool:
@@ -224,6 +238,9 @@ class Scenario:
         self.paths: DemoPaths | None = None
         self.api_url = ""
         self.agent_url = ""
+        self.health = ""
+        self.workload_ports: list[int] = []
+        """The workload's ports after the last command that reported them."""
 
     @property
     def apart(self) -> bool:
@@ -293,6 +310,8 @@ class Scenario:
             )
         )
         base = 21000 + (os.getpid() % 80) * 100
+        host, port = HEALTH_DEFAULT.split(":")
+        self.health = HEALTH_DEFAULT if self.keep and _free(host, int(port)) else "127.0.0.1:0"
         self.paths = write_agent_files(
             self.root / "agent",
             pki=pki,
@@ -300,6 +319,7 @@ class Scenario:
             control_plane_host=self.stub_host or "localhost",
             port_range=(base, base + 99),
             server_name=self.server_name,
+            health_listen=self.health,
         )
         self.agent_url = load_config(self.paths.config).control_plane.url
         self.processes.append(
@@ -342,7 +362,28 @@ class Scenario:
         answer = await api.command(command["ref"], wait_for="final", wait_seconds=STEP_TIMEOUT)
         if answer["timed_out"]:
             raise ScenarioFailed(f"command {command['ref']} did not finish in {STEP_TIMEOUT}s")
+        ports = (answer["command"].get("result") or {}).get("ports")
+        if answer["command"]["state"] == "succeeded" and isinstance(ports, list) and ports:
+            self.workload_ports = [int(port) for port in ports]
         return dict(answer["command"])
+
+    def write_env(self) -> Path:
+        """``. .demo/env``: the pair's operator API for ``cp-stub``, the agent's configuration
+        for ``byoc-agent``, one of the workload's replicas (a stream target the policy
+        allows), and the venv's commands on PATH."""
+        assert self.paths is not None  # noqa: S101  # set by setup()
+        replica = self.workload_ports[0] if self.workload_ports else 0  # replica 0: always there
+        venv_bin = Path(sys.executable).parent
+        lines = [
+            "# . this file: point a shell at the demo pair `make demo KEEP=1` left running",
+            f'export PATH="{venv_bin}:$PATH"',
+            f"export CP_STUB_API={self.api_url}",
+            f"export BYOC_AGENT_CONFIG={self.paths.config}",
+            f"export WORKLOAD=127.0.0.1:{replica}  # the demo workload's replica 0",
+        ]
+        path = self.root / ENV_FILE
+        path.write_text("\n".join(lines) + "\n")
+        return path
 
     async def run_steps(self, api: StubClient) -> None:
         assert self.paths is not None  # noqa: S101  # set by setup()
@@ -591,6 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(_with_client(scenario.api_url, scenario.run_steps))
         if args.keep:
             asyncio.run(_with_client(scenario.api_url, scenario.wait_console))
+            scenario.write_env()
         else:
             scenario.shutdown()  # the agent's last audit record is written when it stops
         scenario.verify_audit()
@@ -611,14 +653,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     assert scenario.paths is not None  # noqa: S101
     if args.keep:
+        health = (
+            f"http://{HEALTH_DEFAULT}/healthz"
+            if scenario.health == HEALTH_DEFAULT
+            else f"{HEALTH_DEFAULT} was taken: the URL is in the agent log (health_listening)"
+        )
         scenario.say(
             f"\nDemo complete in {elapsed:.1f}s; the pair is still running.\n"
             f"  console:      {scenario.console_url}\n"
             f"  token:        {scenario.console_token()}\n"
             f"                (sign in with it; it is also in {root / CONSOLE_TOKEN_FILE}, "
             f"mode 0600)\n"
-            f"  operator API: {scenario.api_url}  (CP_STUB_API={scenario.api_url} "
-            f".venv/bin/cp-stub agents)\n"
+            f"  operator API: {scenario.api_url}\n"
+            f"  health:       {health}\n"
+            f"  use it:       . {root / ENV_FILE}   (then cp-stub agents, byoc-agent status)\n"
             f"  logs:         {logs}/agent.log, {logs}/cp-stub.log\n"
             f"  stop it:      make demo-stop"
         )

@@ -21,8 +21,11 @@ Exception tree (:mod:`control_plane_stub.errors`)::
 
     StubError
     ├── StubConfigError (ValueError)      bad flags or unusable key/certificate files
+    ├── CannotListen (OSError)            a listener's address is in use (or not ours)
     ├── UnknownAgent (LookupError)        no such agent
     ├── UnknownCommand (LookupError)      no such command ref
+    ├── UnknownForward (LookupError)      no such forward
     ├── BadRequest (ValueError)           an API request that cannot be honoured
+    │   └── IdempotencyKeyReused          an Idempotency-Key sent with another request (422)
     └── ApiError                          the API answered with an error (client side)
 """

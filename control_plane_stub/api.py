@@ -19,7 +19,13 @@
                                                       series and the latest figures; the host's
     POST /v1/agents/{agent_id}/keyset                 {"token"}: offer a signed key set
     GET  /v1/agents/{agent_id}/keyset?wait_answer=S   what was offered and what the agent said
-    POST /v1/agents/{agent_id}/commands               {"type", "params", "ttl"?}: sign and queue
+    POST /v1/agents/{agent_id}/commands               {"type", "params", "ttl"?}: sign and queue.
+                                                      With an Idempotency-Key header (1..128
+                                                      visible ASCII characters), a retry
+                                                      returns the command stored the first time
+                                                      (200, Idempotent-Replayed: true) instead
+                                                      of signing another; the same key with
+                                                      another body is refused (422)
     POST /v1/agents/{agent_id}/commands/signed        {"token"}: relay a token signed elsewhere
     POST /v1/agents/{agent_id}/enroll-token           {"ttl"?}: a one-time bootstrap token
     POST /v1/agents/{agent_id}/revoke                 revoke its certificates, close its session
@@ -28,6 +34,13 @@
                                                       loopback listener whose connections are
                                                       carried to target through the agent
     GET  /v1/forwards                                 forwards and their counters
+    GET  /v1/forwards/{id}?after=N&wait=S             one forward; "outcomes": how its latest
+                                                      connections ended (n, ok, outcome, and
+                                                      for a connection given no stream the
+                                                      reason and detail: policy_denied,
+                                                      target_unreachable, ...); with wait, the
+                                                      answer waits until a connection numbered
+                                                      above N has ended (or the forward stops)
     DELETE /v1/forwards/{id}                          stop a forward (closes its connections)
     GET  /v1/commands?agent_id=&final=1&state=&type=&limit=&timeline=1
                                                       newest first; with timeline=1 each has its
@@ -55,13 +68,21 @@ agent wrote it): too low by at most a report's delay on the way, null before any
 Times are Unix times on the stub's clock; ages and durations in seconds.
 
 Errors are ``{"error": code, "message": text}`` with a 4xx status.
+
+IDEMPOTENCY: an operator whose POST got no answer (the stub crashed after storing the command,
+the connection broke) cannot tell whether the command was stored; sending it again without a
+key would sign a second command under a new jti, which the agent would run as another command.
+With the same ``Idempotency-Key`` the stub answers with the command it stored the first time
+(keys are per agent, kept with the command in one transaction, and never expire).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -79,6 +100,7 @@ from control_plane_stub import overview
 from control_plane_stub.enrollment import TOKEN_TTL, CertificateAuthority
 from control_plane_stub.errors import (
     BadRequest,
+    IdempotencyKeyReused,
     StubError,
     UnknownAgent,
     UnknownCommand,
@@ -90,6 +112,9 @@ from control_plane_stub.store import RANK, CommandRecord, StubStore
 from control_plane_stub.streams import StreamBroker
 
 MAX_WAIT: Final = 600.0
+IDEMPOTENCY_KEY: Final = "Idempotency-Key"
+REPLAYED: Final = "Idempotent-Replayed"
+_IDEMPOTENCY_KEY_FORM: Final = re.compile(r"[\x21-\x7e]{1,128}")
 DEFAULT_STREAM_DURATION: Final = 600
 ANCHORS_PAGE: Final = 100
 MAX_ANCHORS_PAGE: Final = 1000
@@ -145,6 +170,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except (UnknownAgent, UnknownCommand, UnknownForward) as exc:
         return web.json_response({"error": "not_found", "message": str(exc)}, status=404)
+    except IdempotencyKeyReused as exc:
+        return web.json_response(
+            {"error": "idempotency_key_reused", "message": str(exc)}, status=422
+        )
     except BadRequest as exc:
         return web.json_response({"error": "bad_request", "message": str(exc)}, status=400)
     except StubError as exc:
@@ -215,6 +244,7 @@ class OperatorApi:
                 web.post("/v1/agents/{agent_id}/revoke", self.revoke),
                 web.get("/v1/agents/{agent_id}/certificates", self.certificates),
                 web.get("/v1/forwards", self.list_forwards),
+                web.get("/v1/forwards/{forward_id}", self.get_forward),
                 web.delete("/v1/forwards/{forward_id}", self.stop_forward),
                 web.get("/v1/commands", self.list_commands),
                 web.get("/v1/commands/{ref}", self.get_command),
@@ -318,10 +348,17 @@ class OperatorApi:
         return overview.replica_metrics(results)
 
     async def queue_command(
-        self, agent_id: str, command_type: str, params: dict[str, Any], ttl: int = DEFAULT_TTL
+        self,
+        agent_id: str,
+        command_type: str,
+        params: dict[str, Any],
+        ttl: int = DEFAULT_TTL,
+        *,
+        idempotency: tuple[str, str] | None = None,
     ) -> CommandRecord:
         """Sign a command with the stub's key and queue it for the agent (what ``cp-stub send``
-        and the console's forms do). It is on disk before it is delivered or answered."""
+        and the console's forms do). ``idempotency``: ``(key, request fingerprint)`` to store
+        with it (see IDEMPOTENCY). It is on disk before it is delivered or answered."""
         signed = self._signer.sign(
             agent_id=agent_id, command_type=command_type, params=params, now=time.time(), ttl=ttl
         )
@@ -333,6 +370,7 @@ class OperatorApi:
             jti=signed.jti,
             command_type=command_type,
             params=params,
+            idempotency=idempotency,
         )
         await self._store.wait_durable()
         self._hub.kick(agent_id)
@@ -465,8 +503,34 @@ class OperatorApi:
             raise BadRequest("'params' must be an object")
         if not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= 86400:
             raise BadRequest("'ttl' must be an integer number of seconds in 1..86400")
-        record = await self.queue_command(agent_id, command_type, params, ttl)
-        return web.json_response({"command": record.to_json()}, status=201)
+        key = request.headers.get(IDEMPOTENCY_KEY)
+        if key is None:
+            record = await self.queue_command(agent_id, command_type, params, ttl)
+            return web.json_response({"command": record.to_json()}, status=201)
+        if not _IDEMPOTENCY_KEY_FORM.fullmatch(key):
+            raise BadRequest(f"{IDEMPOTENCY_KEY} must be 1..128 visible ASCII characters")
+        fingerprint = hashlib.sha256(
+            json.dumps([command_type, params, ttl], sort_keys=True).encode()
+        ).hexdigest()
+        # No await between this look-up and the insert (queue_command inserts before its first
+        # await): a retry arriving meanwhile sees one or the other, never neither.
+        held = self._store.idempotent_ref(agent_id, key)
+        if held is None:
+            record = await self.queue_command(
+                agent_id, command_type, params, ttl, idempotency=(key, fingerprint)
+            )
+            return web.json_response({"command": record.to_json()}, status=201)
+        ref, first = held
+        if first != fingerprint:
+            raise IdempotencyKeyReused(
+                f"{IDEMPOTENCY_KEY} {key!r} came with another command first ({ref}); "
+                "use a new key for a new command"
+            )
+        await self._store.wait_durable()  # the first request may still be waiting for it
+        return web.json_response(
+            {"command": self._store.get(ref).to_json(), "replayed": True},
+            headers={REPLAYED: "true"},
+        )
 
     async def relay_command(self, request: web.Request) -> web.Response:
         agent_id = _agent_id(request)
@@ -536,6 +600,24 @@ class OperatorApi:
     async def list_forwards(self, request: web.Request) -> web.Response:
         forwards = [f.to_json() for f in self._streams.forwards.values()]
         return web.json_response({"forwards": forwards})
+
+    async def get_forward(self, request: web.Request) -> web.Response:
+        forward_id = request.match_info["forward_id"]
+        after = int(_number(request, "after", 0, 2**53))
+        wait = _number(request, "wait", 0.0, MAX_WAIT)
+        forwards = self._streams.forwards
+        if forward_id not in forwards:
+            raise UnknownForward(f"no forward {forward_id!r}")
+
+        def moved_on() -> bool:
+            forward = forwards.get(forward_id)
+            return forward is None or any(o.n > after for o in forward.outcomes)
+
+        await self._until(moved_on, wait)
+        forward = forwards.get(forward_id)
+        if forward is None:
+            raise UnknownForward(f"forward {forward_id!r} was stopped")
+        return web.json_response({"forward": forward.to_json()})
 
     async def stop_forward(self, request: web.Request) -> web.Response:
         forward = await self._streams.stop_forward(request.match_info["forward_id"])

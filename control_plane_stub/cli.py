@@ -3,9 +3,9 @@
     cp-stub serve --pki DIR [--agents HOST:PORT] [--api HOST:PORT] [--db PATH]
                   [--console HOST:PORT [--console-token-file PATH]]   the web console
     cp-stub agents
-    cp-stub send AGENT scale --replicas N [--wait]
-    cp-stub send AGENT upgrade --version V [--wait]
-    cp-stub send AGENT collect-metrics [--target T ...] [--wait]
+    cp-stub send [--wait] AGENT scale --replicas N      (options before or after the type)
+    cp-stub send [--wait] AGENT upgrade --version V
+    cp-stub send [--wait] AGENT collect-metrics [--target T ...]
     cp-stub send-signed AGENT TOKEN [--wait]      relay a token signed elsewhere (e.g. an HSM)
     cp-stub sign --key PEM --issuer NAME AGENT TYPE [--param K=JSON ...]   sign offline, print token
     cp-stub results [--agent AGENT]
@@ -21,21 +21,24 @@
 
 Client commands talk to ``--api`` (default ``$CP_STUB_API`` or http://127.0.0.1:8080).
 With ``--wait``, the exit status is 0 when the command succeeded, 3 when it ended otherwise
-(rejected, failed, interrupted) and 4 when the wait timed out.
+(rejected, failed, interrupted) and 4 when the wait timed out (said on stderr, with the command
+to wait again). ``send`` sends an Idempotency-Key and, when an answer never comes (the stub
+restarting, a connection cut), sends the command again with the same key: the stub then
+returns the command it stored the first time instead of signing a second one.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from agent.core.errors import ConfigError
 from agent.core.session import HeartbeatSettings
@@ -44,17 +47,23 @@ from agent.io.event_loop import EVENT_LOOPS
 from agent.logs import configure_logging
 from certs.pki import PKIPaths
 from control_plane_stub.client import StubClient, default_api_url, describe
-from control_plane_stub.errors import StubError
+from control_plane_stub.errors import ApiError, StubError
 from control_plane_stub.operator_commands import operator_command
-from control_plane_stub.server import StubConfig, StubServer
 from control_plane_stub.signer import DEFAULT_TTL, CommandSigner
+
+if TYPE_CHECKING:
+    from control_plane_stub.server import StubServer
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NOT_SUCCEEDED = 3
 EXIT_TIMEOUT = 4
 FORWARD_CHECK = 5.0
-"""Seconds between checks that the stub still holds a running forward."""
+"""Seconds a forward's outcomes are waited for at a time (also notices a stub restart)."""
+DEFAULT_WAIT = 120.0
+"""Seconds ``--wait`` waits for a command by default."""
+SEND_RETRIES: Final = (0.5, 1.0, 2.0, 4.0, 8.0)
+"""Delays before each new try of a ``send`` whose answer never came (same Idempotency-Key)."""
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -78,6 +87,16 @@ def _param(value: str) -> tuple[str, object]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # The server (aiohttp, the console's templates) only for this command: the client commands
+    # start faster without it, and run where only the agent's dependencies are installed.
+    try:
+        from control_plane_stub.server import StubConfig, StubServer  # noqa: PLC0415
+    except ImportError as exc:
+        raise StubError(
+            f"cp-stub serve needs the stub's dependencies, which the agent does not (missing: "
+            f"{exc.name}): pip install 'byoc-agent[stub]'"
+        ) from exc
+
     pki = PKIPaths.at(Path(args.pki)) if args.pki else None
 
     def pick(explicit: str | None, from_pki: Path | None, flag: str) -> Path:
@@ -154,10 +173,55 @@ async def _finish(client: StubClient, command: dict[str, Any], args: argparse.Na
     final = answer["command"]
     print(describe(final) if not args.json else json.dumps(answer, indent=2))
     if answer["timed_out"]:
+        _gave_up(final, args.timeout)
         return EXIT_TIMEOUT
     if args.wait_for and args.wait_for != "final":
         return 0
     return 0 if final["state"] == "succeeded" else EXIT_NOT_SUCCEEDED
+
+
+def _gave_up(command: dict[str, Any], seconds: float) -> None:
+    print(
+        f"cp-stub: gave up waiting after {seconds:g} s: {command['ref']} is still "
+        f"{command['state']}; `cp-stub wait {command['ref']}` waits again "
+        "(--timeout sets how long)",
+        file=sys.stderr,
+    )
+
+
+def _retryable(exc: ApiError) -> bool:
+    """No answer (a connection refused, cut or timed out) or the stub failing: worth sending
+    again with the same Idempotency-Key. A 4xx answer is final."""
+    return exc.status == 0 or exc.status >= 500
+
+
+async def send_with_retries(
+    client: StubClient,
+    agent_id: str,
+    command_type: str,
+    params: dict[str, object],
+    *,
+    ttl: int,
+    key: str,
+    delays: Sequence[float] = SEND_RETRIES,
+) -> dict[str, Any]:
+    """Send a command under ``key``; while no answer comes, send it again with the same key
+    (saying so on stderr), so that a command stored before its answer was lost is returned,
+    not signed a second time."""
+    for delay in (*delays, None):
+        try:
+            return await client.send(agent_id, command_type, params, ttl=ttl, idempotency_key=key)
+        except ApiError as exc:
+            if delay is None or not _retryable(exc):
+                raise
+            print(
+                f"cp-stub: no answer ({exc.code}: {exc.message}); sending again in {delay:g} s "
+                f"with the same Idempotency-Key {key}",
+                file=sys.stderr,
+                flush=True,
+            )
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover  # the loop returns or raises
 
 
 async def cmd_send(args: argparse.Namespace, client: StubClient) -> int:
@@ -167,8 +231,30 @@ async def cmd_send(args: argparse.Namespace, client: StubClient) -> int:
         version=getattr(args, "version", None),
         targets=getattr(args, "target", None) or (),
     )
-    command = await client.send(args.agent, command_type, params, ttl=args.ttl)
+    command = await send_with_retries(
+        client,
+        args.agent,
+        command_type,
+        params,
+        ttl=args.ttl,
+        key=args.idempotency_key or f"cp-stub-{uuid.uuid4()}",
+    )
     return await _finish(client, command, args)
+
+
+def _report_outcome(outcome: dict[str, Any]) -> None:
+    """One line per forwarded connection: how it ended, or on stderr why it got no stream."""
+    if outcome["ok"]:
+        print(f"connection {outcome['n']}: {outcome['outcome']}", flush=True)
+        return
+    why = outcome.get("reason") or "no stream"
+    detail = outcome.get("detail")
+    print(
+        f"cp-stub: connection {outcome['n']} got no stream: {why}"
+        + (f": {detail}" if detail else ""),
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 async def cmd_forward(args: argparse.Namespace, client: StubClient) -> int:
@@ -184,21 +270,33 @@ async def cmd_forward(args: argparse.Namespace, client: StubClient) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    stopping = asyncio.ensure_future(stop.wait())
+    seen = 0
     gone = False
-    while not stop.is_set():  # also notice a stub that restarted (and lost the forward)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(FORWARD_CHECK):
-                await stop.wait()
-        if stop.is_set():
-            break
-        current = {f["id"]: f for f in await client.forwards()}
-        if forward["id"] not in current:
-            gone = True
-            break
-        outcome = current[forward["id"]].get("last_outcome")
-        if outcome and outcome != forward.get("last_outcome"):
-            print(f"last connection: {outcome}", flush=True)  # e.g. refused by the policy
-            forward["last_outcome"] = outcome
+    try:
+        while not stop.is_set():
+            # Wait for the next connection to end (or the forward to vanish: a stub restart).
+            poll = asyncio.ensure_future(
+                client.forward(forward["id"], after=seen, wait=FORWARD_CHECK)
+            )
+            await asyncio.wait([poll, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if not poll.done():
+                poll.cancel()
+                await asyncio.gather(poll, return_exceptions=True)
+                break
+            try:
+                current = poll.result()
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                gone = True
+                break
+            for outcome in current.get("outcomes", []):
+                if outcome["n"] > seen:
+                    _report_outcome(outcome)
+                    seen = outcome["n"]
+    finally:
+        stopping.cancel()
     if gone:
         print("cp-stub: the forward is gone (the stub restarted?)", file=sys.stderr)
         return EXIT_FAILURE
@@ -323,7 +421,10 @@ async def cmd_anchor(args: argparse.Namespace, client: StubClient) -> int:
 async def cmd_wait(args: argparse.Namespace, client: StubClient) -> int:
     answer = await client.command(args.ref, wait_for=args.wait_for, wait_seconds=args.timeout)
     print(describe(answer["command"]))
-    return EXIT_TIMEOUT if answer["timed_out"] else 0
+    if answer["timed_out"]:
+        _gave_up(answer["command"], args.timeout)
+        return EXIT_TIMEOUT
+    return 0
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
@@ -411,30 +512,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("type")
     p.set_defaults(func=cmd_sign, client=False)
 
-    def client_options(p: argparse.ArgumentParser) -> None:
+    def client_options(p: argparse.ArgumentParser, *, nested: bool = False) -> None:
+        # nested: the same options again on a sub-command (`send AGENT scale ... --wait`),
+        # where they must not reset what was given before it (argparse.SUPPRESS).
+        default: Any = argparse.SUPPRESS if nested else None
         p.add_argument(
-            "--api", default=None, help=f"operator API URL (default {default_api_url()})"
+            "--api", default=default, help=f"operator API URL (default {default_api_url()})"
         )
-        p.add_argument("--json", action="store_true")
+        p.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS if nested else False
+        )
 
-    def wait_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--wait", action="store_true", help="wait for the final state")
-        p.add_argument("--wait-for", choices=["received", "pending_approval", "running", "final"])
-        p.add_argument("--timeout", type=float, default=120.0)
+    def wait_options(p: argparse.ArgumentParser, *, nested: bool = False) -> None:
+        p.add_argument(
+            "--wait",
+            action="store_true",
+            default=argparse.SUPPRESS if nested else False,
+            help="wait for the final state (exit 0: succeeded, 3: ended otherwise, 4: gave up)",
+        )
+        p.add_argument(
+            "--wait-for",
+            choices=["received", "pending_approval", "running", "final"],
+            default=argparse.SUPPRESS if nested else None,
+            help="wait until the command got this far",
+        )
+        p.add_argument(
+            "--timeout",
+            type=float,
+            default=argparse.SUPPRESS if nested else DEFAULT_WAIT,
+            help=f"seconds to wait before giving up (default {DEFAULT_WAIT:g})",
+        )
 
     p = sub.add_parser("agents", help="list agents")
     client_options(p)
     p.set_defaults(func=cmd_agents, client=True)
 
-    p = sub.add_parser("send", help="sign and send a command")
-    client_options(p)
-    wait_options(p)
-    p.add_argument("--ttl", type=int, default=DEFAULT_TTL, help="token lifetime in seconds")
+    def send_options(p: argparse.ArgumentParser, *, nested: bool = False) -> None:
+        client_options(p, nested=nested)
+        wait_options(p, nested=nested)
+        p.add_argument(
+            "--ttl",
+            type=int,
+            default=argparse.SUPPRESS if nested else DEFAULT_TTL,
+            help=f"token lifetime in seconds (default {DEFAULT_TTL})",
+        )
+        p.add_argument(
+            "--idempotency-key",
+            default=argparse.SUPPRESS if nested else None,
+            metavar="KEY",
+            help="the key the command is stored under (default: a new one); the same key "
+            "sent again returns the command stored the first time",
+        )
+
+    p = sub.add_parser(
+        "send",
+        help="sign and send a command",
+        description="Sign a command and queue it for AGENT; the options may come before AGENT "
+        "or after the command's own.",
+    )
+    send_options(p)
     p.add_argument("agent")
     kinds = p.add_subparsers(dest="type", required=True, metavar="TYPE")
-    kinds.add_parser("scale").add_argument("--replicas", type=int, required=True)
-    kinds.add_parser("upgrade").add_argument("--version", required=True)
-    kinds.add_parser("collect-metrics").add_argument("--target", action="append")
+    kind = kinds.add_parser("scale")
+    kind.add_argument("--replicas", type=int, required=True)
+    send_options(kind, nested=True)
+    kind = kinds.add_parser("upgrade")
+    kind.add_argument("--version", required=True)
+    send_options(kind, nested=True)
+    kind = kinds.add_parser("collect-metrics")
+    kind.add_argument("--target", action="append")
+    send_options(kind, nested=True)
     p.set_defaults(func=cmd_send, client=True)
 
     p = sub.add_parser("send-signed", help="relay a token signed elsewhere ('-' reads stdin)")
@@ -510,7 +657,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="final",
         choices=["received", "pending_approval", "running", "final"],
     )
-    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_WAIT,
+        help=f"seconds to wait before giving up (default {DEFAULT_WAIT:g})",
+    )
     p.set_defaults(func=cmd_wait, client=True)
     return parser
 
@@ -528,10 +680,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return code
 
         return asyncio.run(run())
+    except StubError as exc:
+        if isinstance(exc, ValueError):  # bad flags, unusable key or certificate files
+            print(f"cp-stub: configuration error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"cp-stub: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except (ConfigError, ValueError) as exc:
         print(f"cp-stub: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except StubError as exc:
+    except OSError as exc:  # a file named on the command line, say
         print(f"cp-stub: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

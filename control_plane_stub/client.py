@@ -47,10 +47,16 @@ class StubClient:
         params: dict[str, str] | None = None,
         body: dict[str, object] | None = None,
         wait: float = 0.0,
+        headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         try:
             response = await self._http.request(
-                method, path, params=params, json=body, timeout=self._timeout + wait
+                method,
+                path,
+                params=params,
+                json=body,
+                headers=headers,
+                timeout=self._timeout + wait,
             )
         except httpx.HTTPError as exc:
             raise ApiError(0, "unreachable", f"{self._http.base_url}: {exc}") from exc
@@ -124,12 +130,21 @@ class StubClient:
             params["before"] = str(page["next"])
 
     async def send(
-        self, agent_id: str, command_type: str, params: dict[str, object], *, ttl: int = 300
+        self,
+        agent_id: str,
+        command_type: str,
+        params: dict[str, object],
+        *,
+        ttl: int = 300,
+        idempotency_key: str | None = None,
     ) -> dict[str, Any]:
+        """Sign and queue a command. With ``idempotency_key``, sending it again (after an
+        answer that never came) returns the command stored the first time."""
         payload = await self._call(
             "POST",
             f"/v1/agents/{agent_id}/commands",
             body={"type": command_type, "params": params, "ttl": ttl},
+            headers={"Idempotency-Key": idempotency_key} if idempotency_key else None,
         )
         return dict(payload["command"])
 
@@ -180,6 +195,18 @@ class StubClient:
 
     async def forwards(self) -> list[dict[str, Any]]:
         return list((await self._call("GET", "/v1/forwards"))["forwards"])
+
+    async def forward(
+        self, forward_id: str, *, after: int = 0, wait: float = 0.0
+    ) -> dict[str, Any]:
+        """One forward; with ``wait``, once a connection numbered above ``after`` has ended."""
+        payload = await self._call(
+            "GET",
+            f"/v1/forwards/{forward_id}",
+            params={"after": str(after), "wait": str(wait)},
+            wait=wait,
+        )
+        return dict(payload["forward"])
 
     async def stop_forward(self, forward_id: str) -> dict[str, Any]:
         return dict((await self._call("DELETE", f"/v1/forwards/{forward_id}", body={}))["forward"])

@@ -11,6 +11,10 @@ class StubConfigError(StubError, ValueError):
     """Bad flags, or key/certificate files that cannot be used."""
 
 
+class CannotListen(StubError, OSError):
+    """A listener could not be opened (its address is in use, say); the message names it."""
+
+
 class UnknownAgent(StubError, LookupError):
     pass
 
@@ -25,6 +29,10 @@ class UnknownForward(StubError, LookupError):
 
 class BadRequest(StubError, ValueError):
     pass
+
+
+class IdempotencyKeyReused(BadRequest):
+    """An Idempotency-Key sent again with another request than the one it first came with."""
 
 
 class ApiError(StubError):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import ssl
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -28,7 +30,7 @@ from certs.pki import PKIPaths
 from control_plane_stub.api import OperatorApi
 from control_plane_stub.console import Console, ConsoleAuth
 from control_plane_stub.enrollment import CERT_LIFETIME, CertificateAuthority, enrollment_app
-from control_plane_stub.errors import StubConfigError, StubError
+from control_plane_stub.errors import CannotListen, StubConfigError, StubError
 from control_plane_stub.hub import Hub, HubSettings
 from control_plane_stub.signer import CommandSigner
 from control_plane_stub.store import StubStore
@@ -97,12 +99,60 @@ def _peer_serial(connection: ServerConnection) -> int:
     return x509.load_der_x509_certificate(der).serial_number if der else -1
 
 
+def _peer_address(connection: ServerConnection) -> str:
+    address = connection.remote_address
+    return f"{address[0]}:{address[1]}" if address else "?"
+
+
 def _peer_agent_id(connection: ServerConnection) -> str | None:
     try:
         peer = PeerCertificate.from_ssl_object(connection.transport.get_extra_info("ssl_object"))
     except TLSRejected:
         return None
     return peer.subject_cn
+
+
+_NO_CLIENT_CERTIFICATE: Final = ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_REQUIRED")
+
+
+def log_refused_certificates(
+    context: ssl.SSLContext, log: structlog.typing.FilteringBoundLogger
+) -> None:
+    """Log every TLS handshake that ``context`` fails: a refused client certificate at warning
+    level (``client_certificate_refused``: not from the agent CA, expired, none presented),
+    anything else at info (``tls_handshake_failed``: an old client, a port scanner).
+
+    asyncio reports a failed server-side handshake to nobody (an ``OSError``, logged only in
+    debug mode), so the check sits where OpenSSL's verdict surfaces: the ``SSLObject`` that
+    asyncio drives (``SSLContext.sslobject_class``, a documented hook). The peer's address is
+    not known there; the reason is."""
+
+    class _Watched(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            try:
+                super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise  # not a failure: the handshake goes on when more bytes arrive
+            except ssl.SSLCertVerificationError as exc:
+                log.warning(
+                    "client_certificate_refused",
+                    reason=exc.verify_message,
+                    detail="the client's certificate does not verify against the agent CA",
+                )
+                raise
+            except ssl.SSLError as exc:
+                reason = str(exc.reason or exc)
+                if any(marker in reason for marker in _NO_CLIENT_CERTIFICATE):
+                    log.warning(
+                        "client_certificate_refused",
+                        reason="no client certificate",
+                        detail="agents must present their certificate",
+                    )
+                else:
+                    log.info("tls_handshake_failed", reason=reason)
+                raise
+
+    context.sslobject_class = _Watched
 
 
 class StubServer:
@@ -140,14 +190,31 @@ class StubServer:
         self.api_port = 0
         self.enroll_port = 0
         self.console_port = 0
+        self._opening = "cannot start"
+        """What :meth:`start` is opening, for its error message."""
 
     async def start(self) -> None:
+        """Open every listener; if one cannot be opened (its port is in use, say), close those
+        already open and raise :class:`CannotListen` naming it."""
+        try:
+            await self._start()
+        except OSError as exc:
+            await self.close()
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise CannotListen(f"{self._opening}: {why}") from exc
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start(self) -> None:
         config = self.config
         self.store.start_group_commit()
         self._writer = asyncio.create_task(self.hub.run_store_writer(), name="store-writer")
+        self._opening = f"cannot listen for agents on {config.agent_host}:{config.agent_port}"
         context = server_context(
             cert=config.server_cert, key=config.server_key, client_ca=config.agent_ca
         )
+        log_refused_certificates(context, self.log)
         self._ws = await serve(
             self._route,
             config.agent_host,
@@ -164,12 +231,16 @@ class StubServer:
             backlog=4096,  # a fleet reconnecting at once must not overflow the accept queue
         )
         self.agent_port = self._ws.sockets[0].getsockname()[1]
+        self._opening = f"cannot listen for the operator API on {config.api_host}:{config.api_port}"
         self._runner = web.AppRunner(self.api.app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, config.api_host, config.api_port)
         await site.start()
         self.api_port = self._runner.addresses[0][1]  # the bound port, when api_port is 0
         if self.ca is not None and config.enroll_port is not None:
+            self._opening = (
+                f"cannot listen for enrollment on {config.enroll_host}:{config.enroll_port}"
+            )
             self._enroll_runner = web.AppRunner(enrollment_app(self.ca, self.log), access_log=None)
             await self._enroll_runner.setup()
             enroll_site = web.TCPSite(
@@ -194,6 +265,9 @@ class StubServer:
 
     async def _start_console(self, console: Console) -> None:
         config = self.config
+        self._opening = (
+            f"cannot listen for the console on {config.console_host}:{config.console_port}"
+        )
         self._console_runner = web.AppRunner(console.app, access_log=None)
         await self._console_runner.setup()
         tls = (
@@ -228,6 +302,13 @@ class StubServer:
         """Before the WebSocket handshake: the control path, or a stream this agent is expected
         to dial (404 otherwise, so the agent fails fast)."""
         if self.ca is not None and self.ca.is_revoked(_peer_serial(connection)):
+            self.log.warning(
+                "client_certificate_refused",
+                reason="revoked",
+                agent_id=_peer_agent_id(connection),
+                serial=_peer_serial(connection),
+                peer=_peer_address(connection),
+            )
             return connection.respond(403, "this client certificate is revoked\n")
         if request.path == AGENT_PATH:
             return None

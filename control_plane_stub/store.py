@@ -120,6 +120,14 @@ CREATE TABLE IF NOT EXISTS anchors (
     conflict    INTEGER NOT NULL DEFAULT 0,
     UNIQUE (agent_id, audit_seq, audit_hash)
 );
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    agent_id    TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    ref         TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    PRIMARY KEY (agent_id, key)
+);
 CREATE TABLE IF NOT EXISTS status_events (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     agent_id    TEXT NOT NULL,
@@ -580,9 +588,19 @@ class StubStore:
         jti: str | None,
         command_type: str | None,
         params: Mapping[str, object] | None,
+        idempotency: tuple[str, str] | None = None,
     ) -> CommandRecord:
+        """Store a command, queued. ``idempotency``: the operator's ``(Idempotency-Key,
+        request fingerprint)``, kept in the same transaction (:meth:`idempotent_ref`)."""
         now = time.time()
         with self._tx() as db:
+            if idempotency is not None:
+                key, fingerprint = idempotency
+                db.execute(
+                    """INSERT INTO idempotency_keys (agent_id, key, fingerprint, ref, created_at)
+                       VALUES (?, ?, ?, ?, ?)""",
+                    (agent_id, key, fingerprint, ref, now),
+                )
             db.execute(
                 """INSERT INTO commands (ref, agent_id, jti, type, params, token, origin, state,
                                          created_at, updated_at)
@@ -600,6 +618,14 @@ class StubStore:
                 ),
             )
         return self.get(ref)
+
+    def idempotent_ref(self, agent_id: str, key: str) -> tuple[str, str] | None:
+        """``(ref, fingerprint)`` of the command stored under this agent's Idempotency-Key."""
+        row = self._db.execute(
+            "SELECT ref, fingerprint FROM idempotency_keys WHERE agent_id = ? AND key = ?",
+            (agent_id, key),
+        ).fetchone()
+        return None if row is None else (str(row["ref"]), str(row["fingerprint"]))
 
     def get(self, ref: str) -> CommandRecord:
         row = self._db.execute("SELECT * FROM commands WHERE ref = ?", (ref,)).fetchone()

@@ -18,6 +18,7 @@ import contextlib
 import ipaddress
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -43,6 +44,33 @@ GRANT_TTL: Final = 60
 """Seconds a grant made for a forwarded connection is valid (time to approve it, if needed)."""
 STREAM_PREFIX: Final = "/v1/agent/streams/"
 MAX_FORWARDS: Final = 64
+KEPT_OUTCOMES: Final = 20
+"""A forward remembers how its latest connections ended (``cp-stub forward`` reports them)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one forwarded connection ended: carried by a stream (``ok``; ``text`` says who
+    ended it), or never given one: ``reason`` and ``detail`` are the agent's (the policy's
+    refusal, ``target_unreachable``, a denial) or the stub's (the grant expired unanswered)."""
+
+    n: int
+    """The connection's number on its forward, from 1."""
+    at: float
+    ok: bool
+    text: str
+    reason: str | None = None
+    detail: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "n": self.n,
+            "at": self.at,
+            "ok": self.ok,
+            "outcome": self.text,
+            "reason": self.reason,
+            "detail": self.detail,
+        }
 
 
 @dataclass(eq=False)
@@ -67,6 +95,7 @@ class Forward:
     last_outcome: str | None = None
     last_framing: int | None = None
     """The framing of the last stream connection (1 or 2, docs/PROTOCOL.md §13.3.1)."""
+    outcomes: deque[Outcome] = field(default_factory=lambda: deque(maxlen=KEPT_OUTCOMES))
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     splices: set[Splice] = field(default_factory=set)
 
@@ -92,6 +121,7 @@ class Forward:
             "bytes_from_agent": self.received,
             "last_outcome": self.last_outcome,
             "last_framing": self.last_framing,
+            "outcomes": [outcome.to_json() for outcome in self.outcomes],
         }
 
 
@@ -222,16 +252,28 @@ class StreamBroker:
     async def _carry(self, forward: Forward, client: SocketEnd) -> None:
         forward.connections += 1
         forward.open += 1
+        number = forward.connections
         try:
-            outcome = await self._stream(forward, client)
+            outcome = await self._stream(forward, number, client)
         finally:
             forward.open -= 1
             if client.transport is not None:
                 client.transport.abort()
-        forward.last_outcome = outcome
-        self._log.info("forwarded_connection_ended", id=forward.id, outcome=outcome)
+        forward.last_outcome = outcome.text
+        forward.outcomes.append(outcome)
+        if outcome.ok:
+            self._log.info("forwarded_connection_ended", id=forward.id, outcome=outcome.text)
+        else:  # the person at the forward is told too (cp-stub forward follows the outcomes)
+            self._log.warning(
+                "forwarded_connection_refused",
+                id=forward.id,
+                target=forward.target,
+                reason=outcome.reason,
+                detail=outcome.detail,
+            )
+        await self._hub.notify()
 
-    async def _stream(self, forward: Forward, client: SocketEnd) -> str:
+    async def _stream(self, forward: Forward, number: int, client: SocketEnd) -> Outcome:
         params: dict[str, object] = {"target": forward.target, "max_duration": forward.max_duration}
         signed = self._signer.sign(
             agent_id=forward.agent_id,
@@ -262,7 +304,12 @@ class StreamBroker:
             if connection is None:
                 await client.close_unused()
                 record = self._store.get(signed.jti)
-                return f"no stream: {record.state} {record.reason or ''}".strip()
+                reason = record.reason or ("expired" if not record.final else None)
+                detail = record.detail or (
+                    "the agent did not answer the grant in time" if not record.final else None
+                )
+                text = f"no stream: {record.state} {reason or ''}".strip()
+                return Outcome(number, time.time(), False, text, reason, detail)
             forward.last_framing = connection.version
             splice = Splice(peer="agent", local="client")
             forward.splices.add(splice)
@@ -272,7 +319,7 @@ class StreamBroker:
                 forward.splices.discard(splice)
                 forward.bytes_to_agent += splice.from_socket
                 forward.bytes_from_agent += splice.to_socket
-            return ended_by
+            return Outcome(number, time.time(), True, ended_by)
         finally:
             self._waiting.pop(signed.jti, None)
             waiting.finished.set()

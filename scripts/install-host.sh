@@ -97,7 +97,7 @@ done
 source_hash() {
     cd "$here"
     { find agent control_plane_stub certs byoc_demo -type f \( -name '*.py' -o -name py.typed \) |
-        LC_ALL=C sort | xargs sha256sum; sha256sum pyproject.toml constraints.txt; } | sha256sum
+        LC_ALL=C sort | xargs sha256sum; sha256sum pyproject.toml setup.py constraints.txt; } | sha256sum
 }
 if [ "$with_venv" = 1 ]; then
     stamp="$root$venv/.byoc-agent-source"

@@ -35,6 +35,7 @@ from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubServer
 from tests.conftest import AgentStarter, scaled, stub_config
 from tests.fakes import RecordingDriver
+from tests.tinyproxy import running_tinyproxy
 
 USER, PASSWORD = "alice", "s3cret-Pa55"
 
@@ -66,35 +67,8 @@ def free_port() -> int:
 
 @pytest.fixture
 async def tinyproxy(tmp_path: Path) -> AsyncIterator[Tinyproxy]:
-    binary = shutil.which("tinyproxy")
-    if binary is None:
-        pytest.skip("tinyproxy is not installed (.ci/run installs it: apt-get install tinyproxy)")
-    port = free_port()
-    config = tmp_path / "tinyproxy.conf"
-    config.write_text(
-        f"Port {port}\nListen 127.0.0.1\nTimeout 60\nLogLevel Info\nMaxClients 50\n"
-        f"Allow 127.0.0.1\nBasicAuth {USER} {PASSWORD}\nDisableViaHeader Yes\n"
-    )
-    log = tmp_path / "tinyproxy.log"
-    with log.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            binary, "-d", "-c", str(config), stdout=out, stderr=out
-        )
-    try:
-        async with asyncio.timeout(scaled(10)):  # a readiness probe of the proxy's port
-            while True:
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", port)
-                except OSError:
-                    await asyncio.sleep(0.05)
-                    continue
-                writer.close()
-                await writer.wait_closed()
-                break
+    async with running_tinyproxy(tmp_path, f"BasicAuth {USER} {PASSWORD}\n") as (port, log):
         yield Tinyproxy(port=port, log=log)
-    finally:
-        process.terminate()
-        await asyncio.wait_for(process.wait(), scaled(10))
 
 
 def credentials_file(tmp_path: Path, password: str = PASSWORD) -> Path:

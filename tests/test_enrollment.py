@@ -17,6 +17,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from agent.cli import main as agent_cli
 from agent.config import load_config
 from agent.daemon import Agent
 from agent.enroll import EnrollmentFailed, enroll
@@ -85,7 +86,9 @@ def agent_files(
     return paths
 
 
-def enroll_with(stub: StubServer, pki: PKIPaths, paths: DemoPaths, token: str) -> str:
+def enroll_with(
+    stub: StubServer, pki: PKIPaths, paths: DemoPaths, token: str, *, force: bool = False
+) -> str:
     config = load_config(paths.config)
     cp = config.control_plane
     return enroll(
@@ -96,6 +99,7 @@ def enroll_with(stub: StubServer, pki: PKIPaths, paths: DemoPaths, token: str) -
         client_cert=cp.client_cert,
         ca_bundle=cp.ca_bundle,
         expected_id=config.agent_id,
+        force=force,
     ).agent_id
 
 
@@ -159,9 +163,9 @@ async def test_a_token_works_once(
     first = load_config(paths.config).control_plane.client_cert.read_bytes()
 
     with pytest.raises(EnrollmentFailed, match="used already"):
-        await asyncio.to_thread(enroll_with, ca_stub, pki, paths, token)
+        await asyncio.to_thread(enroll_with, ca_stub, pki, paths, token, force=True)
     with pytest.raises(EnrollmentFailed, match="unknown enrollment token"):
-        await asyncio.to_thread(enroll_with, ca_stub, pki, paths, "made-up-token")
+        await asyncio.to_thread(enroll_with, ca_stub, pki, paths, "made-up-token", force=True)
 
     assert load_config(paths.config).control_plane.client_cert.read_bytes() == first
 
@@ -329,3 +333,52 @@ async def test_a_skewed_agent_renews_on_the_control_planes_time(
         remaining = renewed.not_valid_after_utc.timestamp() - time.time()
         assert remaining > LIFETIME / 2  # a fresh certificate, not one renewed in a loop
         assert audit.count("certificate_renewed") == 1
+
+
+async def test_enroll_never_replaces_an_identity_unless_forced(
+    ca_stub: StubServer,
+    ca_api: StubClient,
+    pki: PKIPaths,
+    tmp_path: Path,
+    short_tmp: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``byoc-agent enroll`` on a host that has a key and certificate stops before the token is
+    spent and says what would be lost; ``--force`` replaces them, and says so aloud when the
+    new certificate is for another agent id."""
+    paths = agent_files(tmp_path, short_tmp, pki, ca_stub, "agent-9")
+    text = paths.config.read_text()  # no [agent] id: the token decides who this host is
+    paths.config.write_text(text.replace('id = "agent-9"\n', ""))
+    url = f"https://localhost:{ca_stub.enroll_port}"
+
+    async def cli(token: str, *extra: str) -> int:
+        argv = ["enroll", "--config", str(paths.config), "--control-plane", url]
+        argv += ["--ca-bundle", str(pki.server_ca_cert), f"--token={token}", *extra]
+        return await asyncio.to_thread(agent_cli, argv)
+
+    assert await cli((await ca_api.enroll_token("agent-9", ttl=60))["token"]) == 0
+    assert "\nenrolled as agent-9;" in "\n" + capsys.readouterr().out  # after the stub's logs
+    cp = load_config(paths.config).control_plane
+    first = cp.client_cert.read_bytes(), cp.client_key.read_bytes()
+
+    other = (await ca_api.enroll_token("agent-10", ttl=60))["token"]
+    assert await cli(other) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"{cp.client_cert} is the certificate of agent-9 (valid until" in err
+    assert "run enroll again with --force (the token was not used)" in err
+    assert (cp.client_cert.read_bytes(), cp.client_key.read_bytes()) == first
+
+    assert await cli(other, "--force") == 0  # the same token: it was not spent
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "byoc-agent: this host was agent-9 and is now agent-10: agent-9's key and "
+        "certificate were replaced (--force)\n"
+    )
+    assert "\nenrolled as agent-10;" in "\n" + captured.out
+    assert cp.client_key.read_bytes() != first[1]
+
+    cp.client_cert.unlink()  # a key left without its certificate is not an identity either
+    again = (await ca_api.enroll_token("agent-10", ttl=60))["token"]
+    assert await cli(again) == 1
+    assert "exists already (without a usable certificate" in capsys.readouterr().err

@@ -90,10 +90,12 @@ def test_the_venv_is_pinned_to_constraints_with_working_entry_points(ec2_host: E
     }
     runtime = [
         "websockets", "cryptography", "httpx", "structlog", "pyjwt", "prometheus-client",
-        "psutil", "h11", "aiohttp", "dbus-fast", "uvloop", "cffi", "anyio", "httpcore",
+        "psutil", "h11", "dbus-fast", "uvloop", "cffi", "anyio", "httpcore",
     ]  # fmt: skip
     for name in runtime:
         assert installed.get(name) == pins[name], (name, installed.get(name), pins[name])
+    assert "aiohttp" not in installed  # the stub's (the `stub` extra): not on a customer host
+    assert "jinja2" not in installed
     unpinned = {n: v for n, v in installed.items() if n in pins and pins[n] != v}
     assert unpinned == {}
     for script in ("byoc-agent", "cp-stub", "byoc-certs", "byoc-demo-workload"):

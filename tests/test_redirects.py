@@ -19,8 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp import web
 
+from agent.core.errors import DriverError
+from agent.drivers.base import DriverEnvironment, ExecContext
+from agent.drivers.systemd import SystemdDriver
 from agent.enroll import EnrollmentFailed, enroll
 from certs.pki import PKIPaths
 from tests.conftest import AgentStarter, scaled
@@ -279,3 +283,55 @@ async def test_enrollment_redirect_is_refused(
     assert "one-time-token" not in message
     assert elsewhere.accepted == 0
     assert not any(path.exists() for path in files.values())  # nothing written
+
+
+# -- release downloads (the systemd driver) -------------------------------------------------
+
+
+@pytest.mark.parametrize("status", STATUSES)
+async def test_a_release_download_that_redirects_is_refused(
+    elsewhere: CountingListener, tmp_path: Path, status: int
+) -> None:
+    """The systemd driver's artifact download: a 3xx is its own failure (``redirect_refused``),
+    before anything is unpacked or any unit touched; the Location is never dialed."""
+
+    async def moved(_request: web.Request) -> web.Response:
+        return web.Response(
+            status=status, headers={"Location": f"http://127.0.0.2:{elsewhere.port}/x.tgz"}
+        )
+
+    app = web.Application()
+    app.router.add_get("/{name}", moved)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server
+    assert isinstance(server, asyncio.Server)
+    base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    records: list[str] = []
+
+    async def audit(event: str, /, **_fields: object) -> None:
+        records.append(event)
+
+    settings = {
+        "unit": "milvus-querynode@{index}.service",
+        "releases_dir": str(tmp_path / "releases"),
+        "current": str(tmp_path / "current"),
+        "allowed_urls": [base],
+        "releases": {"2.0.0": {"url": f"{base}2.0.0.tgz", "sha256": "0" * 64}},
+    }
+    env = DriverEnvironment(state_dir=tmp_path, audit=audit, log=structlog.get_logger())
+    driver = SystemdDriver(settings, env)
+    ctx = ExecContext(jti="j", audit=audit, log=structlog.get_logger())
+    try:
+        with pytest.raises(DriverError) as info:
+            await driver.upgrade("2.0.0", ctx)
+    finally:
+        await driver.close()
+        await runner.cleanup()
+    assert info.value.code == "redirect_refused"
+    assert f"HTTP {status}" in info.value.detail
+    assert elsewhere.accepted == 0
+    assert records == ["artifact_downloading"]  # nothing verified, unpacked or switched
+    assert not (tmp_path / "releases" / "2.0.0").exists()

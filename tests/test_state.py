@@ -188,6 +188,7 @@ def test_outbox_entries_survive_a_reopen_in_order(db_path: Path) -> None:
     with store.transaction():
         store.add_outbox(status(7, "j-1", "received"), now=NOW)
         store.add_outbox(status(8, "j-1", "running"), now=NOW)
+        store.set_next_seq(9)
     store.close()
     reopened = Store(db_path)
     try:
@@ -203,6 +204,7 @@ def test_a_seq_is_never_reused_even_once_acknowledged(db_path: Path) -> None:
     with store.transaction():
         store.add_outbox(status(1, "j-1", "received"), now=NOW)
         store.add_outbox(status(2, "j-1", "succeeded"), now=NOW)
+        store.set_next_seq(3)
     with store.transaction():
         store.delete_outbox(1)
         store.delete_outbox(2)
@@ -273,8 +275,7 @@ def test_purge_of_every_final_state(store: Store) -> None:
 def test_pending_audit_lines_and_the_head(store: Store) -> None:
     assert store.audit_head() is None
     with store.transaction():
-        store.add_pending(1, b"one\n")
-        store.add_pending(2, b"two\n")
+        store.add_pending([(1, b"one\n"), (2, b"two\n")])
         store.set_audit_head(ChainHead(2, "f" * 64))
     assert store.pending_after(0) == [(1, b"one\n"), (2, b"two\n")]
     assert store.audit_head() == ChainHead(2, "f" * 64)

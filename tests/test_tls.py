@@ -205,7 +205,7 @@ def test_missing_key(tmp_path: Path) -> None:
 
 
 def test_mismatched_key_and_certificate(pki: PKIPaths) -> None:
-    with pytest.raises(ConfigError, match="cannot load TLS material"):
+    with pytest.raises(ConfigError, match=r"cannot be used together \(not PEM, or not a pair\)"):
         client_context(
             ca_bundle=pki.server_ca_cert,
             cert=pki.agent_cert("agent-1"),
@@ -214,8 +214,16 @@ def test_mismatched_key_and_certificate(pki: PKIPaths) -> None:
 
 
 def test_missing_ca_bundle(pki: PKIPaths, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot load TLS material"):
-        agent_client(pki, ca_bundle=tmp_path / "missing.pem")
+    """The message names the one file that is missing (it once named two, without saying
+    which)."""
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(ConfigError) as refused:
+        agent_client(pki, ca_bundle=missing)
+    assert str(refused.value) == (
+        f"cannot read the CA bundle (control_plane.ca_bundle) {missing}: No such file or directory"
+    )
+    with pytest.raises(ConfigError, match=r"cannot read the client certificate \(control_plane"):
+        client_context(ca_bundle=pki.server_ca_cert, cert=missing, key=pki.agent_key("agent-1"))
 
 
 # -- certificates ---------------------------------------------------------------------------------

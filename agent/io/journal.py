@@ -163,8 +163,7 @@ class Journal:
             with self.store.transaction():
                 yield batch
                 if batch.lines:
-                    for seq, line in batch.lines:
-                        self.store.add_pending(seq, line)
+                    self.store.add_pending(batch.lines)
                     self.store.set_audit_head(self.head)
                 if self._file_synced > self._dropped:
                     self.store.drop_pending(self._file_synced)

@@ -86,4 +86,6 @@ class PolicyFile:
         if policy.sha256 != self._policy.sha256:
             self._policy = policy
             self._audit_loaded(trigger)
+        else:  # nothing to audit, but whoever sent the SIGHUP looks for an answer in the log
+            self._log.info("policy_unchanged", policy_sha256=policy.sha256, trigger=trigger)
         return True

@@ -247,11 +247,14 @@ class Runner:
         work, self._inbox = self._inbox, []
         if not work:
             return
+        next_seq = self.outbox.next_seq
         with self._journal.batch() as batch:
             for item in work:
                 item(batch)
             if self._anchor_due:
                 self._anchor(batch, only_if_moved=False)
+            if self.outbox.next_seq != next_seq:
+                self._store.set_next_seq(self.outbox.next_seq)
 
     async def settle(self) -> None:
         """Until every piece of work submitted so far is applied and durable."""

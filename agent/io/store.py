@@ -340,12 +340,17 @@ class Store:
     # -- outbox --------------------------------------------------------------------------------
 
     def add_outbox(self, entry: OutboxEntry, *, now: float) -> None:
+        """Keep a frame (call :meth:`set_next_seq` before the batch commits)."""
         self._write(
             """INSERT INTO outbox (seq, kind, body, jti, state, created_at)
                VALUES (?, ?, ?, ?, ?, ?)""",
             (entry.seq, entry.kind, json.dumps(dict(entry.body)), entry.jti, entry.state, now),
         )
-        self.set_meta("next_seq", str(entry.seq + 1))
+
+    def set_next_seq(self, seq: int) -> None:
+        """The next outbox number (stored with the frames that used the previous ones, so a
+        number is never given twice, also across restarts)."""
+        self.set_meta("next_seq", str(seq))
 
     def delete_outbox(self, seq: int) -> None:
         self._write("DELETE FROM outbox WHERE seq = ?", (seq,))
@@ -367,8 +372,14 @@ class Store:
 
     # -- audit lines not yet durable in the file ----------------------------------------------
 
-    def add_pending(self, seq: int, line: bytes) -> None:
-        self._write("INSERT INTO audit_pending (seq, line) VALUES (?, ?)", (seq, line))
+    def add_pending(self, lines: list[tuple[int, bytes]]) -> None:
+        """A batch's audit lines, kept until the audit file has them on disk."""
+        if not self._in_tx:
+            raise StateError("a write outside a journal batch")
+        try:
+            self._db.executemany("INSERT INTO audit_pending (seq, line) VALUES (?, ?)", lines)
+        except sqlite3.Error as exc:
+            raise StateError(f"state database error: {exc}") from exc
 
     def drop_pending(self, upto: int) -> None:
         self._write("DELETE FROM audit_pending WHERE seq <= ?", (upto,))

@@ -46,15 +46,32 @@ def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
     return context
 
 
+def _readable(what: str, path: Path) -> None:
+    try:
+        path.open("rb").close()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from exc
+
+
 def client_context(*, ca_bundle: Path, cert: Path, key: Path) -> ssl.SSLContext:
-    """The agent's context: verify the control plane, present the agent certificate."""
+    """The agent's context: verify the control plane, present the agent certificate. A file
+    that cannot be used is named in the error, with why."""
     check_private_key_file(key)
+    _readable("CA bundle (control_plane.ca_bundle)", ca_bundle)
+    _readable("client certificate (control_plane.client_cert)", cert)
+    _readable("private key (control_plane.client_key)", key)
     context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))  # CERT_REQUIRED + check_hostname
     try:
         context.load_verify_locations(cafile=str(ca_bundle))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"the CA bundle {ca_bundle} holds no usable certificate: {exc}") from exc
+    try:
         context.load_cert_chain(certfile=str(cert), keyfile=str(key))
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load TLS material ({ca_bundle}, {cert}): {exc}") from exc
+        raise ConfigError(
+            f"the client certificate {cert} and key {key} cannot be used together (not PEM, or "
+            f"not a pair): {exc}"
+        ) from exc
     return context
 
 

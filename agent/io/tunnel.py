@@ -196,6 +196,8 @@ class Link:
         """Wall-clock time of the next connection attempt while disconnected."""
         self.reconnects = 0
         self.consecutive_failures = 0
+        self.failed = asyncio.Event()
+        """Set when an attempt (or a session) fails; cleared when a session is ready."""
         self._retry = asyncio.Event()
 
     @property
@@ -304,6 +306,7 @@ class Tunnel:
                     reason="internal_error", detail=f"{type(exc).__name__} at {_raised_at(exc)}"
                 )
                 link.last_failure = failure
+                link.failed.set()
                 self._log.error("tunnel_attempt_failed", error=failure.detail)
                 delay = self._backoff.next_delay()
             link.consecutive_failures = self._backoff.attempt
@@ -357,13 +360,14 @@ class Tunnel:
     def _failed(self, failure: Failure) -> float:
         link = self.link
         link.last_failure = failure
+        link.failed.set()
         if failure.needs_person:
             delay = self._backoff.tls_rejected_delay()
             fields = {key: value for key, value in (failure.audit or {}).items() if key != "reason"}
             fields.setdefault("detail", failure.detail)
             fields.setdefault("route", link.route)
             self._log.error(
-                _NEEDS_PERSON_EVENTS.get(failure.reason, "connection_refused"),
+                _NEEDS_PERSON_EVENTS.get(failure.reason, "connect_refused"),
                 reason=failure.reason,
                 url=self._cp.url,
                 retry_in_s=round(delay, 1),
@@ -503,6 +507,7 @@ class Tunnel:
         self._ready_since = self._clock.monotonic()
         self._closed_after_handshake = 0
         link.last_failure = None
+        link.failed.clear()
         link.ready.set()
         self._log.info("session_ready", agent_id=seen_id)
         self._on_state(f"connected to {self._cp.url}")
