@@ -74,7 +74,7 @@ bench-deps:
 	fi
 
 bench: venv bench-deps
-	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench $(if $(findstring --quick,$(BENCH_ARGS)),,--docs) $(BENCH_ARGS)
 
 # Install on a host (EC2 with systemd), as root: users, unit, directories, venv (pinned to
 # constraints.txt), configuration. DRIVER=systemd adds the systemd driver's polkit rule, drop-in

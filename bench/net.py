@@ -85,10 +85,18 @@ def rtt(port: int, count: int, size: int) -> list[float]:
     return out
 
 
+SSH_AES: Final = "aes128-gcm@openssh.com"
+"""The second ssh peer's cipher: AES-GCM, as TLS uses (OpenSSH's default is
+chacha20-poly1305@openssh.com)."""
+
+
 @contextlib.contextmanager
-def ssh_reverse_forward(workdir: Path, target_port: int) -> Iterator[int]:
+def ssh_reverse_forward(
+    workdir: Path, target_port: int, cipher: str | None = None
+) -> Iterator[int]:
     """``ssh -N -R`` through an sshd of our own on a loopback port with throwaway keys; yields
-    the remote listening port whose connections reach ``target_port``. Default ciphers."""
+    the remote listening port whose connections reach ``target_port``. OpenSSH's default
+    cipher unless ``cipher`` (``ssh -c``)."""
     if not Path(SSHD).exists() or shutil.which("ssh") is None:
         raise RuntimeError("sshd/ssh not installed (make bench installs openssh-server)")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -134,6 +142,7 @@ PidFile {workdir / "sshd.pid"}
                 "-o", "ExitOnForwardFailure=yes",
                 "-o", "BatchMode=yes",
                 "-i", str(workdir / "client_key"),
+                *(["-c", cipher] if cipher else []),
                 "-p", str(sshd_port),
                 "-R", f"127.0.0.1:{remote_port}:127.0.0.1:{target_port}",
                 f"{getpass.getuser()}@127.0.0.1",

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
+
 from bench.harness import (
     AGENT_ID,
     Child,
@@ -27,7 +29,7 @@ from bench.harness import (
     running_agent,
     running_stub,
 )
-from bench.net import free_port, ssh_reverse_forward, wait_port
+from bench.net import SSH_AES, free_port, ssh_reverse_forward, wait_port
 from control_plane_stub.server import StubServer
 
 MIB = 1024 * 1024
@@ -81,11 +83,12 @@ async def _forward(stub: StubServer, target_port: int) -> int:
 
 
 @contextlib.asynccontextmanager
-async def three_paths(
+async def the_paths(
     ws: Workspace, s: Settings, peer: str
 ) -> AsyncIterator[tuple[Child, tuple[tuple[str, int], ...]]]:
-    """A ``peer`` server (``sink`` or ``echo``) and the three ways to reach it: directly, through
-    ``ssh -R``, through a stream (stub forward -> agent). Yields the agent and (name, port)s."""
+    """A ``peer`` server (``sink`` or ``echo``) and the ways to reach it: directly, through
+    ``ssh -R`` with OpenSSH's default cipher (``ssh``) and with AES-128-GCM (``ssh_aes``), and
+    through a stream (stub forward -> agent: ``tunnel``). Yields the agent and (name, port)s."""
     peer_port = free_port()
     server = python_child(ws, "bench.net", peer, str(peer_port), name=peer)
     try:
@@ -95,29 +98,53 @@ async def three_paths(
             running_agent(ws, stub, event_loop=s.event_loop) as agent,
         ):
             tunnel_port = await _forward(stub, peer_port)
-            with ssh_reverse_forward(ws.root / "ssh", peer_port) as ssh_port:
-                yield agent, (("direct", peer_port), ("ssh", ssh_port), ("tunnel", tunnel_port))
+            with (
+                ssh_reverse_forward(ws.root / "ssh", peer_port) as ssh_port,
+                ssh_reverse_forward(ws.root / "ssh-aes", peer_port, SSH_AES) as aes_port,
+            ):
+                yield (
+                    agent,
+                    (
+                        ("direct", peer_port),
+                        ("ssh", ssh_port),
+                        ("ssh_aes", aes_port),
+                        ("tunnel", tunnel_port),
+                    ),
+                )
     finally:
         server.stop()
 
 
+def own_cpu_seconds() -> float:
+    """This process's CPU time: the stub's side of a stream runs here."""
+    times = psutil.Process().cpu_times()
+    return float(times.user + times.system)
+
+
 async def stream_throughput(ws: Workspace, s: Settings) -> dict[str, float]:
-    """MiB/s for one ``transfer_bytes`` transfer: direct loopback TCP, ssh -R, the tunnel."""
+    """MiB/s for one ``transfer_bytes`` transfer: direct loopback TCP, ssh -R (two ciphers),
+    the tunnel; the CPU seconds per GiB the agent and the stub spent on the tunnel's."""
     rates: dict[str, list[float]] = defaultdict(list)
-    cpu: list[float] = []
-    async with three_paths(ws, s, "sink") as (agent, paths):
+    agent_cpu: list[float] = []
+    stub_cpu: list[float] = []
+    async with the_paths(ws, s, "sink") as (agent, paths):
         for _ in range(s.runs):
             for name, port in paths:
-                agent_cpu = cpu_seconds(agent.pid)
+                agent_before, stub_before = cpu_seconds(agent.pid), own_cpu_seconds()
                 result = await _child_json("source", str(port), str(s.transfer_bytes))
                 if result["answer"] != str(s.transfer_bytes):
                     raise RuntimeError(f"{name}: the sink counted {result['answer']}")
                 rates[name].append(s.transfer_bytes / result["seconds"] / MIB)
                 if name == "tunnel":
-                    cpu.append(cpu_seconds(agent.pid) - agent_cpu)
+                    agent_cpu.append(cpu_seconds(agent.pid) - agent_before)
+                    stub_cpu.append(own_cpu_seconds() - stub_before)
     out = {f"throughput_{name}_mib_s": median(v) for name, v in rates.items()}
-    out["throughput_ratio_vs_ssh"] = out["throughput_tunnel_mib_s"] / out["throughput_ssh_mib_s"]
-    out["agent_cpu_s_per_gib"] = median(cpu) * (1024 * MIB) / s.transfer_bytes
+    tunnel = out["throughput_tunnel_mib_s"]
+    out["throughput_ratio_vs_ssh"] = tunnel / out["throughput_ssh_mib_s"]
+    out["throughput_ratio_vs_ssh_aes"] = tunnel / out["throughput_ssh_aes_mib_s"]
+    gib = s.transfer_bytes / (1024 * MIB)
+    out["agent_cpu_s_per_gib"] = median(agent_cpu) / gib
+    out["stub_cpu_s_per_gib"] = median(stub_cpu) / gib
     return out
 
 
@@ -125,7 +152,7 @@ async def stream_round_trip(ws: Workspace, s: Settings) -> dict[str, float]:
     """Small-message (64 B) round trips through a stream: p50/p99 in µs, next to ssh -R."""
     p50: dict[str, list[float]] = defaultdict(list)
     p99: dict[str, list[float]] = defaultdict(list)
-    async with three_paths(ws, s, "echo") as (_, paths):
+    async with the_paths(ws, s, "echo") as (_, paths):
         for _ in range(s.runs):
             for name, port in paths:
                 samples = await _child_json("rtt", str(port), str(s.round_trips), "64")
@@ -137,6 +164,7 @@ async def stream_round_trip(ws: Workspace, s: Settings) -> dict[str, float]:
         out[f"rtt_{name}_p50_us"] = median(values)
         out[f"rtt_{name}_p99_us"] = median(p99[name])
     out["rtt_p50_ratio_vs_ssh"] = out["rtt_tunnel_p50_us"] / out["rtt_ssh_p50_us"]
+    out["rtt_p99_ratio_vs_ssh"] = out["rtt_tunnel_p99_us"] / out["rtt_ssh_p99_us"]
     return out
 
 
@@ -223,8 +251,21 @@ async def commands(ws: Workspace, s: Settings) -> dict[str, float]:
     }
 
 
+async def control_pings(stub: StubServer, count: int) -> list[float]:
+    """Round trips in ms of WebSocket pings on the tunnel: the agent's event loop answers them
+    as soon as it reads them, with no command work, so they time how long a control frame
+    waits in the event loops and the sockets (behind stream bytes, when a stream is busy)."""
+    out = []
+    for _ in range(count):
+        started = time.perf_counter()  # the pong's own latency is on the loop's clock (ms)
+        await (await stub.hub.links[AGENT_ID].websocket.ping())
+        out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
 async def control_latency_under_load(ws: Workspace, s: Settings) -> dict[str, float]:
-    """Command round trips while a stream carries bulk data as fast as it can."""
+    """Control round trips (tunnel pings, signed commands) idle, then while a stream carries
+    bulk data as fast as it can (checked: bytes kept moving during the measurement)."""
     sink_port = free_port()
     sink = python_child(ws, "bench.net", "sink", str(sink_port), name="sink-load")
     try:
@@ -232,26 +273,38 @@ async def control_latency_under_load(ws: Workspace, s: Settings) -> dict[str, fl
         async with running_stub(ws) as stub, running_agent(ws, stub, event_loop=s.event_loop):
             tunnel_port = await _forward(stub, sink_port)
             await command_round_trips(stub, 20)
-            p50s, p99s = [], []
+            idle_pings = await control_pings(stub, s.commands)
+            idle = await command_round_trips(stub, s.commands)
+            figures: dict[str, list[float]] = defaultdict(list)
             for _ in range(s.runs):
                 load = python_child(
                     ws, "bench.net", "source", str(tunnel_port), str(1 << 40), name="load"
                 )
                 await asyncio.sleep(1.0)  # let the transfer reach full speed (not a sync point)
                 before = sum(f.sent for f in stub.streams.forwards.values())
+                started = time.perf_counter()
+                pings = await control_pings(stub, s.commands)
                 samples = await command_round_trips(stub, s.commands)
                 moved = sum(f.sent for f in stub.streams.forwards.values()) - before
                 if load.process.poll() is not None or moved == 0:
                     raise RuntimeError("the stream was not saturated during the measurement")
+                figures["stream"].append(moved / (time.perf_counter() - started) / MIB)
                 load.stop()
                 for forward in list(stub.streams.forwards.values()):  # end the transfer
                     for task in list(forward.tasks):
                         task.cancel()
-                p50s.append(percentile(samples, 50))
-                p99s.append(percentile(samples, 99))
+                for name, values in (("ping", pings), ("command", samples)):
+                    figures[f"{name}_p50"].append(percentile(values, 50))
+                    figures[f"{name}_p99"].append(percentile(values, 99))
             return {
-                "loaded_command_rtt_p50_ms": median(p50s),
-                "loaded_command_rtt_p99_ms": median(p99s),
+                "idle_control_ping_p50_ms": percentile(idle_pings, 50),
+                "idle_control_ping_p99_ms": percentile(idle_pings, 99),
+                "loaded_control_ping_p50_ms": median(figures["ping_p50"]),
+                "loaded_control_ping_p99_ms": median(figures["ping_p99"]),
+                "idle_command_rtt_p99_ms": percentile(idle, 99),
+                "loaded_command_rtt_p50_ms": median(figures["command_p50"]),
+                "loaded_command_rtt_p99_ms": median(figures["command_p99"]),
+                "loaded_stream_mib_s": median(figures["stream"]),
             }
     finally:
         sink.stop()

@@ -24,6 +24,7 @@ from agent.core.session import HeartbeatSettings
 from agent.core.targets import is_loopback_host
 from agent.io.files import write_atomic
 from agent.io.splice import STREAM_QUEUE
+from agent.io.stream_transport import StreamServerConnection, answer_upgrade
 from agent.io.tls import PeerCertificate, enrollment_server_context, server_context
 from certs.pki import PKIPaths
 from control_plane_stub.api import OperatorApi
@@ -220,6 +221,8 @@ class StubServer:
             config.agent_port,
             ssl=context,
             process_request=self._check_path,
+            process_response=self._answer_stream_upgrade,
+            create_connection=StreamServerConnection,  # stream connections leave websockets
             max_size=MAX_FRAME_TO_CONTROL_PLANE,
             max_queue=STREAM_QUEUE,  # per connection: bounds what a stream buffers here
             ping_interval=None,  # the protocol's own heartbeats (hub.py)
@@ -316,6 +319,13 @@ class StubServer:
                 return None
             return connection.respond(404, "no such stream for this agent\n")
         return connection.respond(404, f"agents connect to {AGENT_PATH}\n")
+
+    def _answer_stream_upgrade(
+        self, connection: ServerConnection, request: Request, response: Response
+    ) -> None:
+        """A stream connection's 101: its framing (docs/PROTOCOL.md §13.3)."""
+        if request.path.startswith(STREAM_PREFIX):
+            answer_upgrade(connection, request, response, offer_v2=self.streams.offer_v2)
 
     async def _route(self, websocket: ServerConnection) -> None:
         path = websocket.request.path if websocket.request is not None else ""

@@ -6,7 +6,9 @@ accepted on it becomes one stream: the stub signs an ``open_stream`` grant for t
 stream id), queues it like any command, and waits until the agent dials
 ``/v1/agent/streams/<jti>`` with the certificate of that same agent, or until the grant ends
 without a stream (refused by the policy, denied, expired, target unreachable). Then bytes flow
-between the local connection and the agent's stream connection (agent/io/splice.py).
+between the local connection and the agent's stream connection (agent/io/splice.py), in
+version 2 framing when the agent offers it (agent/io/stream_transport.py) and ``offer_v2`` is
+on, in version 1 (WebSocket messages) otherwise.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import ipaddress
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -30,7 +33,8 @@ from agent.core.targets import (
     parse_listen,
     parse_target,
 )
-from agent.io.splice import Splice
+from agent.io.splice import SocketEnd, Splice, StreamConnection
+from agent.io.stream_transport import take_over
 from control_plane_stub.errors import BadRequest, UnknownCommand, UnknownForward
 from control_plane_stub.hub import Hub
 from control_plane_stub.signer import CommandSigner
@@ -72,7 +76,7 @@ class Outcome:
 @dataclass(eq=False)
 class _Waiting:
     agent_id: str
-    arrived: asyncio.Future[ServerConnection]
+    arrived: asyncio.Future[StreamConnection]
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -89,6 +93,8 @@ class Forward:
     bytes_to_agent: int = 0
     bytes_from_agent: int = 0
     last_outcome: str | None = None
+    last_framing: int | None = None
+    """The framing of the last stream connection (1 or 2, docs/PROTOCOL.md §13.3.1)."""
     outcomes: deque[Outcome] = field(default_factory=lambda: deque(maxlen=KEPT_OUTCOMES))
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     splices: set[Splice] = field(default_factory=set)
@@ -114,6 +120,7 @@ class Forward:
             "bytes_to_agent": self.sent,
             "bytes_from_agent": self.received,
             "last_outcome": self.last_outcome,
+            "last_framing": self.last_framing,
             "outcomes": [outcome.to_json() for outcome in self.outcomes],
         }
 
@@ -125,15 +132,25 @@ class StreamBroker:
         hub: Hub,
         signer: CommandSigner,
         log: structlog.typing.FilteringBoundLogger,
+        *,
+        offer_v2: bool = True,
     ) -> None:
+        self.offer_v2 = offer_v2
+        """Accept version 2 framing when an agent offers it (off: behave as an older stub)."""
         self._store = store
         self._hub = hub
         self._signer = signer
         self._log = log
         self._waiting: dict[str, _Waiting] = {}
+        self.changed = asyncio.Condition()
+        """Notified when a stream starts waiting for its agent."""
         self.forwards: dict[str, Forward] = {}
 
     # -- the agent's side -----------------------------------------------------------------
+
+    def waiting_for(self, agent_id: str) -> list[str]:
+        """The stream ids waiting for this agent to dial them."""
+        return [sid for sid, w in self._waiting.items() if w.agent_id == agent_id]
 
     def expected(self, stream_id: str, agent_id: str) -> bool:
         """Is this agent expected to dial this stream right now? (Checked before the
@@ -143,11 +160,12 @@ class StreamBroker:
 
     async def attach(self, websocket: ServerConnection, stream_id: str, agent_id: str) -> None:
         """Serve one stream connection from an agent until its stream ends."""
+        connection = take_over(websocket)
         waiting = self._waiting.get(stream_id)
         if waiting is None or waiting.agent_id != agent_id or waiting.arrived.done():
-            await websocket.close(4404, "no such stream")
+            await connection.close(4404, "no such stream")
             return
-        waiting.arrived.set_result(websocket)
+        waiting.arrived.set_result(connection)
         await waiting.finished.wait()
 
     # -- forwards -------------------------------------------------------------------------
@@ -172,22 +190,25 @@ class StreamBroker:
         forward_id = uuid.uuid4().hex[:12]
         holder: list[Forward] = []
 
-        async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            forward = holder[0]
-            task = asyncio.current_task()
-            assert task is not None  # noqa: S101  # always inside the server's task
-            forward.tasks.add(task)
+        async def accepted(client: SocketEnd) -> None:
             try:
-                await self._carry(forward, reader, writer)
+                await self._carry(holder[0], client)
             except asyncio.CancelledError:
-                # The forward was stopped. The task is ours and ends here; letting the
-                # cancellation out would make asyncio's stream server log it as an error.
-                writer.transport.abort()
+                pass  # the forward was stopped: the task is ours and ends here
             finally:
-                forward.tasks.discard(task)
+                if client.transport is not None:
+                    client.transport.abort()
+
+        def on_accept(client: SocketEnd) -> None:
+            task = asyncio.get_running_loop().create_task(accepted(client))
+            holder[0].tasks.add(task)
+            task.add_done_callback(holder[0].tasks.discard)
+
+        def client_end() -> SocketEnd:
+            return _ClientEnd(on_accept)
 
         try:
-            server = await asyncio.start_server(accepted, host, port)
+            server = await asyncio.get_running_loop().create_server(client_end, host, port)
         except OSError as exc:
             raise BadRequest(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
         bound = server.sockets[0].getsockname()
@@ -228,17 +249,16 @@ class StreamBroker:
         for waiting in self._waiting.values():
             waiting.finished.set()
 
-    async def _carry(
-        self, forward: Forward, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _carry(self, forward: Forward, client: SocketEnd) -> None:
         forward.connections += 1
         forward.open += 1
         number = forward.connections
         try:
-            outcome = await self._stream(forward, number, reader, writer)
+            outcome = await self._stream(forward, number, client)
         finally:
             forward.open -= 1
-            writer.transport.abort()
+            if client.transport is not None:
+                client.transport.abort()
         forward.last_outcome = outcome.text
         forward.outcomes.append(outcome)
         if outcome.ok:
@@ -253,13 +273,7 @@ class StreamBroker:
             )
         await self._hub.notify()
 
-    async def _stream(
-        self,
-        forward: Forward,
-        number: int,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> Outcome:
+    async def _stream(self, forward: Forward, number: int, client: SocketEnd) -> Outcome:
         params: dict[str, object] = {"target": forward.target, "max_duration": forward.max_duration}
         signed = self._signer.sign(
             agent_id=forward.agent_id,
@@ -272,6 +286,8 @@ class StreamBroker:
             agent_id=forward.agent_id, arrived=asyncio.get_running_loop().create_future()
         )
         self._waiting[signed.jti] = waiting
+        async with self.changed:
+            self.changed.notify_all()
         try:
             self._store.add_command(
                 ref=signed.jti,
@@ -284,8 +300,9 @@ class StreamBroker:
             )
             await self._store.wait_durable()
             self._hub.kick(forward.agent_id)
-            websocket = await self._wait_for_agent(signed.jti, waiting, signed.exp)
-            if websocket is None:
+            connection = await self._wait_for_agent(signed.jti, waiting, signed.exp)
+            if connection is None:
+                await client.close_unused()
                 record = self._store.get(signed.jti)
                 reason = record.reason or ("expired" if not record.final else None)
                 detail = record.detail or (
@@ -293,10 +310,11 @@ class StreamBroker:
                 )
                 text = f"no stream: {record.state} {reason or ''}".strip()
                 return Outcome(number, time.time(), False, text, reason, detail)
+            forward.last_framing = connection.version
             splice = Splice(peer="agent", local="client")
             forward.splices.add(splice)
             try:
-                ended_by = await splice.run(websocket, reader, writer)
+                ended_by = await splice.run(connection, client)
             finally:
                 forward.splices.discard(splice)
                 forward.bytes_to_agent += splice.from_socket
@@ -310,7 +328,7 @@ class StreamBroker:
 
     async def _wait_for_agent(
         self, ref: str, waiting: _Waiting, exp: int
-    ) -> ServerConnection | None:
+    ) -> StreamConnection | None:
         """The agent's stream connection, or None once the grant is final without one."""
 
         def final() -> bool:
@@ -335,3 +353,15 @@ class StreamBroker:
         if arrived.done() and not arrived.cancelled():
             return arrived.result()
         return None
+
+
+class _ClientEnd(SocketEnd):
+    """An operator's connection to a forward: its stream starts as soon as it is accepted."""
+
+    def __init__(self, on_accept: Callable[[SocketEnd], object]) -> None:
+        super().__init__()
+        self._on_accept = on_accept
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._on_accept(self)

@@ -101,6 +101,52 @@ async def test_through_an_authenticating_proxy(
     assert PASSWORD not in running.paths.audit_log.read_text()
 
 
+async def test_a_stream_goes_through_the_proxy_too(
+    stub: StubServer,
+    api: StubClient,
+    start_agent: AgentStarter,
+    tinyproxy: Tinyproxy,
+    tmp_path: Path,
+) -> None:
+    """The stream connection takes the tunnel's route (PROTOCOL §13.3): a second CONNECT,
+    and version 2 framing end to end through the proxy (TLS inside CONNECT is opaque to it)."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+        writer.close()
+
+    target = await asyncio.start_server(echo, "127.0.0.1", 0)
+    target_port = target.sockets[0].getsockname()[1]
+    policy = (
+        f'version = 1\n[open_stream]\nallow = true\ntargets = ["127.0.0.1:{target_port}"]\n'
+        "max_duration = 60\n"
+    )
+    running = await start_agent(
+        port=stub.agent_port,
+        driver=RecordingDriver(),
+        policy=policy,
+        proxy=tinyproxy.url,
+        proxy_credentials_file=credentials_file(tmp_path),
+    )
+    forward = await api.start_forward(
+        "agent-1", f"127.0.0.1:{target_port}", listen="127.0.0.1:0", max_duration=60
+    )
+    host, port = forward["listen"].rsplit(":", 1)
+    payload = b"through the proxy " * 10_000
+    async with target, asyncio.timeout(scaled(20)):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(payload)
+        writer.write_eof()
+        echoed = await reader.read()
+        writer.close()
+    assert echoed == payload
+    closed = await running.audit.wait_for("stream_closed")
+    assert closed["bytes_to_target"] == len(payload)
+    assert tinyproxy.connects().count(f"localhost:{stub.agent_port} HTTP/1.1") == 2
+    assert (await api.forwards())[0]["last_framing"] == 2
+
+
 async def test_wrong_proxy_credentials_are_audited_and_retried_slowly(
     stub: StubServer, start_agent: AgentStarter, tinyproxy: Tinyproxy, tmp_path: Path
 ) -> None:

@@ -1,5 +1,5 @@
 """Streams end to end: the stub's forward listener -> signed grant -> agent -> target, over real
-mutual TLS on loopback, with real TCP targets (docs/PROTOCOL.md §12)."""
+mutual TLS on loopback, with real TCP targets (docs/PROTOCOL.md §13)."""
 
 from __future__ import annotations
 
@@ -127,9 +127,13 @@ async def final_stream(api: StubClient) -> dict[str, Any]:
     return dict(answer["command"])
 
 
+@pytest.mark.parametrize("stub_offers_v2", [True, False], ids=["v2", "older-stub-v1"])
 async def test_a_forwarded_connection_reaches_the_target_and_is_audited(
-    stub: StubServer, api: StubClient, start_agent: AgentStarter
+    stub: StubServer, api: StubClient, start_agent: AgentStarter, stub_offers_v2: bool
 ) -> None:
+    """Both framings (PROTOCOL §13.3): version 2, and version 1 with a stub that does not
+    answer the agent's offer (as an older control plane)."""
+    stub.streams.offer_v2 = stub_offers_v2
     async with tcp_target() as target:
         running = await started(start_agent, stub, stream_policy(f"127.0.0.1:{target.port}"))
         host, port, _ = await forward_to(api, f"127.0.0.1:{target.port}")
@@ -152,6 +156,37 @@ async def test_a_forwarded_connection_reaches_the_target_and_is_audited(
         assert received[0]["iss"] == "cp-stub"
         assert running.audit.count("stream_opened", jti=command["jti"]) == 1
         assert target.connections == 1
+        assert (await api.forwards())[0]["last_framing"] == (2 if stub_offers_v2 else 1)
+
+
+async def test_an_older_agent_gets_websocket_messages_from_the_stub(
+    stub: StubServer, api: StubClient, pki: PKIPaths
+) -> None:
+    """An older agent dials with websockets' own client, offers no framing, and carries the
+    stream in binary messages (an empty one ends a direction): the stub answers in kind."""
+    async with tcp_target() as target:
+        host, port, _ = await forward_to(api, f"127.0.0.1:{target.port}")
+        client = asyncio.create_task(exchange(host, port, b"SELECT 1;"))
+        async with asyncio.timeout(scaled(20)), stub.streams.changed:
+            await stub.streams.changed.wait_for(lambda: stub.streams.waiting_for(AGENT))
+        (stream_id,) = stub.streams.waiting_for(AGENT)
+        context = client_context(
+            ca_bundle=pki.server_ca_cert, cert=pki.agent_cert(AGENT), key=pki.agent_key(AGENT)
+        )
+        url = f"wss://localhost:{stub.agent_port}/v1/agent/streams/{stream_id}"
+        async with asyncio.timeout(scaled(20)), connect(url, ssl=context) as old_agent:
+            assert old_agent.response is not None
+            assert "BYOC-Stream-Framing" not in old_agent.response.headers
+            received = b""
+            while message := await old_agent.recv():  # until the client's end
+                assert isinstance(message, bytes)
+                received += message
+            await old_agent.send(received.upper())
+            await old_agent.send(b"")
+            await old_agent.wait_closed()
+        assert old_agent.close_code == 1000
+        assert received == b"SELECT 1;"
+        assert await client == b"SELECT 1;".upper()
 
 
 async def test_a_target_outside_the_policy_is_refused_before_anything_connects(

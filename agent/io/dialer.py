@@ -17,7 +17,8 @@ from websockets.exceptions import InvalidStatus
 from agent.config import ControlPlaneConfig
 from agent.core.errors import RedirectRefused
 from agent.io.egress import Route, route_for
-from agent.io.splice import MAX_STREAM_MESSAGE, STREAM_QUEUE
+from agent.io.splice import StreamConnection
+from agent.io.stream_transport import DialSettings, dial_stream
 
 
 class _ConnectWithoutRedirects(connect):
@@ -56,16 +57,20 @@ class Dialer:
     ) -> ClientConnection:
         return await self._open(self._cp.url, route, context, max_size=max_size, max_queue=16)
 
-    async def stream(self, stream_id: str) -> ClientConnection:
-        """The stream connection for ``stream_id``: only while the tunnel session is up."""
+    async def stream(self, stream_id: str) -> StreamConnection:
+        """The stream connection for ``stream_id``: only while the tunnel session is up
+        (agent/io/stream_transport.py: its own upgrade, framing negotiated, no redirect)."""
         if not self._connected.is_set():
             raise ConnectionError("the tunnel is not connected")
-        return await self._open(
+        return await dial_stream(
             f"{self._cp.url.rstrip('/')}/streams/{stream_id}",
-            route_for(self._cp),
             self._ssl_context(),
-            max_size=MAX_STREAM_MESSAGE,
-            max_queue=STREAM_QUEUE,
+            route_for(self._cp),
+            DialSettings(
+                user_agent=self._user_agent,
+                server_name=self._cp.verify_name,
+                open_timeout=self._cp.connect_timeout,
+            ),
         )
 
     async def _open(

@@ -4,17 +4,19 @@ customer's network, through the agent (docs/PROTOCOL.md §13).
 A stream is the execution of an ``open_stream`` grant, after the same verification, policy and
 approval as any command. The agent resolves the target, keeps only the addresses the policy
 allows (link-local and metadata addresses need a rule that names them), connects to the target,
-then dials a *second outbound* WebSocket connection to the control plane, ``<url>/streams/<jti>``,
-with the same client certificate and route (proxy, private endpoint) as the tunnel. Bytes travel
-as binary messages; an empty message ends one direction (like a TCP FIN), so half-closed
-protocols work. Nothing listens on the agent's side: the outbound-only property holds.
+then dials a *second outbound* connection to the control plane, a WebSocket upgrade to
+``<url>/streams/<jti>`` (agent/io/stream_transport.py), with the same client certificate and
+route (proxy, private endpoint) as the tunnel. Bytes travel as version 2 records or, with an
+older control plane, WebSocket binary messages; an end record (an empty message) ends one
+direction (like a TCP FIN), so half-closed protocols work. Nothing listens on the agent's side:
+the outbound-only property holds.
 
 Why a connection per stream rather than multiplexing inside the tunnel: TCP gives each stream its
 own flow control and the tunnel never waits behind bulk data (commands and heartbeats keep their
 latency while a stream is saturated); load balancers and proxies see ordinary WebSocket
-connections. Buffers are bounded per stream: at most ``read_chunk`` bytes read from the target
-and ``STREAM_QUEUE`` messages of at most ``MAX_STREAM_MESSAGE`` bytes from the control plane are
-held; past that, reading stops and TCP pushes back on the sender.
+upgrades. Buffers are bounded per stream (agent/io/splice.py): each direction holds at most a
+read of ``read_chunk`` bytes and a transport's write buffer; past that, reading stops and TCP
+pushes back on the sender.
 
 A stream ends when both directions have ended, when either side closes or fails, at
 ``max_duration``, when the tunnel session that authorised it is lost, or when the agent stops.
@@ -33,7 +35,6 @@ from dataclasses import dataclass
 from typing import Final
 
 import structlog
-from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from agent.core.commands import OpenStream
@@ -41,7 +42,7 @@ from agent.core.errors import CommandRejected, DriverError, RedirectRefused
 from agent.core.policy import Policy
 from agent.core.targets import IPAddress, format_host_port, unmapped
 from agent.drivers.base import ExecContext
-from agent.io.splice import MAX_STREAM_MESSAGE, Splice, close_code
+from agent.io.splice import MAX_STREAM_MESSAGE, SocketEnd, Splice, StreamConnection, close_code
 
 AGENT_SIDE_ENDS: Final = frozenset(
     {"session_lost", "agent_stopping", "protocol_error", "message_too_large"}
@@ -60,7 +61,7 @@ class StreamSettings:
     read_chunk: int = MAX_STREAM_MESSAGE
 
 
-Dialer = Callable[[str], Awaitable[ClientConnection]]
+Dialer = Callable[[str], Awaitable[StreamConnection]]
 """Opens the stream connection for a stream id (the grant's jti)."""
 
 
@@ -107,17 +108,18 @@ class StreamManager:
         stream = Splice(peer="control_plane", local="target", read_chunk=self.settings.read_chunk)
         self.active[jti] = stream
         try:
-            reader, writer, address = await self._connect_target(command, policy, ctx, stream)
+            target_end, address = await self._connect_target(command, policy, ctx, stream)
             try:
-                websocket = await self._open_connection(jti, stream, ctx)
+                connection = await self._open_connection(jti, stream, ctx)
             except BaseException:
-                writer.transport.abort()
+                if target_end.transport is not None:
+                    target_end.transport.abort()
                 raise
             self.opened += 1
             await ctx.audit("stream_opened", target=target, address=address)
             ctx.log.info("stream_opened", target=target, address=address)
             ended_by = await stream.run(
-                websocket, reader, writer, deadline=started + command.max_duration
+                connection, target_end, deadline=started + command.max_duration
             )
         finally:
             del self.active[jti]
@@ -149,7 +151,7 @@ class StreamManager:
 
     async def _connect_target(
         self, command: OpenStream, policy: Policy, ctx: ExecContext, stream: Splice
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+    ) -> tuple[SocketEnd, str]:
         target = command.target
         timeout = self.settings.connect_timeout
         try:
@@ -173,31 +175,29 @@ class StreamManager:
             shown = format_host_port(str(address), target.port)
             try:
                 async with asyncio.timeout(timeout):
-                    reader, writer = await asyncio.open_connection(
-                        str(address), target.port, limit=self.settings.read_chunk
+                    _, end = await asyncio.get_running_loop().create_connection(
+                        SocketEnd, str(address), target.port
                     )
             except (TimeoutError, OSError) as exc:
                 ctx.log.warning("stream_target_connect_failed", address=shown, error=repr(exc))
                 errors.append(f"{shown}: {_why(exc)}")
                 continue
             if stream.aborted.is_set():
-                writer.transport.abort()
+                if end.transport is not None:
+                    end.transport.abort()
                 raise DriverError(str(stream.abort_reason), "the stream was ended while connecting")
-            sock = writer.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return reader, writer, shown
+            return end, shown  # TCP_NODELAY set: small messages are not held back
         raise DriverError("target_unreachable", f"cannot connect to {target}: {'; '.join(errors)}")
 
     async def _open_connection(
         self, jti: str, stream: Splice, ctx: ExecContext
-    ) -> ClientConnection:
+    ) -> StreamConnection:
         """Dial the stream connection. What the control plane hears back about a failure is a
         fixed text per reason, never an OS error: it must not learn anything about other hosts
         (docs/PROTOCOL.md §13.3). The details go to the local log and audit only."""
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
-                websocket = await self._dial(jti)
+                connection = await self._dial(jti)
         except RedirectRefused as exc:
             await ctx.audit(
                 "stream_connection_failed",
@@ -226,9 +226,9 @@ class StreamManager:
             ) from exc
         if stream.aborted.is_set():
             reason = str(stream.abort_reason)
-            await websocket.close(close_code(reason), reason)
+            await connection.close(close_code(reason), reason)
             raise DriverError(str(stream.abort_reason), "the stream was ended while connecting")
-        return websocket
+        return connection
 
     # -- data -----------------------------------------------------------------------------
 
