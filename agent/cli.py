@@ -94,7 +94,7 @@ async def _run(config: AgentConfig) -> int:
 
         if not await ensure_enrolled(config):
             return 0  # stopped while waiting to enroll
-    agent = Agent(config)
+    agent = Agent(config, freeze_gc=True)
     await agent.run()
     return agent.exit_code
 

@@ -387,7 +387,7 @@ class Hub:
         assert frame.receipt is not None  # noqa: S101  # checked by the caller
         for der in reversed(self._store.certificates(agent_id)):
             try:
-                claims = verify_receipt(frame.receipt, x509.load_der_x509_certificate(der))
+                claims = verify_receipt(frame.receipt, _certificate(der))
             except ReceiptInvalid:
                 continue
             expected = {
@@ -402,6 +402,12 @@ class Hub:
             wrong = sorted(key for key, value in expected.items() if claims.get(key) != value)
             return "valid" if not wrong else f"mismatch: {', '.join(wrong)}"
         return "unverified: no certificate of this agent verifies it"
+
+
+@functools.lru_cache(maxsize=256)
+def _certificate(der: bytes) -> x509.Certificate:
+    """An agent certificate, parsed once (every final status is checked against it)."""
+    return x509.load_der_x509_certificate(der)
 
 
 def _retry(link: AgentLink, ref: str) -> None:

@@ -128,3 +128,45 @@ def test_numbers_round_trip(value: float) -> None:
 def test_canonical_form_is_json_and_stable_after_a_round_trip(value: object) -> None:
     text = canonicalize(value)
     assert canonicalize(json.loads(text)) == text
+
+
+_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+}
+
+
+def reference_string(text: str) -> str:
+    """RFC 8785 §3.2.2.2 written out character by character (what the encoder's fast path,
+    the standard library's, must equal)."""
+    out = ['"']
+    for char in text:
+        if char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif ord(char) < 0x20:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    out.append('"')
+    return "".join(out)
+
+
+@settings(max_examples=300)
+@given(st.text(alphabet=st.characters(codec="utf-8")))
+def test_strings_are_escaped_as_the_rfc_says(text: str) -> None:
+    assert canonicalize(text) == reference_string(text).encode()
+    assert (
+        canonicalize({text: text})
+        == f"{{{reference_string(text)}:{reference_string(text)}}}".encode()
+    )
+
+
+def test_every_control_character_and_the_escapes() -> None:
+    text = "".join(chr(c) for c in range(0x20)) + '"\\\x7f\u2028\u00e9\U0001f600'
+    assert canonicalize(text) == reference_string(text).encode()
+    assert b"\\u001f" in canonicalize(text)  # lowercase hex, as the RFC's examples

@@ -43,6 +43,10 @@ class ChainHead:
     hash: str = GENESIS
 
 
+_PLAIN: Final = frozenset({str, int, bool, type(None)})
+"""Types of a value that needs no further look (most fields: checked without a call)."""
+
+
 def _check_values(value: object, path: str) -> None:
     if isinstance(value, float):
         raise AuditError(f"audit field {path} is a float; use an integer or a string")
@@ -50,10 +54,12 @@ def _check_values(value: object, path: str) -> None:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise AuditError(f"audit field {path} has a non-string key")
-            _check_values(item, f"{path}.{key}")
+            if type(item) not in _PLAIN:
+                _check_values(item, f"{path}.{key}")
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            _check_values(item, f"{path}[{index}]")
+            if type(item) not in _PLAIN:
+                _check_values(item, f"{path}[{index}]")
     elif not (value is None or isinstance(value, str | int | bool)):
         raise AuditError(f"audit field {path} has unsupported type {type(value).__name__}")
 
@@ -77,7 +83,7 @@ def make_record(
     clash = RESERVED.intersection(fields)
     if clash:
         raise AuditError(f"audit fields may not use reserved names {sorted(clash)}")
-    _check_values(dict(fields), "record")
+    _check_values(fields if isinstance(fields, dict) else dict(fields), "record")
     record: dict[str, object] = {
         **fields,
         "seq": head.seq + 1,

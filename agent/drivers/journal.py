@@ -1,7 +1,8 @@
 """The ``journal`` driver: changes no workload, records every command it executes.
 
 Each execution appends a ``start`` line before it does anything and an ``end`` line after, to
-an append-only JSON Lines file, fsync'd. It is for dry runs (see what a control plane would do
+an append-only JSON Lines file, fsync'd before it goes on (lines written while an fsync runs
+share the next one). It is for dry runs (see what a control plane would do
 to a host, with the agent's whole verification, policy and audit path in front of it), for crash
 tests (count ``start`` lines per ``jti`` to prove nothing ran twice, from outside the agent) and
 for benchmarks (a cheap command).
@@ -42,6 +43,12 @@ class JournalDriver:
         self.replicas = table.integer("initial_replicas", 1, low=0, high=1000)
         self.version = table.string("initial_version", "1.0.0")
         self._fd: int | None = None
+        self._written = 0
+        """Lines written so far (counted from 1)."""
+        self._synced = 0
+        """Lines known to be on disk."""
+        self._sync: asyncio.Task[None] | None = None
+        """The fsync under way, if any: lines written meanwhile wait for the next one."""
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,13 +69,26 @@ class JournalDriver:
             self._fd = None
 
     async def _append(self, **entry: object) -> None:
-        """One line, on disk before this returns (synced in a thread: the event loop goes on)."""
+        """One line, on disk before this returns. Synced in a thread (the event loop goes on),
+        one fsync for every line written while the previous one ran (group commit)."""
         if self._fd is None:
             raise RuntimeError("journal driver is not started")
         line = json.dumps({"at": time.time(), **entry}, sort_keys=True) + "\n"
-        fd = self._fd
-        os.write(fd, line.encode())
-        await asyncio.to_thread(os.fsync, fd)
+        os.write(self._fd, line.encode())
+        self._written += 1
+        mine = self._written
+        while self._synced < mine:
+            if self._sync is None:
+                self._sync = asyncio.get_running_loop().create_task(self._fsync(self._fd))
+            await asyncio.shield(self._sync)
+
+    async def _fsync(self, fd: int) -> None:
+        upto = self._written
+        try:
+            await asyncio.to_thread(os.fsync, fd)
+        finally:
+            self._sync = None
+        self._synced = max(self._synced, upto)
 
     async def _run(self, ctx: ExecContext, command: str, **params: object) -> None:
         await ctx.audit("journal_entry", command=command)

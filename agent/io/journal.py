@@ -55,11 +55,15 @@ class Batch:
         self.store = journal.store
         self.lines: list[tuple[int, bytes]] = []
         self.records: list[tuple[str, Mapping[str, object]]] = []
+        self._ts: str | None = None
 
     def record(self, event: str, /, **fields: object) -> ChainHead:
-        """Append one record to the chain (written with the batch)."""
+        """Append one record to the chain (written with the batch; the records of one batch
+        are made in one instant and carry its time)."""
         journal = self._journal
-        line, head = make_record(journal.head, event, fields, ts=utc_timestamp(journal.now()))
+        if self._ts is None:
+            self._ts = utc_timestamp(journal.now())
+        line, head = make_record(journal.head, event, fields, ts=self._ts)
         journal.head = head
         self.lines.append((head.seq, line))
         self.records.append((event, fields))
