@@ -157,6 +157,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if diagnosis:
         print(f"  cause:      {diagnosis['cause']}")
         print(f"  what to do: {diagnosis['action']}")
+    next_at = status.get("next_attempt_at")
+    if isinstance(next_at, int | float) and not status["connected"]:
+        wait = max(0.0, next_at - float(status.get("time") or time.time()))
+        at = datetime.fromtimestamp(next_at, UTC).strftime("%H:%M:%S UTC")
+        print(f"  next try:   in {wait:.0f}s ({at}; SIGHUP tries at once)")
     print(f"certificate:  expires {status['client_certificate_expires']}")
     print(
         f"pending:      {status['pending_approvals']} awaiting approval, "

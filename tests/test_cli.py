@@ -126,3 +126,42 @@ def test_cp_stub_refuses_a_non_loopback_api(
     )
     assert code == 2
     assert "loopback" in capsys.readouterr().err
+
+
+def test_status_of_a_disconnected_agent_says_why_what_to_do_and_when_it_tries_again(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the on-call engineer reads (issue 13): the last error, its cause in words, the fix,
+    and the next attempt. The status is the agent's answer over its control socket."""
+    status = {
+        "agent_id": "agent-1",
+        "version": "0.1.0",
+        "control_plane": "wss://cp.example:443/v1/agent",
+        "connected": False,
+        "connection": None,
+        "last_error": "ConnectionRefusedError: [Errno 111] Connect call failed",
+        "diagnosis": {
+            "code": "connection_refused",
+            "cause": "nothing accepts connections at cp.example:443",
+            "action": "check the port in control_plane.url",
+        },
+        "next_attempt_at": 1_800_000_042.0,
+        "time": 1_800_000_000.0,
+        "client_certificate_expires": "2027-01-01T00:00:00Z",
+        "pending_approvals": 0,
+        "running_commands": 0,
+        "queued_commands": 0,
+        "unsent_frames": 0,
+        "last_command": None,
+        "audit_head": {"seq": 7, "hash": "ab" * 32},
+        "workload": {"kind": "journal"},
+    }
+    monkeypatch.setattr("agent.cli._control", lambda _args, payload: {"ok": True, "status": status})
+    assert agent_cli(["status", "--socket", "/nonexistent"]) == 0
+    out = capsys.readouterr().out
+    assert "control plane: DISCONNECTED wss://cp.example:443/v1/agent" in out
+    assert "  last error: ConnectionRefusedError" in out
+    assert "  cause:      nothing accepts connections at cp.example:443\n" in out
+    assert "  what to do: check the port in control_plane.url\n" in out
+    assert "  next try:   in 42s (" in out
+    assert "SIGHUP tries at once" in out
