@@ -28,6 +28,7 @@ configuration error.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import re
@@ -45,17 +46,14 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
-from agent.core import audit_view
 from agent.core.errors import AgentError, AuditIntegrityError, ConfigError, PolicyError
 from agent.core.verifier import jwk_thumbprint
 from agent.daemon import Agent
 from agent.io import event_loop
 from agent.io.audit_file import verify_file
-from agent.io.audit_reader import FOLLOW_POLL, LineReader
 from agent.io.control_socket import request
 from agent.io.policy_file import read_policy
 from agent.logs import configure_logging, effective_level
-from agent.update.selftest import self_test
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -100,6 +98,8 @@ async def _run(config: AgentConfig) -> int:
 
 
 def cmd_self_test(args: argparse.Namespace) -> int:
+    from agent.update.selftest import self_test  # noqa: PLC0415  # not on the agent's run path
+
     report = self_test(_config_path(args))
     if args.json:
         _print_json(report.to_json())
@@ -262,6 +262,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def _moment(value: str) -> datetime:
+    from agent.core import audit_view  # noqa: PLC0415  # audit show's, not the agent's
+
     try:
         return audit_view.parse_moment(value, now=datetime.now(UTC))
     except ValueError as exc:
@@ -285,7 +287,7 @@ def _audit_show_options(p: argparse.ArgumentParser, *, tail: bool) -> None:
     p.add_argument(
         "-n",
         "--last",
-        type=int,
+        type=_count,
         default=20 if tail else 0,
         metavar="N",
         help="only the last N records shown" + (" (default 20)" if tail else ""),
@@ -304,6 +306,9 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
     """Read the log, verifying every record as it comes; print what the filter keeps (only
     the last N with --last); with --follow go on as the agent appends, until Ctrl-C. Exit 1 if
     the chain breaks anywhere."""
+    from agent.core import audit_view  # noqa: PLC0415  # audit show's, not the agent's
+    from agent.io.audit_reader import FOLLOW_POLL, LineReader  # noqa: PLC0415
+
     path = _audit_path(args)
     wanted = audit_view.AuditFilter(
         jti=args.jti, events=frozenset(args.event), since=args.since, until=args.until
@@ -432,7 +437,14 @@ def cmd_vpc_template(args: argparse.Namespace) -> int:
     if args.output in (None, "-"):
         sys.stdout.write(text)
     else:
-        Path(args.output).write_text(text, encoding="utf-8")
+        try:
+            Path(args.output).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            print(
+                f"byoc-agent vpc template: cannot write {args.output}: {exc.strerror}",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
     return 0
 
 
@@ -441,6 +453,26 @@ def cmd_vpc_policy(args: argparse.Namespace) -> int:
 
     _print_json(policy_document())
     return 0
+
+
+def _cidr(value: str) -> str:
+    try:
+        ipaddress.IPv4Network(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected an IPv4 network such as 10.0.0.0/16: {exc}"
+        ) from exc
+    return value
+
+
+def _count(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of records (0 or more), got {value!r}")
+    return number
 
 
 def _aws_id(prefix: str) -> Callable[[str], str]:
@@ -625,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--vpc-cidr",
         action="append",
+        type=_cidr,
         default=[],
         metavar="CIDR",
         help="the VPC's CIDR, to judge a private endpoint (default: from the EC2 instance "

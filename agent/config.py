@@ -298,7 +298,7 @@ def parse_config(data: bytes, *, source: Path) -> AgentConfig:
     log_level = agent.string("log_level", "info")
     event_loop = agent.string("event_loop", "asyncio")
     if event_loop not in EVENT_LOOPS:
-        raise ConfigError(f"agent.io.event_loop must be one of {EVENT_LOOPS}")
+        raise ConfigError(f"agent.event_loop must be one of {EVENT_LOOPS}")
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"agent.log_level must be one of {LOG_LEVELS}")
     if not root.has("control_plane"):

@@ -83,15 +83,18 @@ FILE_WATCH_INTERVAL: Final = 2.0
 (a renewed or re-enrolled certificate is tried at once instead of after the backoff)."""
 
 
-def load_trusted_keys(paths: tuple[Path, ...]) -> TrustedKeys:
+def load_trusted_keys(
+    paths: tuple[Path, ...], setting: str = "commands.trusted_keys"
+) -> TrustedKeys:
+    """Ed25519 public keys from PEM files; a ConfigError names ``setting`` and the file."""
     keys: list[Ed25519PublicKey] = []
     for path in paths:
         try:
             key = load_pem_public_key(path.read_bytes())
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"commands.trusted_keys: cannot load {path}: {exc}") from exc
+            raise ConfigError(f"{setting}: cannot load {path}: {exc}") from exc
         if not isinstance(key, Ed25519PublicKey):
-            raise ConfigError(f"commands.trusted_keys: {path} is not an Ed25519 public key")
+            raise ConfigError(f"{setting}: {path} is not an Ed25519 public key")
         keys.append(key)
     return TrustedKeys.of(keys)
 

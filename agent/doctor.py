@@ -35,6 +35,8 @@ seconds, and the uncertainty is said; against the commands' 60 s allowance that 
 from __future__ import annotations
 
 import grp
+import http.client
+import ipaddress
 import json
 import os
 import pwd
@@ -64,7 +66,7 @@ from agent.core.doctor_checks import Check, FileFacts, Status
 from agent.core.errors import AgentError, ConfigError, PolicyError
 from agent.io import probes
 from agent.io.control_socket import request
-from agent.io.egress import Route, route_for
+from agent.io.egress import Route, proxy_variable, route_for
 from agent.io.policy_file import read_policy
 from agent.io.proxy_url import redact_url
 from agent.io.tls import classify_tls_failure, client_context
@@ -198,10 +200,8 @@ def describe_route(cp: ControlPlaneConfig, route: Route) -> str:
     elif cp.proxy != "environment":
         why = "control_plane.proxy"
     else:
-        found = urllib.request.getproxies()
-        names = {"wss": "WSS_PROXY", "socks": "SOCKS_PROXY", "https": "HTTPS_PROXY"}
-        source = next((name for key, name in names.items() if key in found), None)
-        no_proxy = found.get("no", "")
+        source = proxy_variable()
+        no_proxy = urllib.request.getproxies().get("no", "")
         if source is None:
             why = "no HTTPS_PROXY in the environment"
         elif route.proxy is None:
@@ -584,9 +584,17 @@ def vpc_cidrs_from_metadata(base: str, timeout: float) -> tuple[str, ...]:
         token = get("/latest/api/token", "", "PUT")
         mac = get("/latest/meta-data/mac", token).strip()
         blocks = get(f"/latest/meta-data/network/interfaces/macs/{mac}/vpc-ipv4-cidr-blocks", token)
-    except (OSError, ValueError):
+    except (OSError, ValueError, http.client.HTTPException):
         return ()
-    return tuple(line.strip() for line in blocks.splitlines() if line.strip())
+    return tuple(line for line in map(str.strip, blocks.splitlines()) if _is_ipv4_network(line))
+
+
+def _is_ipv4_network(text: str) -> bool:
+    try:
+        ipaddress.IPv4Network(text)
+    except ValueError:
+        return False
+    return True
 
 
 def examine(config_path: Path, options: Options | None = None) -> list[Check]:

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import structlog
-from cryptography import x509
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
@@ -47,7 +46,12 @@ from agent.core.frames import (
     KeySetFrame,
     Status,
 )
-from agent.core.receipts import ReceiptInvalid, result_sha256, verify_receipt
+from agent.core.receipts import (
+    ReceiptInvalid,
+    receipt_certificate_sha256,
+    receipt_claims,
+    verify_receipt,
+)
 from agent.core.session import CloseCode, CloseRequested, HeartbeatSettings, HeartbeatTimer
 from agent.io.tls import PeerCertificate
 from control_plane_stub.enrollment import CertificateAuthority, EnrollmentRefused
@@ -382,32 +386,28 @@ class Hub:
         )
 
     def _check_receipt(self, agent_id: str, frame: Status) -> str:
-        """``valid`` if the receipt verifies with one of the agent's certificates and says what
-        the status says; otherwise why not (the report is stored either way)."""
+        """``valid`` if the receipt verifies with the certificate of this agent it names and
+        says what the status says; otherwise why not (the report is stored either way)."""
         assert frame.receipt is not None  # noqa: S101  # checked by the caller
-        for der in reversed(self._store.certificates(agent_id)):
-            try:
-                claims = verify_receipt(frame.receipt, _certificate(der))
-            except ReceiptInvalid:
-                continue
-            expected = {
-                "iss": agent_id,
-                "jti": frame.jti,
-                "ref": frame.ref,
-                "state": frame.state,
-                "reason": frame.reason,
-                "at": frame.at,  # required in a status: the receipt is for this report
-                "result_sha256": result_sha256(frame.result),
-            }
-            wrong = sorted(key for key, value in expected.items() if claims.get(key) != value)
-            return "valid" if not wrong else f"mismatch: {', '.join(wrong)}"
-        return "unverified: no certificate of this agent verifies it"
-
-
-@functools.lru_cache(maxsize=256)
-def _certificate(der: bytes) -> x509.Certificate:
-    """An agent certificate, parsed once (every final status is checked against it)."""
-    return x509.load_der_x509_certificate(der)
+        sha256 = receipt_certificate_sha256(frame.receipt)
+        certificate = None if sha256 is None else self._store.agent_certificate(agent_id, sha256)
+        try:
+            if certificate is None:
+                raise ReceiptInvalid("names no certificate of this agent")
+            claims = verify_receipt(frame.receipt, certificate)
+        except ReceiptInvalid:
+            return "unverified: no certificate of this agent verifies it"
+        expected = receipt_claims(
+            agent_id=agent_id,
+            jti=frame.jti,
+            ref=frame.ref,
+            state=frame.state,
+            reason=frame.reason,
+            result=frame.result,
+            at=frame.at,  # required in a status: the receipt is for this report
+        )
+        wrong = sorted(key for key, value in expected.items() if claims.get(key) != value)
+        return "valid" if not wrong else f"mismatch: {', '.join(wrong)}"
 
 
 def _retry(link: AgentLink, ref: str) -> None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from cryptography import x509
+
 from agent.core.frames import FINAL_STATES, DeliveryRejected, Status
 from agent.io import sqlite_db
 from agent.io.wal_sync import WalSyncer
@@ -224,8 +226,9 @@ class StubStore:
             self._db.execute("UPDATE agents SET connected = 0, connected_since = NULL")
         except (OSError, sqlite3.Error) as exc:
             raise StubError(f"cannot open stub database {path}: {exc}") from exc
-        self._known_certs: set[str] = set()
-        """Certificates known to be stored: a reconnection writes nothing for them."""
+        self._known_certs: dict[str, tuple[str, x509.Certificate]] = {}
+        """Certificates known to be stored, parsed (sha256 -> agent id, certificate): a
+        reconnection writes nothing for them, and receipts are checked without a query."""
         self._in_batch = False
         self.committed = 0
         self.durable = 0
@@ -366,18 +369,27 @@ class StubStore:
                ON CONFLICT (sha256) DO NOTHING""",
             (sha256, agent_id, der, time.time()),
         )
-        self._known_certs.add(sha256)
+        self._known_certs[sha256] = (agent_id, x509.load_der_x509_certificate(der))
+
+    def agent_certificate(self, agent_id: str, sha256: str) -> x509.Certificate | None:
+        """A certificate ``agent_id`` used, by its SHA-256 (hex), parsed; None if it is not
+        one of that agent's."""
+        known = self._known_certs.get(sha256)
+        if known is None:
+            row = self._db.execute(
+                "SELECT agent_id, der FROM agent_certs WHERE sha256 = ?", (sha256,)
+            ).fetchone()
+            if row is None:
+                return None
+            known = (row["agent_id"], x509.load_der_x509_certificate(bytes(row["der"])))
+            self._known_certs[sha256] = known
+        owner, certificate = known
+        return certificate if owner == agent_id else None
 
     def certificate(self, sha256: str) -> bytes | None:
         """The DER of a certificate an agent used (``agents.cert_sha256`` names its latest)."""
         row = self._db.execute("SELECT der FROM agent_certs WHERE sha256 = ?", (sha256,)).fetchone()
         return None if row is None else bytes(row["der"])
-
-    def certificates(self, agent_id: str) -> list[bytes]:
-        rows = self._db.execute(
-            "SELECT der FROM agent_certs WHERE agent_id = ? ORDER BY first_seen", (agent_id,)
-        ).fetchall()
-        return [bytes(row["der"]) for row in rows]
 
     def record_receipt(self, agent_id: str, frame: Status, verdict: str) -> bool:
         """Keep the receipt a final status came with, if that status is the report held for

@@ -73,7 +73,8 @@ def test_a_receipt_from_another_key_or_for_another_report_is_not_valid(
 ) -> None:
     store = StubStore(tmp_path / "stub.db")
     cert = x509.load_pem_x509_certificate(pki.agent_cert("agent-1").read_bytes())
-    store.remember_certificate("agent-1", "sha", cert.public_bytes(Encoding.DER))
+    der = cert.public_bytes(Encoding.DER)
+    store.remember_certificate("agent-1", hashlib.sha256(der).hexdigest(), der)
     hub = Hub(store, HubSettings(), structlog.get_logger())
     own = signer_from_files("agent-1", pki.agent_cert("agent-1"), pki.agent_key("agent-1"))
     other = signer_from_files("agent-1", pki.agent_cert("agent-2"), pki.agent_key("agent-2"))
@@ -88,6 +89,12 @@ def test_a_receipt_from_another_key_or_for_another_report_is_not_valid(
     assert hub._check_receipt("agent-1", status(own)) == "valid"
     assert hub._check_receipt("agent-1", status(own, state="failed")) == "mismatch: state"
     assert hub._check_receipt("agent-1", status(other)).startswith("unverified")
+    # another agent's certificate, known to the stub, does not speak for agent-1
+    foreign = x509.load_pem_x509_certificate(pki.agent_cert("agent-2").read_bytes())
+    foreign_der = foreign.public_bytes(Encoding.DER)
+    store.remember_certificate("agent-2", hashlib.sha256(foreign_der).hexdigest(), foreign_der)
+    assert hub._check_receipt("agent-2", status(other)) == "mismatch: iss"  # signed, as agent-1
+    assert hub._check_receipt("agent-1", status(other)).startswith("unverified")
     with pytest.raises(ReceiptInvalid, match="another certificate"):
         verify_receipt(status(other).receipt or "", cert)
     store.close()
@@ -98,7 +105,8 @@ def test_a_receipt_for_another_time_is_a_mismatch(tmp_path: Path, pki: PKIPaths)
     accepted as ``valid`` for another status with the same outcome but another time."""
     store = StubStore(tmp_path / "stub.db")
     cert = x509.load_pem_x509_certificate(pki.agent_cert("agent-1").read_bytes())
-    store.remember_certificate("agent-1", "sha", cert.public_bytes(Encoding.DER))
+    der = cert.public_bytes(Encoding.DER)
+    store.remember_certificate("agent-1", hashlib.sha256(der).hexdigest(), der)
     hub = Hub(store, HubSettings(), structlog.get_logger())
     own = signer_from_files("agent-1", pki.agent_cert("agent-1"), pki.agent_key("agent-1"))
     result = {"replicas": 3}

@@ -85,21 +85,54 @@ class ReceiptSigner:
         result: Mapping[str, Any] | None,
         at: float,
     ) -> str:
-        claims = {
-            "iss": self.agent_id,
-            "jti": jti,
-            "ref": ref,
-            "state": state,
-            "reason": reason,
-            "result_sha256": result_sha256(result),
-            "at": at,
-        }
+        claims = receipt_claims(
+            agent_id=self.agent_id,
+            jti=jti,
+            ref=ref,
+            state=state,
+            reason=reason,
+            result=result,
+            at=at,
+        )
         return jwt.encode(
             claims,
             self.key,
             algorithm=_algorithm(self.key),
             headers={"typ": RECEIPT_TYP, "x5t#S256": cert_thumbprint(self.cert_der)},
         )
+
+
+def receipt_claims(
+    *,
+    agent_id: str,
+    jti: str,
+    ref: str,
+    state: str,
+    reason: str | None,
+    result: Mapping[str, Any] | None,
+    at: float,
+) -> dict[str, object]:
+    """What a receipt says: the signer makes these claims, a verifier expects them."""
+    return {
+        "iss": agent_id,
+        "jti": jti,
+        "ref": ref,
+        "state": state,
+        "reason": reason,
+        "result_sha256": result_sha256(result),
+        "at": at,
+    }
+
+
+def receipt_certificate_sha256(token: str) -> str | None:
+    """The hex SHA-256 of the certificate a receipt names (``x5t#S256``), or None if it names
+    none readable; which certificate to verify it with."""
+    try:
+        named = jwt.get_unverified_header(token).get("x5t#S256")
+        digest = base64.urlsafe_b64decode(str(named) + "=" * (-len(str(named)) % 4))
+    except (jwt.PyJWTError, ValueError):
+        return None
+    return digest.hex() if named is not None and len(digest) == 32 else None
 
 
 def verify_receipt(token: str, certificate: x509.Certificate) -> dict[str, Any]:

@@ -108,13 +108,18 @@ _ENVIRONMENT_NAMES = {"wss": "WSS_PROXY", "socks": "SOCKS_PROXY", "https": "HTTP
 (either case; lower case wins when both are set)."""
 
 
+def proxy_variable() -> str | None:
+    """The environment variable that names the proxy for a wss:// URL, if one is set."""
+    found = urllib.request.getproxies()
+    return next((name for key, name in _ENVIRONMENT_NAMES.items() if key in found), None)
+
+
 def _from_environment(url: str, *, credentials_replaced: bool) -> str | None:
     """The proxy the environment selects for ``url`` (honouring ``NO_PROXY``), normalised."""
     proxy = get_proxy(parse_uri(url))
     if proxy is None:
         return None
-    found = urllib.request.getproxies()
-    name = next((v for k, v in _ENVIRONMENT_NAMES.items() if k in found), "HTTPS_PROXY")
+    name = proxy_variable() or "HTTPS_PROXY"
     return normalize_proxy_url(
         proxy,
         source=f"the proxy from the environment ({name})",

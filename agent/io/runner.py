@@ -184,33 +184,25 @@ class Runner:
         self.submit(self._purge)
 
     async def approve(self, jti: str, operator: Operator, note: str | None) -> CommandRow:
-        def work(batch: Batch, done: Callable[[object], None]) -> None:
-            fx = Effects()
-            try:
-                row = self.lifecycle.approve(
-                    jti,
-                    operator,
-                    note=note,
-                    now=self._clock.time(),
-                    policy=self._policy.current,
-                    fx=fx,
-                )
-            except CommandRejected as exc:
-                self._apply(batch, fx)
-                done(exc)
-                return
-            self._apply(batch, fx)
-            done(row)
-
-        result = await self._ask(work)
-        assert isinstance(result, CommandRow)  # noqa: S101  # _ask raised otherwise
-        return result
+        return await self._by_person(self.lifecycle.approve, jti, operator, note)
 
     async def deny(self, jti: str, operator: Operator, note: str | None) -> CommandRow:
+        return await self._by_person(self.lifecycle.deny, jti, operator, note)
+
+    async def _by_person(
+        self,
+        decide: Callable[..., CommandRow],
+        jti: str,
+        operator: Operator,
+        note: str | None,
+    ) -> CommandRow:
+        """A person's approval or denial (``Lifecycle.approve``/``deny``), answered once
+        durable; a refused attempt is audited and raised (CommandRejected)."""
+
         def work(batch: Batch, done: Callable[[object], None]) -> None:
             fx = Effects()
             try:
-                row = self.lifecycle.deny(
+                row = decide(
                     jti,
                     operator,
                     note=note,
@@ -219,11 +211,11 @@ class Runner:
                     fx=fx,
                 )
             except CommandRejected as exc:
-                self._apply(batch, fx)
                 done(exc)
-                return
+                row = None
             self._apply(batch, fx)
-            done(row)
+            if row is not None:
+                done(row)
 
         result = await self._ask(work)
         assert isinstance(result, CommandRow)  # noqa: S101  # _ask raised otherwise

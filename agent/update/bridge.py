@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from agent.config import AgentConfig
-from agent.core.errors import ConfigError
 from agent.core.verifier import TrustedKeys
+from agent.daemon import load_trusted_keys
 from agent.update.updater import Updater
 
 
@@ -43,7 +40,7 @@ def build_updater(
     names, if it names any; they replace the configured ones while it is in force."""
     if config.update is None:
         return None
-    configured = load_release_keys(config.update.release_keys)
+    configured = load_trusted_keys(config.update.release_keys, "update.release_keys")
 
     def release_keys() -> TrustedKeys:
         return keyset_release_keys() or configured
@@ -58,16 +55,3 @@ def build_updater(
         log=log,
         clock=clock,
     )
-
-
-def load_release_keys(paths: tuple[Path, ...]) -> TrustedKeys:
-    keys: list[Ed25519PublicKey] = []
-    for path in paths:
-        try:
-            key = load_pem_public_key(path.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"update.release_keys: cannot load {path}: {exc}") from exc
-        if not isinstance(key, Ed25519PublicKey):
-            raise ConfigError(f"update.release_keys: {path} is not an Ed25519 public key")
-        keys.append(key)
-    return TrustedKeys.of(keys)

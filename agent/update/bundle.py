@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -244,7 +243,3 @@ def make_header(
     if len(head) > MAX_HEADER_BYTES:  # pragma: no cover - the claims are small and bounded
         raise ValueError("header too large")
     return head
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

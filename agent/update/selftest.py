@@ -12,7 +12,6 @@ schema it writes, which the running agent compares with its own before it switch
 
 from __future__ import annotations
 
-import io
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from agent import __version__
 from agent.config import AgentConfig, load_config
 from agent.core.audit_chain import verify_lines
 from agent.core.errors import AgentError
+from agent.io.audit_file import iter_lines
 from agent.io.policy_file import read_policy
 from agent.io.store import SCHEMA_VERSION
 from agent.io.tls import client_context
@@ -109,9 +109,9 @@ def _state(path: Path) -> str:
 
 
 def _audit(path: Path) -> str:
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]  # the running agent may be writing the next one
-    summary = verify_lines(io.BytesIO(complete))
+    # the running agent may be writing the next line: a last line without its newline is not
+    # a record yet (streamed, not read whole: a log can be large)
+    summary = verify_lines(line for line in iter_lines(path) if line.endswith(b"\n"))
     return f"{path}: {summary.records} records verify"
 
 

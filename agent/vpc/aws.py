@@ -90,7 +90,8 @@ def session(region: str | None = None) -> Session:
         raise AwsUnavailable(
             "boto3 is not installed: pip install 'byoc-agent[aws]' (only `vpc check` needs it)"
         ) from exc
-    made: Session = boto3.session.Session(region_name=region)
+    with _translated("the AWS session"):  # e.g. an AWS_PROFILE that does not exist
+        made: Session = boto3.session.Session(region_name=region)
     return made
 
 

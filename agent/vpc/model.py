@@ -34,10 +34,6 @@ class Vpc:
     dns_hostnames: bool
     tags: Tags = field(default_factory=dict)
 
-    @property
-    def networks(self) -> tuple[ipaddress.IPv4Network, ...]:
-        return tuple(ipaddress.IPv4Network(block.cidr) for block in self.cidr_blocks)
-
 
 @dataclass(frozen=True, kw_only=True)
 class Subnet:
