@@ -145,10 +145,17 @@ class Hub:
             self._reported.clear()
             reports, self._reports = self._reports, []
             acks: list[tuple[AgentLink, int]] = []
-            with self._store.batch() as commit:
-                for link, frame in reports:
-                    self._apply(link, frame)
-                    acks.append((link, frame.seq))
+            try:
+                with self._store.batch() as commit:
+                    for link, frame in reports:
+                        self._apply(link, frame)
+                        acks.append((link, frame.seq))
+            except Exception as exc:  # the writer must outlive one bad batch
+                # Nothing of the batch is acknowledged: its agents resend it when they are back.
+                self._log.error("store_write_failed", error=repr(exc), reports=len(reports))
+                for link in {link for link, _ in reports}:
+                    link.close(CloseCode.GOING_AWAY, "the control plane could not store a report")
+                continue
             self._store.after(commit, functools.partial(self._acknowledge, acks))
             await self.notify()
 

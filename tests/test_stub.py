@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
@@ -9,8 +10,11 @@ import httpx
 import pytest
 
 from agent.core.frames import DeliveryRejected, Status
+from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubServer
 from control_plane_stub.store import StubStore
+from tests.conftest import AgentStarter, scaled
+from tests.fakes import RecordingDriver
 
 
 @pytest.fixture
@@ -106,3 +110,28 @@ async def test_the_operator_api_keeps_browsers_out(stub: StubServer) -> None:
             await http.get("/v1/agents", headers={"host": f"localhost:{stub.api_port}"})
         ).status_code == 200
     assert len(stub.store.commands()) == 1  # only the legitimate request made a command
+
+
+async def test_a_report_the_store_cannot_take_is_resent_and_the_writer_goes_on(
+    stub: StubServer, api: StubClient, start_agent: AgentStarter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that fails to store (here: the first status, once) is not acknowledged; its
+    agent is disconnected, comes back and resends it, and the store writer keeps working."""
+    await start_agent(port=stub.agent_port, driver=RecordingDriver())
+    real = stub.store.apply_status
+    failures: list[str] = []
+
+    def apply_status(agent_id: str, frame: Status) -> bool:
+        if not failures:
+            failures.append(frame.state)
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(agent_id, frame)
+
+    monkeypatch.setattr(stub.store, "apply_status", apply_status)
+    sent = await api.send("agent-1", "collect_metrics", {"targets": ["workload"]})
+    answer = await api.command(sent["ref"], wait_for="final", wait_seconds=scaled(30))
+    assert answer["command"]["state"] == "succeeded"
+    assert failures  # the failure happened, and the command still got through
+    again = await api.send("agent-1", "collect_metrics", {"targets": ["workload"]})
+    answer = await api.command(again["ref"], wait_for="final", wait_seconds=scaled(30))
+    assert answer["command"]["state"] == "succeeded"
