@@ -358,6 +358,26 @@ def test_a_resumed_command_that_never_acted_may_still_be_refused() -> None:
         machine.begin("acted", now=NOW + 1, policy=DENY_ALL)
 
 
+def test_a_row_that_no_longer_parses_is_rejected_at_restart_whatever_its_state() -> None:
+    """A corrupt store (or a release that parses stricter) must not stop the agent from
+    starting: each such row ends, as what it can be, instead of raising."""
+    machine = lifecycle()
+    bad = {"params": {"replicas": "many"}}
+    fx = machine.recover(
+        [
+            row("received", CommandState.RECEIVED, **bad),
+            row("waiting", CommandState.PENDING_APPROVAL, **bad),
+            row("approved", CommandState.PENDING_APPROVAL, approved_by="alice", **bad),
+            row("never", CommandState.RUNNING, **bad),
+            row("acted", CommandState.RUNNING, acted=True, **bad),
+        ],
+        now=NOW,
+        policy=ALLOW,
+    )
+    assert reported(fx) == ["rejected", "rejected", "rejected", "rejected", "interrupted"]
+    assert len(machine) == 0
+
+
 UPDATE: Final = {
     "type": "update_agent",
     "params": {"version": "0.2.0", "url": "https://r.example/a.bundle", "sha256": "ab" * 32},

@@ -545,3 +545,10 @@ release_keys = ["release.pub"]
 
     updater._restart(EXIT_RESTART, "update_agent: switching to 0.2.0")
     assert stops == [(EXIT_RESTART, "update_agent: switching to 0.2.0")]
+
+
+def test_the_command_may_last_its_steps_and_then_the_whole_trial(host: Host) -> None:
+    """After the restart the command waits for the trial's end: a limit of the agent's
+    command_timeout alone would report a long trial ``failed``/``timeout`` while it goes on."""
+    updater = host.updater(trial_deadline=3600.0, trial_settle=10.0)
+    assert updater.time_limit(900.0) == 4500.0

@@ -90,23 +90,20 @@ TRANSITIONS: Final[Mapping[tuple[CommandState | None, Step], CommandState]] = {
     (_S.RECEIVED, Step.EXPIRED): _S.REJECTED,
     (_S.RECEIVED, Step.NEEDS_APPROVAL): _S.PENDING_APPROVAL,
     (_S.RECEIVED, Step.STARTED): _S.RUNNING,
+    (_S.PENDING_APPROVAL, Step.INVALID): _S.REJECTED,
     (_S.PENDING_APPROVAL, Step.DENIED): _S.REJECTED,
     (_S.PENDING_APPROVAL, Step.EXPIRED): _S.REJECTED,
     (_S.PENDING_APPROVAL, Step.STARTED): _S.RUNNING,
     # A command resumed after a restart that never acted may still be refused at its turn.
+    (_S.RUNNING, Step.INVALID): _S.REJECTED,
     (_S.RUNNING, Step.DENIED): _S.REJECTED,
     (_S.RUNNING, Step.EXPIRED): _S.REJECTED,
-    (_S.RUNNING, Step.STARTED): _S.RUNNING,
     (_S.RUNNING, Step.SUCCEEDED): _S.SUCCEEDED,
     (_S.RUNNING, Step.FAILED): _S.FAILED,
     (_S.RUNNING, Step.CUT_OFF): _S.INTERRUPTED,
 }
 """The only moves a command makes. Nothing leaves a final state; RUNNING is left for
 REJECTED only by a command that never acted (checked where it happens)."""
-
-BENIGN_REFUSALS: Final = frozenset({"shutting_down", "busy", "rate_limited", "duplicate_delivery"})
-"""Delivery refusals that are no fault of the peer's (docs/PROTOCOL.md §3): they spend the
-connection's deferral budget, not its error budget."""
 
 
 class LifecycleError(Exception):
@@ -138,10 +135,6 @@ class CommandRow:
     approved_by: str | None = None
     acted: bool = False
     """A driver wrote an audit record for it: it may have changed the workload."""
-
-    @property
-    def final(self) -> bool:
-        return self.state.final
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -327,12 +320,6 @@ class _Live:
     command: Command | None = None
     decided_with: str | None = None
     """The policy (its hash) the last decision was made with."""
-    resumed: bool = False
-    """RUNNING at a restart without having acted: it starts again without a second
-    ``running`` report."""
-    continued: bool = False
-    """RUNNING at a restart after it acted, of a type whose restart is part of it: it goes on
-    (no second check: it is under way)."""
 
 
 class Lifecycle:
@@ -381,9 +368,6 @@ class Lifecycle:
             for live in self._live.values()
             if live.row.state is CommandState.PENDING_APPROVAL and not live.row.approved_by
         ]
-
-    def count(self, state: CommandState) -> int:
-        return sum(1 for live in self._live.values() if live.row.state is state)
 
     def __len__(self) -> int:
         return len(self._live)
@@ -555,7 +539,8 @@ class Lifecycle:
         row = live.row
         if row.state is CommandState.PENDING_APPROVAL and not row.approved_by:
             return fx  # not approved (yet): nothing to start
-        if live.continued:  # under way before a restart that is part of it: it goes on
+        if row.state is CommandState.RUNNING and row.acted and row.type in self._continues:
+            # resumed after a restart that is part of it: it is under way, no second check
             return self._start(live, now=now, fx=fx)
         if now - self.clock_skew >= row.exp:
             self._reject(
@@ -589,8 +574,7 @@ class Lifecycle:
         assert command is not None  # noqa: S101  # parsed when it was decided
         jti = live.row.jti
         fx.audit("execution_started", jti=jti, command_type=command.type, params=command.params())
-        if live.resumed:
-            live.resumed = live.continued = False
+        if live.row.state is CommandState.RUNNING:  # resumed: no second ``running`` report
             live.row = replace(live.row, updated_at=now)
             fx.add(Save(live.row))
         else:
@@ -755,46 +739,40 @@ class Lifecycle:
         fx = Effects()
         for row in rows:
             self._live[row.jti] = live = _Live(row)
-            continues = row.state is CommandState.RUNNING and row.type in self._continues
-            if continues and row.acted:
-                fx.audit("command_resumed", jti=row.jti, state=row.state.value, never_acted=False)
-                try:
-                    live.command = parse_command({"type": row.type, "params": row.params})
-                except CommandRejected as exc:  # only a corrupt store
-                    fx.audit("command_interrupted", jti=row.jti, detail=exc.detail)
-                    self._move(
-                        live, Step.CUT_OFF, now=now, fx=fx, reason=exc.code, detail=exc.detail
-                    )
-                    continue
-                live.resumed = live.continued = True
-                fx.add(Enqueue(row.jti, live.command.mutating))
-                continue
-            if row.state is CommandState.RUNNING and row.acted:
+            running = row.state is CommandState.RUNNING
+            if running and row.acted and row.type not in self._continues:
                 detail = "the agent stopped while the command was running; its outcome is unknown"
-                fx.audit("command_interrupted", jti=row.jti, detail=detail)
-                self._move(
-                    live, Step.CUT_OFF, now=now, fx=fx, reason="agent_restarted", detail=detail
-                )
+                self._cut_off_at_start(live, "agent_restarted", detail, now=now, fx=fx)
                 continue
-            never_acted = row.state is CommandState.RUNNING
-            fx.audit("command_resumed", jti=row.jti, state=row.state.value, never_acted=never_acted)
+            fx.audit(
+                "command_resumed",
+                jti=row.jti,
+                state=row.state.value,
+                never_acted=running and not row.acted,
+            )
             try:
                 live.command = parse_command({"type": row.type, "params": row.params})
             except CommandRejected as exc:  # parsed when it arrived; only a corrupt store
-                step = Step.DENIED if never_acted else Step.INVALID
-                self._reject(row.jti, step, exc.code, exc.detail, now=now, fx=fx)
+                if running and row.acted:
+                    self._cut_off_at_start(live, exc.code, exc.detail, now=now, fx=fx)
+                else:
+                    self._reject(row.jti, Step.INVALID, exc.code, exc.detail, now=now, fx=fx)
                 continue
-            if never_acted:
-                live.resumed = True
+            if running or (row.state is CommandState.PENDING_APPROVAL and row.approved_by):
+                # RUNNING: never acted, or a ``continues`` type that goes on after the restart
                 fx.add(Enqueue(row.jti, live.command.mutating))
-            elif row.state is CommandState.PENDING_APPROVAL and not row.approved_by:
-                fx.add(Arm(row.jti, row.exp))
             elif row.state is CommandState.PENDING_APPROVAL:
-                fx.add(Enqueue(row.jti, live.command.mutating))
+                fx.add(Arm(row.jti, row.exp))
             else:
                 live.command = None
                 self._decide(row.jti, now=now, policy=policy, fx=fx)
         return fx
+
+    def _cut_off_at_start(
+        self, live: _Live, reason: str, detail: str, *, now: float, fx: Effects
+    ) -> None:
+        fx.audit("command_interrupted", jti=live.row.jti, detail=detail)
+        self._move(live, Step.CUT_OFF, now=now, fx=fx, reason=reason, detail=detail)
 
     # -- moves -----------------------------------------------------------------------------
 
@@ -819,7 +797,11 @@ class Lifecycle:
         """Apply one transition: save the row, report the new state; a final one leaves the
         live set (the store keeps it for the replay cache)."""
         old = live.row
-        if old.state is CommandState.RUNNING and step in (Step.DENIED, Step.EXPIRED) and old.acted:
+        if (
+            old.state is CommandState.RUNNING
+            and step in (Step.INVALID, Step.DENIED, Step.EXPIRED)
+            and old.acted
+        ):
             raise LifecycleError(f"{old.jti} acted: it cannot be refused any more")
         state = self._next(old.state, step)
         row = replace(old, state=state, updated_at=now, reason=reason, detail=detail, result=result)

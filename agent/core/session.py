@@ -27,6 +27,7 @@ middlebox dropped the flow).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -338,7 +339,7 @@ class AgentSession:
         must not lose a frame) and spends the error budget."""
         if seq > self.last_sent:
             return None, [AckRefused(seq, self.last_sent), *self._spend_error(now)]
-        return outbox.ack(seq), []
+        return outbox.remove(seq), []
 
     def _spend_deferral(self, now: float) -> list[Event]:
         """Refusals that are no fault of the peer's were audited too, so they have a budget of
@@ -431,8 +432,11 @@ class Outbox:
 
     def __init__(self, entries: Iterable[OutboxEntry] = (), *, next_seq: int = 1) -> None:
         self._entries: dict[int, OutboxEntry] = {}
+        """In ``seq`` order (loaded sorted, numbered as added), which :meth:`sendable` uses."""
+        self._anchor: int | None = None
+        """The ``seq`` of the anchor not acknowledged yet, if any."""
         for entry in sorted(entries, key=lambda e: e.seq):
-            self._entries[entry.seq] = entry
+            self._keep(entry)
         self.next_seq = max([next_seq, *(seq + 1 for seq in self._entries)])
 
     def __len__(self) -> int:
@@ -450,26 +454,31 @@ class Outbox:
         entry = OutboxEntry(
             seq=self.next_seq, kind=kind, body=body, jti=jti, state=state, commit=commit
         )
-        self._entries[entry.seq] = entry
+        self._keep(entry)
         self.next_seq += 1
         return entry
 
+    def _keep(self, entry: OutboxEntry) -> None:
+        self._entries[entry.seq] = entry
+        if entry.kind == Anchor.type:
+            self._anchor = entry.seq
+
     def waiting_anchor(self) -> OutboxEntry | None:
         """An anchor not acknowledged yet (a new one replaces it: only the newest matters)."""
-        return next((e for e in self._entries.values() if e.kind == Anchor.type), None)
+        return None if self._anchor is None else self._entries.get(self._anchor)
 
     def remove(self, seq: int) -> OutboxEntry | None:
-        return self._entries.pop(seq, None)
-
-    def ack(self, seq: int) -> OutboxEntry | None:
+        """Forget an entry (acknowledged, or replaced); None if it was not kept."""
+        if seq == self._anchor:
+            self._anchor = None
         return self._entries.pop(seq, None)
 
     def sendable(self, *, after: int, durable: int) -> list[OutboxEntry]:
         """Entries numbered above ``after`` whose commit is durable, in order; it stops at the
         first one that is not durable yet (frames go out in ``seq`` order)."""
+        newer = itertools.takewhile(lambda e: e.seq > after, reversed(self._entries.values()))
         out = []
-        for seq in sorted(s for s in self._entries if s > after):
-            entry = self._entries[seq]
+        for entry in reversed(list(newer)):  # the newest ones only, without sorting them all
             if entry.commit > durable:
                 break
             out.append(entry)

@@ -16,6 +16,7 @@ journal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -64,6 +65,9 @@ class JournalDriver:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     async def close(self) -> None:
+        if self._sync is not None:  # an fsync in its thread still uses the descriptor
+            with contextlib.suppress(OSError):
+                await asyncio.shield(self._sync)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -81,6 +81,10 @@ class UpdateRunner(Protocol):
 
     async def run(self, command: UpdateAgent, ctx: ExecContext) -> dict[str, object]: ...
 
+    def time_limit(self, command_timeout: float) -> float:
+        """Seconds the command may take (after a restart it waits for the trial's end)."""
+        ...
+
 
 UPDATE_NOT_CONFIGURED: Final = (
     "this agent does not update itself here (no [update] in its configuration); on Kubernetes "
@@ -345,9 +349,10 @@ class Runner:
                 if value is not None
             }
             if report.state.final:
-                body["receipt"] = self._receipt(report)
+                receipt = self._receipt(report)
+                if receipt is not None:
+                    body["receipt"] = receipt
                 self._anchor_due = True
-                body = {k: v for k, v in body.items() if v is not None}
             entry = self.outbox.add(
                 Status.type, body, commit=batch.commit, jti=report.jti, state=report.state.value
             )
@@ -523,6 +528,8 @@ class Runner:
         if isinstance(command, OpenStream):
             # A stream ends itself at max_duration; this only backs that up.
             limit = command.max_duration + 3 * self._streams.settings.connect_timeout + 5
+        elif isinstance(command, UpdateAgent) and self._updater is not None:
+            limit = self._updater.time_limit(limit)
         deadline = asyncio.timeout(limit)
         try:
             async with deadline:

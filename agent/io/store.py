@@ -135,10 +135,6 @@ class Store:
                 raise StateError(f"cannot open state database {path}: {exc}") from exc
             raise
 
-    @property
-    def wal_path(self) -> Path:
-        return self.path.with_name(self.path.name + "-wal")
-
     def _migrate(self) -> None:
         found = self._meta_raw("schema_version") if self._has_table("meta") else None
         if found is not None and int(found) == 1:
@@ -168,8 +164,8 @@ class Store:
             )
             db.execute("INSERT INTO outbox SELECT * FROM outbox_v1")
             db.execute("DROP TABLE outbox_v1")
-            self._set(db, "next_seq", str((row[0] if row is not None else 0) + 1))
-            self._set(db, "schema_version", str(SCHEMA_VERSION))
+            self.set_meta("next_seq", str((row[0] if row is not None else 0) + 1))
+            self.set_meta("schema_version", str(SCHEMA_VERSION))
 
     def _has_table(self, name: str) -> bool:
         row = self._db.execute(
@@ -211,14 +207,6 @@ class Store:
     def _meta_raw(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row["value"])
-
-    @staticmethod
-    def _set(db: sqlite3.Connection, key: str, value: str) -> None:
-        db.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
 
     def _execute(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         try:

@@ -48,8 +48,6 @@ class WalSyncer(threading.Thread):
         self._target_mark = 0
         self._done = 0
         self._stopping = False
-        self.syncs = 0
-        """WAL syncs done so far (each covers every commit requested before it started)."""
 
     @property
     def wal_fd(self) -> int:
@@ -80,7 +78,6 @@ class WalSyncer(threading.Thread):
                         return
                     target, mark = self._target, self._target_mark
                 os.fdatasync(self._wal)
-                self.syncs += 1
                 self._done = target
                 self._loop.call_soon_threadsafe(self._durable, target, None)
                 if self._follow_up is not None:

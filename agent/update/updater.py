@@ -128,6 +128,11 @@ class Updater:
 
     # -- the command -----------------------------------------------------------------------
 
+    def time_limit(self, command_timeout: float) -> float:
+        """Seconds the command may take: its steps (``command_timeout``), and after the restart
+        the trial, which may last ``trial_deadline``."""
+        return command_timeout + self.config.trial_deadline
+
     async def run(self, command: UpdateAgent, ctx: ExecContext) -> dict[str, object]:
         """Carry out the command, or, if the journal says it was begun by an earlier run of
         the agent, take it up where that run left it. Raises UpdateError (the command fails)
