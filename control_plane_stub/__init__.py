@@ -28,5 +28,6 @@ Exception tree (:mod:`control_plane_stub.errors`)::
     ├── UnknownForward (LookupError)      no such forward
     ├── BadRequest (ValueError)           an API request that cannot be honoured
     │   └── IdempotencyKeyReused          an Idempotency-Key sent with another request (422)
+    ├── IdempotencyKeyTaken               a command is stored under that key (it is replayed)
     └── ApiError                          the API answered with an error (client side)
 """

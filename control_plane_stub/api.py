@@ -101,6 +101,7 @@ from control_plane_stub.enrollment import TOKEN_TTL, CertificateAuthority
 from control_plane_stub.errors import (
     BadRequest,
     IdempotencyKeyReused,
+    IdempotencyKeyTaken,
     StubError,
     UnknownAgent,
     UnknownCommand,
@@ -472,6 +473,7 @@ class OperatorApi:
         if not isinstance(version, int) or isinstance(version, bool):
             raise BadRequest("the key set has no integer version")
         self._store.offer_keyset(agent_id, version, token)
+        await self._store.wait_durable()  # offered for good before anyone is told
         sent = await self._hub.push_keyset(agent_id, token)
         return web.json_response({"version": version, "sent": sent}, status=202)
 
@@ -504,33 +506,30 @@ class OperatorApi:
         if not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= 86400:
             raise BadRequest("'ttl' must be an integer number of seconds in 1..86400")
         key = request.headers.get(IDEMPOTENCY_KEY)
-        if key is None:
-            record = await self.queue_command(agent_id, command_type, params, ttl)
-            return web.json_response({"command": record.to_json()}, status=201)
-        if not _IDEMPOTENCY_KEY_FORM.fullmatch(key):
-            raise BadRequest(f"{IDEMPOTENCY_KEY} must be 1..128 visible ASCII characters")
-        fingerprint = hashlib.sha256(
-            json.dumps([command_type, params, ttl], sort_keys=True).encode()
-        ).hexdigest()
-        # No await between this look-up and the insert (queue_command inserts before its first
-        # await): a retry arriving meanwhile sees one or the other, never neither.
-        held = self._store.idempotent_ref(agent_id, key)
-        if held is None:
+        idempotency = None
+        if key is not None:
+            if not _IDEMPOTENCY_KEY_FORM.fullmatch(key):
+                raise BadRequest(f"{IDEMPOTENCY_KEY} must be 1..128 visible ASCII characters")
+            fingerprint = hashlib.sha256(
+                json.dumps([command_type, params, ttl], sort_keys=True).encode()
+            ).hexdigest()
+            idempotency = (key, fingerprint)
+        try:
             record = await self.queue_command(
-                agent_id, command_type, params, ttl, idempotency=(key, fingerprint)
+                agent_id, command_type, params, ttl, idempotency=idempotency
             )
-            return web.json_response({"command": record.to_json()}, status=201)
-        ref, first = held
-        if first != fingerprint:
-            raise IdempotencyKeyReused(
-                f"{IDEMPOTENCY_KEY} {key!r} came with another command first ({ref}); "
-                "use a new key for a new command"
+        except IdempotencyKeyTaken as taken:  # the store claims keys atomically
+            if idempotency is None or taken.fingerprint != idempotency[1]:
+                raise IdempotencyKeyReused(
+                    f"{IDEMPOTENCY_KEY} {key!r} came with another command first ({taken.ref}); "
+                    "use a new key for a new command"
+                ) from taken
+            await self._store.wait_durable()  # the first request may still be waiting for it
+            return web.json_response(
+                {"command": self._store.get(taken.ref).to_json(), "replayed": True},
+                headers={REPLAYED: "true"},
             )
-        await self._store.wait_durable()  # the first request may still be waiting for it
-        return web.json_response(
-            {"command": self._store.get(ref).to_json(), "replayed": True},
-            headers={REPLAYED: "true"},
-        )
+        return web.json_response({"command": record.to_json()}, status=201)
 
     async def relay_command(self, request: web.Request) -> web.Response:
         agent_id = _agent_id(request)

@@ -35,6 +35,16 @@ class IdempotencyKeyReused(BadRequest):
     """An Idempotency-Key sent again with another request than the one it first came with."""
 
 
+class IdempotencyKeyTaken(StubError):
+    """A command is stored under this Idempotency-Key already (the store's answer; the API
+    replays that command, or refuses a different request with IdempotencyKeyReused)."""
+
+    def __init__(self, ref: str, fingerprint: str) -> None:
+        super().__init__(f"a command is stored under this key already: {ref}")
+        self.ref = ref
+        self.fingerprint = fingerprint
+
+
 class ApiError(StubError):
     """The operator API answered with an error status."""
 

@@ -365,13 +365,14 @@ class Hub:
             link.kick.clear()
             if link.session.hello is None or self.links.get(link.agent_id) is not link:
                 continue
-            for record in self._store.undelivered(link.agent_id):
-                if record.ref in link.sent:
-                    continue
-                link.session.deliver(record.ref, record.token)
-                self._store.mark_sent(record.ref)
-                link.sent.add(record.ref)
-                link.log.info("command_sent", ref=record.ref, jti=record.jti, type=record.type)
+            with self._store.batch():  # one commit for every command sent in this turn
+                for record in self._store.undelivered(link.agent_id):
+                    if record.ref in link.sent:
+                        continue
+                    link.session.deliver(record.ref, record.token)
+                    self._store.mark_sent(record.ref)
+                    link.sent.add(record.ref)
+                    link.log.info("command_sent", ref=record.ref, jti=record.jti, type=record.type)
             link.wake.set()
             await self.notify()
 

@@ -24,7 +24,12 @@ from cryptography import x509
 from agent.core.frames import FINAL_STATES, DeliveryRejected, Status
 from agent.io import sqlite_db
 from agent.io.wal_sync import WalSyncer
-from control_plane_stub.errors import BadRequest, StubError, UnknownCommand
+from control_plane_stub.errors import (
+    BadRequest,
+    IdempotencyKeyTaken,
+    StubError,
+    UnknownCommand,
+)
 
 RANK: Final = {
     "queued": 0,
@@ -364,11 +369,12 @@ class StubStore:
         """Keep every certificate an agent used: receipts name theirs (x5t#S256)."""
         if sha256 in self._known_certs:
             return
-        self._db.execute(
-            """INSERT INTO agent_certs (sha256, agent_id, der, first_seen) VALUES (?, ?, ?, ?)
+        with self._tx() as db:
+            db.execute(
+                """INSERT INTO agent_certs (sha256, agent_id, der, first_seen) VALUES (?, ?, ?, ?)
                ON CONFLICT (sha256) DO NOTHING""",
-            (sha256, agent_id, der, time.time()),
-        )
+                (sha256, agent_id, der, time.time()),
+            )
         self._known_certs[sha256] = (agent_id, x509.load_der_x509_certificate(der))
 
     def agent_certificate(self, agent_id: str, sha256: str) -> x509.Certificate | None:
@@ -448,13 +454,14 @@ class StubStore:
 
     def offer_keyset(self, agent_id: str, version: int, token: str) -> None:
         """The key set to give this agent (replacing any earlier offer)."""
-        self._db.execute(
-            """INSERT INTO keysets (agent_id, version, token, offered_at) VALUES (?, ?, ?, ?)
+        with self._tx() as db:
+            db.execute(
+                """INSERT INTO keysets (agent_id, version, token, offered_at) VALUES (?, ?, ?, ?)
                ON CONFLICT (agent_id) DO UPDATE SET version = excluded.version,
                    token = excluded.token, offered_at = excluded.offered_at,
                    last_result = NULL""",
-            (agent_id, version, token, time.time()),
-        )
+                (agent_id, version, token, time.time()),
+            )
 
     def keyset(self, agent_id: str) -> dict[str, object] | None:
         row = self._db.execute("SELECT * FROM keysets WHERE agent_id = ?", (agent_id,)).fetchone()
@@ -468,10 +475,11 @@ class StubStore:
         }
 
     def keyset_answered(self, agent_id: str, result: Mapping[str, object]) -> None:
-        self._db.execute(
-            "UPDATE keysets SET agent_version = ?, last_result = ? WHERE agent_id = ?",
-            (result.get("version"), json.dumps(dict(result)), agent_id),
-        )
+        with self._tx() as db:
+            db.execute(
+                "UPDATE keysets SET agent_version = ?, last_result = ? WHERE agent_id = ?",
+                (result.get("version"), json.dumps(dict(result)), agent_id),
+            )
 
     def record_anchor(
         self, agent_id: str, audit_seq: int, audit_hash: str, at: float
@@ -603,16 +611,24 @@ class StubStore:
         idempotency: tuple[str, str] | None = None,
     ) -> CommandRecord:
         """Store a command, queued. ``idempotency``: the operator's ``(Idempotency-Key,
-        request fingerprint)``, kept in the same transaction (:meth:`idempotent_ref`)."""
+        request fingerprint)``, claimed in the same transaction: if a command holds the key
+        already, nothing is stored and :class:`IdempotencyKeyTaken` names it."""
         now = time.time()
         with self._tx() as db:
             if idempotency is not None:
                 key, fingerprint = idempotency
-                db.execute(
+                claimed = db.execute(
                     """INSERT INTO idempotency_keys (agent_id, key, fingerprint, ref, created_at)
-                       VALUES (?, ?, ?, ?, ?)""",
+                       VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
                     (agent_id, key, fingerprint, ref, now),
-                )
+                ).rowcount
+                if not claimed:
+                    held = db.execute(
+                        """SELECT ref, fingerprint FROM idempotency_keys
+                           WHERE agent_id = ? AND key = ?""",
+                        (agent_id, key),
+                    ).fetchone()
+                    raise IdempotencyKeyTaken(str(held["ref"]), str(held["fingerprint"]))
             db.execute(
                 """INSERT INTO commands (ref, agent_id, jti, type, params, token, origin, state,
                                          created_at, updated_at)
@@ -630,14 +646,6 @@ class StubStore:
                 ),
             )
         return self.get(ref)
-
-    def idempotent_ref(self, agent_id: str, key: str) -> tuple[str, str] | None:
-        """``(ref, fingerprint)`` of the command stored under this agent's Idempotency-Key."""
-        row = self._db.execute(
-            "SELECT ref, fingerprint FROM idempotency_keys WHERE agent_id = ? AND key = ?",
-            (agent_id, key),
-        ).fetchone()
-        return None if row is None else (str(row["ref"]), str(row["fingerprint"]))
 
     def get(self, ref: str) -> CommandRecord:
         row = self._db.execute("SELECT * FROM commands WHERE ref = ?", (ref,)).fetchone()
@@ -707,11 +715,12 @@ class StubStore:
 
     def mark_sent(self, ref: str) -> None:
         now = time.time()
-        self._db.execute(
-            """UPDATE commands SET state = 'sent', sent_at = ?, updated_at = ?
-               WHERE ref = ? AND state = 'queued'""",
-            (now, now, ref),
-        )
+        with self._tx(durable=False) as db:  # a delivery lost to a crash is delivered again
+            db.execute(
+                """UPDATE commands SET state = 'sent', sent_at = ?, updated_at = ?
+                   WHERE ref = ? AND state = 'queued'""",
+                (now, now, ref),
+            )
 
     def history(self, ref: str) -> list[dict[str, object]]:
         return self.histories([ref]).get(ref, [])
