@@ -74,10 +74,6 @@ TARGETS: Final = [
 ]
 
 
-def _met(value: float, op: str, target: float) -> bool:
-    return value >= target if op == ">=" else value <= target
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, one run: a smoke test")
@@ -128,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, op, target, unit, text in TARGETS:
         if key not in figures:
             continue
-        met = _met(figures[key], op, target)
+        met = docs.met_target(figures[key], op, target)
         results.append(
             {"figure": key, "target": f"{op} {target} {unit}", "value": figures[key], "met": met}
         )

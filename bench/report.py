@@ -64,6 +64,11 @@ ROWS: Final[Sequence[tuple[str, str, str, int]]] = (
 )
 
 
+def met_target(value: float, op: str, target: float) -> bool:
+    """Whether a figure meets its target (``op``: ``>=`` or ``<=``)."""
+    return value >= target if op == ">=" else value <= target
+
+
 def _load(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {"figures": {}}
@@ -119,7 +124,7 @@ def render(
         if key not in now:
             continue
         value = now[key]
-        met = value >= target if op == ">=" else value <= target
+        met = met_target(value, op, target)
         lines.append(
             f"| {text} | {_with_unit(before.get(key), unit)} | {_with_unit(value, unit)} | "
             f"{'yes' if met else 'no'} |"

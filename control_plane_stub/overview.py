@@ -21,7 +21,6 @@ CLOCK_SAMPLES: Final = 20
 """Reports (of each kind) the clock offset is estimated from."""
 METRIC_COLLECTIONS: Final = 20
 """``collect_metrics`` results a replica's chart goes back over."""
-OPERATOR_SENT_TYPES: Final = ("scale", "upgrade", "collect_metrics")
 
 
 def certificate_not_after(der: bytes) -> float | None:

@@ -81,7 +81,6 @@ class _Holder(asyncio.Protocol):
         self.data = bytearray(data)
         self.eof = False
         self.lost = False
-        self.lost_exc: Exception | None = None
 
     def data_received(self, data: bytes) -> None:
         self.data += data
@@ -91,7 +90,7 @@ class _Holder(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost, self.lost_exc = True, exc
+        self.lost = True
 
 
 @dataclass(eq=False)

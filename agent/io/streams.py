@@ -230,8 +230,6 @@ class StreamManager:
             raise DriverError(str(stream.abort_reason), "the stream was ended while connecting")
         return connection
 
-    # -- data -----------------------------------------------------------------------------
-
 
 def _why(exc: BaseException) -> str:
     """A failure to reach the allowed target, in a fixed vocabulary (never an OS error text)."""
