@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import boto3
-import pytest
 
+from tests.ci import unavailable
 from tests.conftest import scaled
 
 if TYPE_CHECKING:
@@ -37,10 +37,7 @@ def tool(name: str) -> Path:
     """A program from ``make tools``; skips the test without it, fails it under CI=true."""
     path = TOOLS_BIN / name
     if not path.exists():
-        message = f"{path} is missing: run `make tools`"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{path} is missing: run `make tools`")
     return path
 
 

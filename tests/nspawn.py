@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, NoReturn
 
-import pytest
+from tests import ci
 
 CACHE: Final = Path(os.environ.get("BYOC_NSPAWN_CACHE", "/var/cache/byoc-agent-tests"))
 SUITE: Final = "bookworm"
@@ -70,9 +70,7 @@ _PR_SET_PDEATHSIG: Final = 1
 
 def unavailable(reason: str) -> NoReturn:
     """Skip, or fail under ``CI=true``: ``.ci/run`` provides everything these tests need."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"systemd-nspawn harness unavailable in CI: {reason}", pytrace=False)
-    pytest.skip(reason)
+    ci.unavailable(f"systemd-nspawn harness unavailable: {reason}")
 
 
 def check_host() -> None:

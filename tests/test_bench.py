@@ -11,20 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from bench import report as report_module
 from bench.__main__ import TARGETS
+from tests.ci import unavailable
 from tests.processes import REPO
 
-needs_ssh = pytest.mark.skipif(
-    not Path("/usr/sbin/sshd").exists() or shutil.which("ssh") is None,
-    reason="ssh -R is one of the peers: needs openssh-server and openssh-client (.ci/run)",
-)
 
-
-@needs_ssh
 def test_the_quick_benchmarks_run_and_report(tmp_path: Path) -> None:
+    if not Path("/usr/sbin/sshd").exists() or shutil.which("ssh") is None:
+        unavailable("ssh -R is one of the peers: needs openssh-server and openssh-client")
     out = tmp_path / "results.json"
     done = subprocess.run(
         [

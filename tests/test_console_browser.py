@@ -39,6 +39,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
+from tests.ci import unavailable
 from tests.conftest import scaled
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,10 +81,7 @@ def _browser_or_skip() -> tuple[str, str]:
         if not found
     ]
     if missing:
-        message = f"the console's browser tests need {', '.join(missing)}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message + " (.ci/run installs them)")
-        pytest.skip(message)
+        unavailable(f"the console's browser tests need {', '.join(missing)}")
     assert chromium is not None
     assert driver is not None
     return chromium, driver

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import socket
@@ -37,6 +36,7 @@ from agent.doctor import Options, examine, vpc_cidrs_from_metadata
 from byoc_demo.layout import DemoPaths, write_agent_files
 from certs.pki import PKIPaths
 from control_plane_stub.server import StubServer
+from tests.ci import tool
 from tests.conftest import AgentStarter, scaled
 from tests.processes import REPO
 from tests.tinyproxy import running_tinyproxy
@@ -325,11 +325,7 @@ def run_doctor(
 ) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "agent.cli", "doctor", "--config", str(config), *extra]
     if skew is not None:
-        faketime = shutil.which("faketime")
-        if faketime is None:
-            if os.environ.get("CI") == "true":
-                pytest.fail("faketime is not installed (.ci/run installs it)")
-            pytest.skip("faketime is not installed (apt-get install faketime)")
+        faketime = tool("faketime", "apt-get install faketime")
         argv = [faketime, "-f", skew, *argv]
     return subprocess.run(
         argv, capture_output=True, text=True, timeout=scaled(60), check=False, cwd=REPO

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from control_plane_stub.client import StubClient
 from control_plane_stub.server import StubServer
+from tests.ci import tool
 from tests.conftest import AgentStarter, RunningAgent, scaled
 from tests.fakes import RecordingDriver
 from tests.processes import free_port
@@ -92,13 +91,13 @@ async def test_the_endpoint_answers_only_what_it_serves(
         assert (await http.get(url(running, "/healthz"))).status_code == 200
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (.ci/run)")
 async def test_promtool_accepts_the_metrics(stub: StubServer, start_agent: AgentStarter) -> None:
+    promtool_path = tool("promtool", "apt-get install prometheus")
     running = await start_agent(port=stub.agent_port, driver=RecordingDriver())
     async with httpx.AsyncClient(timeout=scaled(10)) as http:
         text = (await http.get(url(running, "/metrics"))).text
     promtool = await asyncio.create_subprocess_exec(
-        "promtool",
+        promtool_path,
         "check",
         "metrics",
         stdin=asyncio.subprocess.PIPE,

@@ -38,16 +38,36 @@ def codes_in(paths: list[Path]) -> set[str]:
 
 
 def test_every_code_the_agent_sends_is_documented() -> None:
+    # every module that can put a code on the wire (the vpc check reports to a person only)
     sources = [
-        *sorted((ROOT / "agent").glob("*.py")),
-        *sorted((ROOT / "agent" / "drivers").glob("*.py")),
-        *sorted((ROOT / "agent" / "update").glob("*.py")),
-        ROOT / "control_plane_stub" / "hub.py",
-    ]
-    codes = codes_in(sources) - {"tls_rejected"}  # an audit-record reason, documented in §9
+        path for path in sorted((ROOT / "agent").rglob("*.py")) if "vpc" not in path.parts
+    ] + [ROOT / "control_plane_stub" / "hub.py"]
+    codes = codes_in(sources) - {
+        "tls_rejected",  # an audit-record reason, documented in §9
+        "network",  # the tunnel's failure classes that stay local (`status`'s
+        "settings_unusable",  # last_failure_reason): never sent, never audited
+    }
     assert len(codes) > 30  # the collection itself works
     missing = sorted(code for code in codes if f"`{code}`" not in DOC)
     assert missing == []
+
+
+AUDIT_CALL = re.compile(r'(?:\baudit|\.record|\.write|_record|TrustRecord)\(\s*"([a-z_]+)"')
+"""An audit record made with a literal event name: by the core (``fx.audit``, ``TrustRecord``),
+the runner and journal (``batch.record``, ``runner.write``), drivers and the updater
+(``ctx.audit``, ``await audit``), the policy file (``self._record``)."""
+
+
+def test_every_audit_event_the_agent_writes_is_documented() -> None:
+    """§9 lists the audit log's events: a reader of the log must find each one there."""
+    events = {
+        name
+        for path in sorted((ROOT / "agent").rglob("*.py"))
+        if "vpc" not in path.parts
+        for name in AUDIT_CALL.findall(path.read_text())
+    }
+    assert {"command_received", "journal_entry", "keyset_accepted"} <= events  # it reads them
+    assert sorted(event for event in events if f"`{event}`" not in DOC) == []
 
 
 def test_frames_states_close_codes_and_limits_are_documented() -> None:

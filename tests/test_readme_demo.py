@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from byoc_demo.scenario import stop_kept
+from tests.ci import unavailable
 from tests.conftest import scaled
 from tests.readme_blocks import Block, Terminal, blocks
 
@@ -46,9 +47,7 @@ def _unavailable() -> str | None:
 def reader(tmp_path: Path) -> Iterator[Terminal]:
     why = _unavailable()
     if why is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
+        unavailable(why)
     clone = tmp_path / "clone"
     clone.mkdir()
     for name in CLONE_FILES:

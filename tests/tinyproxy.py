@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
-
+from tests.ci import tool
 from tests.conftest import scaled
 
 
@@ -27,12 +24,7 @@ async def running_tinyproxy(directory: Path, settings: str = "") -> AsyncIterato
     """tinyproxy on a free loopback port, with ``settings`` (more lines of its configuration:
     ``BasicAuth``, ``ConnectPort`` ...) until the block ends; yields its port and its log.
     Skipped without tinyproxy, except under ``CI=true``, where that is a failure."""
-    binary = shutil.which("tinyproxy")
-    if binary is None:
-        message = "tinyproxy is not installed (.ci/run installs it: apt-get install tinyproxy)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    binary = tool("tinyproxy", "apt-get install tinyproxy")
     port = _free_port()
     config = directory / "tinyproxy.conf"
     config.write_text(
