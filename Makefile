@@ -64,7 +64,7 @@ demo: venv
 demo-stop: venv
 	$(BIN)/python -m byoc_demo --stop
 
-# The benchmark suite (docs/BENCHMARKS.md): about 10 minutes; `make bench BENCH_ARGS=--quick`
+# The benchmark suite (docs/BENCHMARKS.md): about 5 minutes; `make bench BENCH_ARGS=--quick`
 # for a one-minute smoke run. ssh -R is one of the peers, so it needs sshd and ssh.
 bench-deps:
 	@if ! [ -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null; then \

@@ -2,8 +2,8 @@
 
     byoc-agent run [--config PATH]
     byoc-agent enroll --control-plane URL --token TOKEN [--ca-bundle PEM] [--force]
-    byoc-agent doctor [--json] [--timeout S]      check everything the agent needs, one line each
-    byoc-agent status [--json]
+    byoc-agent doctor [--json] [--timeout S] [--vpc-cidr CIDR ...]   every check, one line each
+    byoc-agent status [--json]                    (local commands: [--config PATH] [--socket PATH])
     byoc-agent pending [--json | -q]
     byoc-agent approve JTI [--note TEXT]
     byoc-agent deny JTI [--note TEXT]
@@ -14,7 +14,8 @@
     byoc-agent policy check [PATH]
     byoc-agent keys kid [PUBLIC_KEY_PEM]
     byoc-agent self-test [--config PATH] [--json]
-    byoc-agent vpc check --vpc-id ID [--security-group ID] [--endpoint ID] [--region R] [--json]
+    byoc-agent vpc check --vpc-id ID [--security-group ID] [--endpoint ID] [--region R]
+                         [--vendor-tag V] [--domain HOST] [--config AGENT_TOML] [--json]
     byoc-agent vpc template [--output FILE] [--azs A,B,C] [--endpoint-service NAME] ...
     byoc-agent vpc policy
 

@@ -1,14 +1,17 @@
 """``cp-stub``: run the stub control plane and drive agents through its operator API.
 
     cp-stub serve --pki DIR [--agents HOST:PORT] [--api HOST:PORT] [--db PATH]
-                  [--console HOST:PORT [--console-token-file PATH]]   the web console
+                  [--enroll HOST:PORT] [--issuer NAME] [--cert-lifetime S]
+                  [--console HOST:PORT [--console-token-file PATH] [--console-remote]]
     cp-stub agents
-    cp-stub send [--wait] AGENT scale --replicas N      (options before or after the type)
+    cp-stub send [--wait | --wait-for STATE] [--timeout S] [--ttl S] [--idempotency-key KEY]
+                 AGENT scale --replicas N          (options before or after the type)
     cp-stub send [--wait] AGENT upgrade --version V
     cp-stub send [--wait] AGENT collect-metrics [--target T ...]
     cp-stub send [--wait] AGENT update-agent --version V --url URL --sha256 HEX
     cp-stub send-signed AGENT TOKEN [--wait]      relay a token signed elsewhere (e.g. an HSM)
-    cp-stub sign --key PEM --issuer NAME AGENT TYPE [--param K=JSON ...]   sign offline, print token
+    cp-stub sign --key PEM [--issuer NAME] [--ttl S] AGENT TYPE [--param K=JSON ...]   sign
+                                                  offline, print the token
     cp-stub results [--agent AGENT]
     cp-stub show REF [--token]
     cp-stub push-keyset AGENT FILE [--wait]       offer a signed key set (key rotation)

@@ -406,7 +406,8 @@ class Ec2Host:
 
 
 def run_readme(host: Ec2Host, suite_blocks: list[Block], token: str) -> None:
-    """Run the README's blocks in a root shell in the clone, as the README tells a reader."""
+    """Run the README's blocks in a root shell in the clone, as the README tells a reader (those
+    it gives to the operators as ``$OPERATOR``, in a login of their own)."""
     env = {
         "ENROLL_URL": f"https://127.0.0.1:{host.enroll_port}",
         "OPERATOR": OPERATOR,
@@ -421,7 +422,8 @@ def run_readme(host: Ec2Host, suite_blocks: list[Block], token: str) -> None:
         with host.timing.step(f"README block at line {block.line}"):
             done = host.machine.run(
                 "bash", "-euo", "pipefail", "-c", block.text,
-                cwd=CLONE, env=env, stdin=stdin, check=False, timeout=900,
+                cwd="/" if block.as_operator else CLONE, env=env, stdin=stdin, check=False,
+                timeout=900, user=OPERATOR if block.as_operator else None,
             )  # fmt: skip
         assert done.returncode == 0, (
             f"{block} failed with exit {done.returncode}:\n{block.text}\n"

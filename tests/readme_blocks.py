@@ -9,7 +9,9 @@ A block belongs to a suite when the line right before its opening fence is
     ```
 
 ``<!-- readme-test: SUITE background -->`` marks a command that runs until Ctrl-C (a server, a
-forward): the reader starts it in a terminal of its own and goes on. A block that is not run
+forward): the reader starts it in a terminal of its own and goes on. ``<!-- readme-test: SUITE
+as-operator -->`` marks commands the README gives to the host's operators (not root): a suite
+that has such a user runs them as that user. A block that is not run
 says why: ``<!-- readme-test: skip (needs a real EKS cluster) -->``; every shell block of the
 README is one or the other (:func:`unmarked` finds those that are neither).
 
@@ -42,7 +44,7 @@ from typing import IO, Final
 README: Final = Path(__file__).resolve().parent.parent / "README.md"
 MARKER: Final = re.compile(
     r"^<!--\s*readme-test:\s*(?:skip\s*\((?P<reason>[^)]+)\)|(?P<suite>[\w.-]+)"
-    r"(?P<background>\s+background)?)\s*-->\s*$"
+    r"(?P<background>\s+background)?(?P<operator>\s+as-operator)?)\s*-->\s*$"
 )
 FENCE: Final = re.compile(r"^(```+|~~~+)\s*([\w+-]*)\s*$")
 SHELLS: Final = frozenset({"sh", "bash", "shell", "console"})
@@ -64,6 +66,8 @@ class Block:
     """1-based line of the opening fence."""
     background: bool = False
     """Runs until Ctrl-C, in a terminal of its own."""
+    as_operator: bool = False
+    """Run as the host's operator (the README gives it to them, not to root)."""
     reason: str = ""
     """Why a ``skip`` block is not run."""
 
@@ -96,6 +100,7 @@ def parse(markdown: str) -> list[Block]:
                         text,
                         line=start,
                         background=bool(marker.group("background")),
+                        as_operator=bool(marker.group("operator")),
                         reason=(marker.group("reason") or "").strip(),
                     )
                 )
