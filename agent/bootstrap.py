@@ -312,6 +312,14 @@ class Bootstrap:
             if exc.status is not None and 400 <= exc.status < 500:
                 await self._report("token_refused", str(exc), self._token_action())
                 return "refused"
+            if exc.spent:  # issued, but unusable or not kept here: the token is used up
+                await self._report(
+                    "blocked",
+                    str(exc),
+                    "fix what it names (the state volume, the agent id), then replace the "
+                    "token in the Secret byoc-agent-enroll: this one is spent",
+                )
+                return "refused"
             await self._report(
                 "unreachable",
                 str(exc),
@@ -322,10 +330,9 @@ class Bootstrap:
         except AgentError as exc:  # another agent holds the state directory
             await self._report("blocked", str(exc), "stop the other agent")
             return "retry"
-        except OSError as exc:  # checked before, so a disk that failed since: say so
+        except OSError as exc:  # the state directory's lock (enroll reports its own writes)
             await self._report(
-                "blocked", f"cannot write the key or certificate: {exc}",
-                "fix the state volume; the token may be spent: if so, replace it",
+                "blocked", f"cannot use the state directory: {exc}", "fix the state volume",
             )  # fmt: skip
             return "retry"
         expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(done.not_after))

@@ -41,11 +41,14 @@ ENROLL_TIMEOUT = 30.0
 class EnrollmentFailed(AgentError):
     """Enrollment did not produce a usable certificate (the message says why). ``status`` is
     the HTTP status of the control plane's refusal (e.g. 403: the token is spent or expired),
-    None when it did not answer or its answer was unusable."""
+    None when it did not answer or its answer was unusable. ``spent``: the control plane did
+    issue a certificate (so the token is used up) but it cannot be used or kept here: trying
+    again with the same token is pointless."""
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, spent: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.spent = spent
 
 
 @dataclass(frozen=True)
@@ -179,20 +182,22 @@ def enroll(
         )
     certificate, bundle = answer.get("certificate"), answer.get("ca_bundle")
     if not isinstance(certificate, str) or not isinstance(bundle, str):
-        raise EnrollmentFailed("the answer has no certificate and CA bundle")
+        raise EnrollmentFailed("the answer has no certificate and CA bundle", spent=True)
     try:
         cert = x509.load_pem_x509_certificate(certificate.encode())
         x509.load_pem_x509_certificates(bundle.encode())
     except ValueError as exc:
-        raise EnrollmentFailed("the answer's certificate or CA bundle is not PEM") from exc
+        raise EnrollmentFailed(
+            "the answer's certificate or CA bundle is not PEM", spent=True
+        ) from exc
     if cert.public_key() != key.public_key():
-        raise EnrollmentFailed("the certificate is not for the key made here")
+        raise EnrollmentFailed("the certificate is not for the key made here", spent=True)
     agent_id = common_name(cert.subject)
     if agent_id is None or not AGENT_ID_PATTERN.fullmatch(agent_id):
-        raise EnrollmentFailed("the certificate does not name a valid agent id")
+        raise EnrollmentFailed("the certificate does not name a valid agent id", spent=True)
     if expected_id is not None and agent_id != expected_id:
         raise EnrollmentFailed(
-            f"the token is for {agent_id!r}, the configuration says {expected_id!r}"
+            f"the token is for {agent_id!r}, the configuration says {expected_id!r}", spent=True
         )
     try:
         write_atomic(client_key, private_key_pem(key), 0o600)
@@ -201,7 +206,8 @@ def enroll(
     except OSError as exc:
         raise EnrollmentFailed(
             f"enrolled as {agent_id}, but writing {exc.filename or 'the files'} failed: "
-            f"{exc.strerror or exc}; ask the vendor for a new token"
+            f"{exc.strerror or exc}; ask the vendor for a new token",
+            spent=True,
         ) from exc
     replaced = existing.agent_id if existing is not None else None
     return Enrolled(

@@ -192,3 +192,24 @@ issuers = ["cp-stub"]
     config = load_config(tmp_path / "agent.toml")
     assert isinstance(config.enroll, EnrollConfig)
     return config
+
+
+async def test_a_certificate_issued_but_not_usable_here_is_not_retried_with_the_spent_token(
+    tmp_path: Path, pki: PKIPaths, stub: tuple[StubServer, StubClient]
+) -> None:
+    """The control plane issued a certificate for another agent id than the configuration's:
+    the token is used up, so the agent says so and waits for a new one instead of calling the
+    network unreachable and sending the spent token again and again."""
+    server, client = stub
+    config = dataclasses.replace(write_config(tmp_path, pki, server), agent_id="agent-7")
+    (tmp_path / "token").write_text((await client.enroll_token("agent-9", ttl=600))["token"])
+    bootstrap, events, stop, running = start(config)
+    await events.until("EnrollmentBlocked")
+    assert bootstrap.state.state == "blocked"
+    assert "'agent-9'" in bootstrap.state.message
+    assert "spent" in bootstrap.state.action
+    for _ in range(5):  # five check intervals: the spent token is not sent again
+        await asyncio.sleep(config.enroll.check_interval if config.enroll else 0)
+    assert bootstrap.state.attempts == 1
+    stop.set()
+    assert await asyncio.wait_for(running, scaled(20)) is False
