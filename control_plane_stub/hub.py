@@ -212,7 +212,7 @@ class Hub:
             self._log.warning(
                 "agent_certificate_refused",
                 cert_sha256=peer.sha256,
-                peer=_address(websocket.remote_address),
+                peer=peer_address(websocket.remote_address),
                 detail="the subject must have exactly one CN, an agent id",
             )
             await websocket.close(
@@ -227,7 +227,7 @@ class Hub:
             session=ControlPlaneSession(
                 agent_id=agent_id, heartbeat=self._settings.heartbeat, now=loop.time()
             ),
-            log=self._log.bind(agent_id=agent_id, peer=_address(websocket.remote_address)),
+            log=self._log.bind(agent_id=agent_id, peer=peer_address(websocket.remote_address)),
         )
         rearm = asyncio.Event()
         tasks = [
@@ -272,7 +272,7 @@ class Hub:
         self._store.agent_connected(
             agent_id,
             cert_sha256=link.cert_sha256,
-            peer=_address(websocket.remote_address),
+            peer=peer_address(websocket.remote_address),
             agent_version=hello.agent_version,
             capabilities=hello.capabilities,
         )
@@ -423,7 +423,7 @@ def _retry(link: AgentLink, ref: str) -> None:
     link.kick.set()
 
 
-def _address(remote: object) -> str:
+def peer_address(remote: object) -> str:
     """``host:port`` (``[v6]:port``) for logs and the agent registry."""
     if isinstance(remote, tuple) and len(remote) >= 2:
         host = str(remote[0])

@@ -31,7 +31,7 @@ from control_plane_stub.api import OperatorApi
 from control_plane_stub.console import Console, ConsoleAuth
 from control_plane_stub.enrollment import CERT_LIFETIME, CertificateAuthority, enrollment_app
 from control_plane_stub.errors import CannotListen, StubConfigError, StubError
-from control_plane_stub.hub import Hub, HubSettings
+from control_plane_stub.hub import Hub, HubSettings, peer_address
 from control_plane_stub.signer import CommandSigner
 from control_plane_stub.store import StubStore
 from control_plane_stub.streams import STREAM_PREFIX, StreamBroker
@@ -97,11 +97,6 @@ def _peer_serial(connection: ServerConnection) -> int:
     ssl_object = connection.transport.get_extra_info("ssl_object")
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     return x509.load_der_x509_certificate(der).serial_number if der else -1
-
-
-def _peer_address(connection: ServerConnection) -> str:
-    address = connection.remote_address
-    return f"{address[0]}:{address[1]}" if address else "?"
 
 
 def _peer_agent_id(connection: ServerConnection) -> str | None:
@@ -301,13 +296,14 @@ class StubServer:
     def _check_path(self, connection: ServerConnection, request: Request) -> Response | None:
         """Before the WebSocket handshake: the control path, or a stream this agent is expected
         to dial (404 otherwise, so the agent fails fast)."""
-        if self.ca is not None and self.ca.is_revoked(_peer_serial(connection)):
+        serial = _peer_serial(connection) if self.ca is not None else None
+        if self.ca is not None and serial is not None and self.ca.is_revoked(serial):
             self.log.warning(
                 "client_certificate_refused",
                 reason="revoked",
                 agent_id=_peer_agent_id(connection),
-                serial=_peer_serial(connection),
-                peer=_peer_address(connection),
+                serial=serial,
+                peer=peer_address(connection.remote_address),
             )
             return connection.respond(403, "this client certificate is revoked\n")
         if request.path == AGENT_PATH:
